@@ -1,0 +1,13 @@
+//! Types shared by the eBPF programs and the userspace agent.
+//!
+//! Two kinds of things live here, and nothing else:
+//! * [`cilium`]: Cilium's wire format (offsets, sizes, enum values) for the
+//!   notifications Cilium's datapath writes into `cilium_events`;
+//! * [`maps`]: the names, keys and values of the agent's own BPF maps.
+//!
+//! Everything is `#[repr(C)]` and `no_std` so the very same definitions are
+//! compiled into the BPF object and into the userspace binary.
+#![no_std]
+
+pub mod cilium;
+pub mod maps;

@@ -1,0 +1,195 @@
+//! The agent's BPF maps: names, keys and values.
+//!
+//! The kernel side writes them, the userspace side reads them; neither side
+//! declares a layout of its own. Maps whose contents must survive an agent
+//! restart are pinned under [`PIN_DIR`]/[`LAYOUT_VERSION`]: bump the version
+//! whenever a key or value below changes, so a new agent never reads an old
+//! layout.
+
+/// bpffs directory for the agent's pinned maps.
+pub const PIN_DIR: &str = "/sys/fs/bpf/verdict-agent";
+/// Layout generation of the pinned maps; part of the pin path.
+pub const LAYOUT_VERSION: &str = "v1";
+
+/// Cilium allocates endpoint IDs from 1 to 4095
+/// (`pkg/endpointmanager/idallocator`), so an array this long never evicts.
+pub const MAX_ENDPOINTS: u32 = 4096;
+/// Default capacity of the flow table (configurable at load).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 16384;
+/// Largest notification the tap copies out of the datapath's stack.
+pub const MAX_NOTIFICATION_SIZE: usize = 64;
+
+/// `Array<TapConfig>` with one entry, written by userspace.
+pub const TAP_CONFIG: &str = "TAP_CONFIG";
+/// `PerCpuArray<EndpointCounters>`, indexed by endpoint ID. Pinned.
+pub const ENDPOINT_COUNTERS: &str = "ENDPOINT_COUNTERS";
+/// `LruPerCpuHashMap<FlowKey, FlowCounters>`. Pinned.
+pub const FLOWS: &str = "FLOWS";
+/// `PerCpuArray<u64>`, indexed by [`Stat`]. Pinned.
+pub const STATS: &str = "STATS";
+
+/// What userspace tells the tap. Written whole; read once per call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapConfig {
+    /// Kernel ID of Cilium's `cilium_events` map; 0 while it does not exist,
+    /// in which case every write is filtered.
+    pub events_map_id: u32,
+    /// Byte offset of `id` in `struct bpf_map`, read from the kernel's BTF.
+    pub map_id_offset: u32,
+}
+
+/// Verdict class, the one word an operator reads: what happened to traffic.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum VerdictClass {
+    /// verdict 0, not audited.
+    Allowed = 0,
+    /// verdict < 0 (a drop reason) or a policy drop notification.
+    Denied = 1,
+    /// `audited` set: the endpoint is in PolicyAuditMode and enforcement
+    /// would have dropped it. Cilium checks this before the verdict's sign.
+    Audited = 2,
+    /// verdict > 0: redirected to the L7 proxy on that port.
+    Redirected = 3,
+}
+
+impl VerdictClass {
+    pub const COUNT: usize = 4;
+    pub const ALL: [VerdictClass; 4] = [
+        VerdictClass::Allowed,
+        VerdictClass::Denied,
+        VerdictClass::Audited,
+        VerdictClass::Redirected,
+    ];
+
+    pub const fn from_u8(v: u8) -> Option<VerdictClass> {
+        match v {
+            0 => Some(VerdictClass::Allowed),
+            1 => Some(VerdictClass::Denied),
+            2 => Some(VerdictClass::Audited),
+            3 => Some(VerdictClass::Redirected),
+            _ => None,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            VerdictClass::Allowed => "allowed",
+            VerdictClass::Denied => "denied",
+            VerdictClass::Audited => "audited",
+            VerdictClass::Redirected => "redirected",
+        }
+    }
+}
+
+/// Direction slot in [`EndpointCounters`]: 0 ingress, 1 egress.
+pub const DIRECTIONS: usize = 2;
+
+/// One flow of policy decisions, as seen from one endpoint.
+///
+/// 16 bytes, no implicit padding: the kernel hashes the raw bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// Cilium endpoint ID that emitted the notification (`source`).
+    pub endpoint_id: u16,
+    /// Destination port (host order); 0 for drops and port-less protocols.
+    pub dst_port: u16,
+    /// Security identity of the other side.
+    pub remote_identity: u32,
+    /// IP protocol number; 0 for drop notifications (not in `drop_notify`).
+    pub proto: u8,
+    /// [`crate::cilium::direction`]: 1 ingress, 2 egress.
+    pub direction: u8,
+    /// [`VerdictClass`] as u8.
+    pub class: u8,
+    /// Policy match type (0 none .. 6 Proto-Only); 0 for drops.
+    pub match_type: u8,
+    /// Notification type it came from: 5 policy verdict, 1 drop.
+    pub notify_type: u8,
+    /// Drop reason (positive) for denials, 0 otherwise.
+    pub reason: u8,
+    /// Bit 0: IPv6.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+pub const FLOW_FLAG_IPV6: u8 = 0x01;
+
+/// Per-CPU counters of one flow. Userspace sums counts and takes the
+/// earliest `first_seen_ns` and latest `last_seen_ns` over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Notifications: one per new connection for allowed, audited and
+    /// redirected; one per packet for denied.
+    pub notifications: u64,
+    /// Sum of `len_orig` of the notified packets.
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` of the first notification on this CPU (0 = none).
+    pub first_seen_ns: u64,
+    /// `bpf_ktime_get_ns()` of the latest notification on this CPU.
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU totals of one endpoint. This array never evicts, so it is the
+/// source of truth for every per-endpoint total.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    /// Policy verdict notifications by [direction slot][`VerdictClass`].
+    pub verdicts: [[u64; VerdictClass::COUNT]; DIRECTIONS],
+    /// Drop notifications with a policy reason, by direction slot.
+    pub policy_drops: [u64; DIRECTIONS],
+    /// Earliest notification on this CPU (0 = none).
+    pub first_seen_ns: u64,
+    /// Latest notification on this CPU.
+    pub last_seen_ns: u64,
+}
+
+/// Index into [`STATS`]. Every call of the hooked function ends in exactly
+/// one of `OtherMap`, `Counted`, `Filtered`, `Malformed*` or `ReadFailed`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// A perf output to some other map: not Cilium's.
+    OtherMap = 0,
+    /// Written to `cilium_events` and accounted (verdict or policy drop).
+    Counted = 1,
+    /// Written to `cilium_events` but not about policy (trace, debug,
+    /// capture, non-policy drop).
+    Filtered = 2,
+    /// Shorter than its type's smallest layout.
+    MalformedTruncated = 3,
+    /// A version or size no Cilium release has used.
+    MalformedVersion = 4,
+    /// A field outside the values Cilium emits (direction not 1 or 2).
+    MalformedField = 5,
+    /// `bpf_probe_read_kernel` of the notification or the map failed.
+    ReadFailed = 6,
+    /// New entries created in [`FLOWS`]; minus live entries = evictions.
+    FlowsCreated = 7,
+    /// Flow entry could not be created (counted in the endpoint totals only).
+    FlowUpdateFailed = 8,
+    /// Endpoint ID >= [`MAX_ENDPOINTS`]: flow counted, no endpoint total.
+    EndpointOutOfRange = 9,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 10;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers and arrays, no padding, any bit
+    // pattern is valid.
+    unsafe impl aya::Pod for super::TapConfig {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowCounters {}
+    unsafe impl aya::Pod for super::EndpointCounters {}
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<EndpointCounters>() == 8 * 12);
