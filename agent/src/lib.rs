@@ -1,1 +1,7 @@
+//! verdict-agent: counts Cilium's policy verdicts in the kernel, exports
+//! them for Prometheus, and tells an operator whether leaving
+//! PolicyAuditMode will break something.
+
 pub mod bpf;
+pub mod cilium;
+pub mod model;

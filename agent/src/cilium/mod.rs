@@ -1,0 +1,4 @@
+//! What the agent knows about Cilium in userspace: identities, the
+//! notification decoders (mirroring `pkg/monitor`), and readers of the
+//! text and JSON that Cilium's own tools print.
+pub mod identity;

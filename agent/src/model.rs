@@ -1,0 +1,196 @@
+//! The agent's vocabulary in userspace: what one flow of policy decisions
+//! and one endpoint are, whatever produced them (the in-kernel maps, or a
+//! `cilium monitor` / `hubble observe` capture read by `analyze`).
+
+use std::{collections::BTreeSet, net::IpAddr, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+use verdict_common::maps::VerdictClass;
+
+/// What happened to the traffic, in the words an operator reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Allowed by policy.
+    Allowed,
+    /// Dropped by policy (enforcing).
+    Denied,
+    /// Would have been dropped, let through by PolicyAuditMode.
+    Audited,
+    /// Allowed and redirected to the L7 proxy.
+    Redirected,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 4] = [Verdict::Allowed, Verdict::Denied, Verdict::Audited, Verdict::Redirected];
+
+    pub fn as_str(self) -> &'static str {
+        VerdictClass::from(self).as_str()
+    }
+}
+
+impl From<VerdictClass> for Verdict {
+    fn from(c: VerdictClass) -> Verdict {
+        match c {
+            VerdictClass::Allowed => Verdict::Allowed,
+            VerdictClass::Denied => Verdict::Denied,
+            VerdictClass::Audited => Verdict::Audited,
+            VerdictClass::Redirected => Verdict::Redirected,
+        }
+    }
+}
+
+impl From<Verdict> for VerdictClass {
+    fn from(v: Verdict) -> VerdictClass {
+        match v {
+            Verdict::Allowed => VerdictClass::Allowed,
+            Verdict::Denied => VerdictClass::Denied,
+            Verdict::Audited => VerdictClass::Audited,
+            Verdict::Redirected => VerdictClass::Redirected,
+        }
+    }
+}
+
+/// Direction of a policy decision, from the endpoint's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    /// From Cilium's `dir` bits (1 ingress, 2 egress).
+    pub fn from_cilium(dir: u8) -> Option<Direction> {
+        match dir {
+            1 => Some(Direction::Ingress),
+            2 => Some(Direction::Egress),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// Which notification a flow was counted from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifySource {
+    /// `policy_verdict_notify` (type 5): once per new connection when
+    /// allowed, audited or redirected; once per packet when denied.
+    PolicyVerdict,
+    /// `drop_notify` (type 1) with a policy reason: once per dropped packet.
+    PolicyDrop,
+}
+
+/// Lower-case protocol name as Cilium's monitor prints it, or the number.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        0 => "any".into(),
+        n => n.to_string(),
+    }
+}
+
+/// One flow: every notification sharing endpoint, direction, remote
+/// identity, protocol, port, verdict class and match type, with totals.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub endpoint_id: u16,
+    pub direction: Direction,
+    pub remote_identity: u32,
+    /// IP protocol number; 0 when the notification does not say (drops).
+    pub proto: u8,
+    /// Destination port; 0 for drops and port-less protocols.
+    pub dst_port: u16,
+    pub verdict: Verdict,
+    /// Cilium policy match type, 0 ("none") .. 6 ("Proto-Only").
+    pub match_type: u8,
+    pub source: NotifySource,
+    /// Drop reason for denials (133 policy denied, 181 deny rule, ...), else 0.
+    pub reason: u8,
+    pub ipv6: bool,
+    /// Notifications counted; never decreases for the life of the series.
+    pub notifications: u64,
+    /// Sum of the notified packets' original lengths.
+    pub bytes: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    /// Remote addresses, when the input carried them (captures do, the
+    /// kernel notification does not).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub remote_addrs: BTreeSet<IpAddr>,
+}
+
+/// What kind of endpoint an ID is, as far as the agent knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    /// The node itself (identity `host`, label `reserved:host`).
+    Host,
+    Pod,
+    /// Not (yet) known to any enrichment source.
+    #[default]
+    Unknown,
+}
+
+impl EndpointKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointKind::Host => "host",
+            EndpointKind::Pod => "pod",
+            EndpointKind::Unknown => "unknown",
+        }
+    }
+}
+
+/// Policy state of one direction of an endpoint, from Cilium's API
+/// (`status.policy.realized.policy-enabled` and the PolicyAuditMode option).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectionPolicy {
+    /// Some policy selects the endpoint in this direction.
+    pub enabled: bool,
+    /// PolicyAuditMode: denials are reported as audited and let through.
+    pub audit: bool,
+}
+
+/// Where a fact about an endpoint came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FactSource {
+    /// The node's Cilium agent API.
+    CiliumApi,
+    /// CiliumEndpoint objects from the Kubernetes API.
+    Kubernetes,
+    /// An `cilium endpoint list -o json` file given to `analyze`.
+    EndpointsFile,
+    /// Guessed from the notifications themselves (the `audited` flag).
+    Inferred,
+}
+
+/// Everything the agent knows about one endpoint of this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub id: u16,
+    pub kind: EndpointKind,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    /// Owning workload, e.g. "Deployment/web", when known.
+    pub workload: Option<String>,
+    /// Security identity of the endpoint.
+    pub identity: Option<u32>,
+    /// Security-relevant labels, "source:key=value" as Cilium prints them.
+    pub labels: Vec<String>,
+    pub ingress: Option<DirectionPolicy>,
+    pub egress: Option<DirectionPolicy>,
+    /// Where `ingress`/`egress` came from.
+    pub policy_source: Option<FactSource>,
+}
