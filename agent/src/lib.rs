@@ -2,6 +2,11 @@
 //! them for Prometheus, and tells an operator whether leaving
 //! PolicyAuditMode will break something.
 
+pub mod analyze;
 pub mod bpf;
 pub mod cilium;
+pub mod enrich;
 pub mod model;
+pub mod preflight;
+pub mod readiness;
+pub mod suggest;

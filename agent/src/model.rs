@@ -194,3 +194,32 @@ pub struct EndpointInfo {
     /// Where `ingress`/`egress` came from.
     pub policy_source: Option<FactSource>,
 }
+
+/// One policy decision read from a capture (`cilium monitor` text or
+/// `hubble observe -o json`), before aggregation into [`FlowRecord`]s.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapturedVerdict {
+    /// 1-based line number in the input.
+    pub line: usize,
+    pub endpoint_id: u16,
+    pub direction: Direction,
+    pub remote_identity: u32,
+    pub proto: u8,
+    pub dst_port: u16,
+    pub verdict: Verdict,
+    pub match_type: u8,
+    pub source: NotifySource,
+    pub reason: u8,
+    pub ipv6: bool,
+    pub src_addr: Option<IpAddr>,
+    pub dst_addr: Option<IpAddr>,
+    pub src_port: Option<u16>,
+    /// When the capture says (Hubble does, the monitor text does not).
+    pub time: Option<SystemTime>,
+    /// Labels of the local endpoint and of the remote side, when the
+    /// capture carries them (Hubble does).
+    pub local_labels: Vec<String>,
+    pub remote_labels: Vec<String>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+}
