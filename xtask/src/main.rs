@@ -1,1 +1,44 @@
-fn main(){}
+//! `cargo xtask <command>`: every step that builds, tests, demonstrates or
+//! measures verdict-agent. Each command installs what it needs first, and
+//! installing twice is a no-op.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod deploy;
+mod tools;
+mod vm;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, test, demo and benchmark verdict-agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the toolchain pieces and system packages the project needs.
+    Setup,
+    /// Boot a Debian kernel in QEMU and run a command inside it.
+    Vm(vm::VmArgs),
+    /// Render the Helm chart to deploy/manifests and check everything under deploy/.
+    Deploy(deploy::DeployArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => tools::setup_all(),
+        Command::Vm(args) => vm::run_cli(args),
+        Command::Deploy(args) => deploy::run_cli(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Idempotent installers (in progress).
+pub fn setup_all() -> anyhow::Result<()> {
+    Ok(())
+}
