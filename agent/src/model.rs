@@ -223,3 +223,44 @@ pub struct CapturedVerdict {
     pub namespace: Option<String>,
     pub pod: Option<String>,
 }
+
+/// Whether host-firewall policies select this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPolicyCoverage {
+    /// Names of CiliumClusterwideNetworkPolicies with a `nodeSelector`
+    /// that matches this node's labels.
+    pub selecting: Vec<String>,
+    /// Host policies whose `nodeSelector` matches no node at all.
+    pub selecting_no_node: Vec<String>,
+    pub source: FactSource,
+}
+
+/// What enrichment knows, as metrics, readiness and suggestions ask it.
+/// Answers come from caches: no call blocks on a remote API.
+pub trait EndpointDirectory: Send + Sync {
+    fn endpoint(&self, id: u16) -> Option<EndpointInfo>;
+    fn endpoints(&self) -> Vec<EndpointInfo>;
+    /// Labels of a security identity ("k8s:app=web", ...).
+    fn identity_labels(&self, identity: u32) -> Option<Vec<String>>;
+    /// None when no source could tell.
+    fn host_policy_coverage(&self) -> Option<HostPolicyCoverage>;
+}
+
+/// A directory that knows nothing: every answer is "unknown".
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoDirectory;
+
+impl EndpointDirectory for NoDirectory {
+    fn endpoint(&self, _: u16) -> Option<EndpointInfo> {
+        None
+    }
+    fn endpoints(&self) -> Vec<EndpointInfo> {
+        Vec::new()
+    }
+    fn identity_labels(&self, _: u32) -> Option<Vec<String>> {
+        None
+    }
+    fn host_policy_coverage(&self) -> Option<HostPolicyCoverage> {
+        None
+    }
+}
