@@ -1,1 +1,9 @@
+//! The userspace side of the in-kernel pipeline: loading and attaching
+//! ([`loader`]), following Cilium's map ([`events_map`]), and reading the
+//! counters back ([`snapshot`]).
+pub mod btf;
+pub mod emitter;
+pub mod events_map;
+pub mod loader;
 pub mod objects;
+pub mod snapshot;
