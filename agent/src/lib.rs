@@ -5,6 +5,7 @@
 pub mod analyze;
 pub mod bpf;
 pub mod cilium;
+pub mod ledger;
 pub mod enrich;
 pub mod model;
 pub mod preflight;
