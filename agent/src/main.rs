@@ -2,14 +2,30 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use verdict_agent::{
+    bpf::{
+        emitter::{Emitter, Target},
+        loader::{LoaderConfig, Pipeline, TapChoice},
+    },
+    run::{self, Extensions, RunArgs},
+    scenario::{self, ScenarioArgs, Via},
+};
 
 #[derive(Parser)]
 #[command(
     name = "verdict-agent",
     version,
     about = "Counts Cilium policy verdicts in the kernel, exports them for Prometheus, \
-             and tells you whether leaving PolicyAuditMode will break something."
+             and tells you whether leaving PolicyAuditMode will break something.",
+    long_about = "Counts Cilium policy verdicts in the kernel, exports them for Prometheus, \
+             and tells you whether leaving PolicyAuditMode will break something.\n\n\
+             The agent hooks bpf_skb_event_output (fentry, else kprobe) and counts the policy-verdict and \
+             policy-drop notifications Cilium's datapath writes to its cilium_events map, per endpoint and \
+             per flow, in per-CPU BPF maps: nothing is lost under load and no event crosses to userspace. \
+             Cilium emits a verdict only when the endpoint has policy in that direction, verdict \
+             notifications are enabled and its events rate limit lets it through: silence is not safety."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -17,9 +33,82 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Run the agent: attach the tap, serve /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness.
+    Run(RunArgs),
+    /// Play a built-in traffic scenario as Cilium notifications (tests and demos only: it writes
+    /// into the cilium_events map at the given path, or into the agent's counters).
+    Scenario(ScenarioArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => tokio_main(run::run(args, Extensions::default())).map(|()| ExitCode::SUCCESS),
+        Command::Scenario(args) => play_scenario(args).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("verdict-agent: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+fn tokio_main<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
+fn play_scenario(args: ScenarioArgs) -> anyhow::Result<()> {
+    let layout = args.layout;
+    let sc = match args.name.as_str() {
+        "demo" => scenario::demo(layout),
+        other => anyhow::bail!("unknown scenario {other:?}; built-in scenarios: demo"),
+    };
+    if args.print_endpoints {
+        println!("{}", serde_json::to_string_pretty(&sc.endpoints)?);
+        return Ok(());
+    }
+    match args.via {
+        Via::Emitter => {
+            let emitter = Emitter::load(&args.cilium_events_map)?;
+            for _ in 0..args.rounds {
+                for step in &sc.steps {
+                    emitter.emit(Target::CiliumEvents, &step.notification, step.repeat)?;
+                }
+            }
+            let c = emitter.counts()?;
+            println!("scenario {}: {} notifications emitted into {}", sc.name, c.cilium_events, args.cilium_events_map.display());
+        }
+        Via::Replay => {
+            // Join the running agent's maps as they are: same flow table size.
+            let pinned_flows = args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(verdict_common::maps::FLOWS);
+            let flow_table_size = aya::maps::MapData::from_pin(&pinned_flows)
+                .and_then(|m| m.info())
+                .map(|i| i.max_entries())
+                .with_context(|| format!("no agent maps pinned at {}: start `verdict-agent run` first", pinned_flows.display()))?;
+            let pipeline = Pipeline::load(&LoaderConfig {
+                pin_dir: args.pin_dir.clone(),
+                flow_table_size,
+                tap: TapChoice::Replay,
+                btf_path: "/sys/kernel/btf/vmlinux".into(),
+            })?;
+            for _ in 0..args.rounds {
+                for step in &sc.steps {
+                    verdict_agent::bpf::loader::replay_with(pipeline.ebpf(), &step.notification, step.repeat)?;
+                }
+            }
+            println!("scenario {}: {} notifications replayed into {}", sc.name, sc.total_notifications() * args.rounds as u64, args.pin_dir.display());
+        }
+    }
+    Ok(())
 }

@@ -22,6 +22,11 @@ impl KernelClock {
         KernelClock { mono_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64, wall: SystemTime::now() }
     }
 
+    /// Wall time of the read.
+    pub fn taken_at(&self) -> SystemTime {
+        self.wall
+    }
+
     pub fn to_wall(&self, ktime_ns: u64) -> SystemTime {
         self.wall - Duration::from_nanos(self.mono_ns.saturating_sub(ktime_ns))
     }

@@ -1,0 +1,261 @@
+//! Prometheus collectors. Each encodes straight from the shared view at
+//! scrape time, so the registry holds no per-series state and a scrape
+//! costs what the output costs.
+
+use std::{fmt, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use verdict_common::{
+    cilium::notify_type,
+    maps::{Stat, VerdictClass},
+};
+
+use crate::{
+    cilium::identity,
+    model::{Direction, EndpointDirectory, match_type_name, policy_drop_reason_text, proto_name},
+    state::SharedView,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// An empty label set that encodes to nothing at all.
+struct NoLabels;
+
+impl prometheus_client::encoding::EncodeLabelSet for NoLabels {
+    fn encode(&self, _: &mut prometheus_client::encoding::LabelSetEncoder) -> fmt::Result {
+        Ok(())
+    }
+}
+
+/// Writes one metric family from (labels, value) rows.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in rows {
+        if labels.is_empty() {
+            // A single series: no `{}` after the name.
+            metric.encode(family.encode_family(&NoLabels)?)?;
+        } else {
+            metric.encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn counter(v: u64) -> ConstCounter<u64> {
+    ConstCounter::new(v)
+}
+
+fn gauge(v: i64) -> ConstGauge<i64> {
+    ConstGauge::new(v)
+}
+
+/// The per-endpoint label set: endpoint, kind, namespace, pod.
+pub fn endpoint_labels(directory: &dyn EndpointDirectory, id: u16) -> Labels {
+    let info = directory.endpoint(id).unwrap_or_default();
+    vec![
+        ("endpoint", id.to_string()),
+        ("kind", info.kind.as_str().to_string()),
+        ("namespace", info.namespace.unwrap_or_default()),
+        ("pod", info.pod.unwrap_or_default()),
+    ]
+}
+
+/// A readable, bounded name for the remote side of a flow.
+pub fn remote_name(directory: &dyn EndpointDirectory, id: u32) -> String {
+    match identity::classify(id) {
+        identity::IdentityClass::Reserved(name) => name.to_string(),
+        identity::IdentityClass::Cidr => "cidr".to_string(),
+        _ => {
+            let labels = directory.identity_labels(id).unwrap_or_default();
+            let get = |k: &str| labels.iter().find_map(|l| l.strip_prefix(k).map(str::to_owned));
+            match (get("k8s:io.kubernetes.pod.namespace="), get("k8s:app=").or_else(|| get("k8s:app.kubernetes.io/name="))) {
+                (Some(ns), Some(app)) => format!("{ns}/{app}"),
+                _ => id.to_string(),
+            }
+        }
+    }
+}
+
+/// Verdict counters and pipeline health.
+pub struct VerdictCollector {
+    pub view: SharedView,
+    pub directory: Arc<dyn EndpointDirectory>,
+    /// Some(limit): export per-flow series, at most `limit` of them.
+    pub flow_metrics: Option<usize>,
+}
+
+impl fmt::Debug for VerdictCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VerdictCollector")
+    }
+}
+
+const VERDICT_HELP: &str = "Cilium policy verdict notifications. Allowed, audited and redirected \
+    traffic is notified once per new connection, denied traffic once per packet.";
+
+impl Collector for VerdictCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let dir = &*self.directory;
+        let directions = [Direction::Ingress, Direction::Egress];
+
+        if let Some(snap) = &view.snapshot {
+            let mut rows = Vec::new();
+            let mut drops = Vec::new();
+            for ep in &snap.endpoints {
+                let base = endpoint_labels(dir, ep.id);
+                for (d, direction) in directions.iter().enumerate() {
+                    for class in VerdictClass::ALL {
+                        let mut l = base.clone();
+                        l.push(("direction", direction.as_str().into()));
+                        l.push(("verdict", class.as_str().into()));
+                        rows.push((l, counter(ep.verdicts[d][class as usize])));
+                    }
+                }
+            }
+            family(&mut encoder, "verdict_agent_endpoint_verdicts",
+                &format!("{VERDICT_HELP} Exact per-endpoint totals."), MetricType::Counter, rows)?;
+
+            let mut rows = Vec::new();
+            let mut aggs: Vec<_> = view.aggregates.iter().collect();
+            aggs.sort_by_key(|(k, _)| **k);
+            for (k, t) in aggs {
+                let Some(direction) = Direction::from_cilium(k.direction) else { continue };
+                let mut l = endpoint_labels(dir, k.endpoint_id);
+                l.push(("direction", direction.as_str().into()));
+                if k.notify_type == notify_type::DROP {
+                    l.push(("reason", policy_drop_reason_text(k.reason)));
+                    drops.push((l, counter(t.notifications)));
+                    continue;
+                }
+                let Some(class) = VerdictClass::from_u8(k.class) else { continue };
+                l.push(("verdict", class.as_str().into()));
+                l.push(("match", match_type_name(k.match_type).into()));
+                l.push(("proto", proto_name(k.proto)));
+                rows.push((l, counter(t.notifications)));
+            }
+            family(&mut encoder, "verdict_agent_policy_verdicts",
+                &format!("{VERDICT_HELP} By match type and protocol, from the flow table."), MetricType::Counter, rows)?;
+            family(&mut encoder, "verdict_agent_policy_drops",
+                "Drop notifications with a policy reason, one per dropped packet.", MetricType::Counter, drops)?;
+
+            if let Some(limit) = self.flow_metrics {
+                self.encode_flows(&mut encoder, &view.flows, limit)?;
+            }
+
+            let events = [
+                ("counted", snap.stat(Stat::Counted)),
+                ("filtered", snap.stat(Stat::Filtered)),
+                ("malformed", snap.stat(Stat::MalformedTruncated) + snap.stat(Stat::MalformedVersion)
+                    + snap.stat(Stat::MalformedField) + snap.stat(Stat::ReadFailed)),
+            ];
+            family(&mut encoder, "verdict_agent_events",
+                "Notifications written to cilium_events, by what the tap did with them.", MetricType::Counter,
+                events.map(|(o, v)| (vec![("outcome", o.to_string())], counter(v))))?;
+            let malformed = [
+                ("truncated", Stat::MalformedTruncated),
+                ("unknown_version", Stat::MalformedVersion),
+                ("bad_field", Stat::MalformedField),
+                ("read_failed", Stat::ReadFailed),
+            ];
+            family(&mut encoder, "verdict_agent_malformed_events",
+                "Notifications the tap could not account, by reason.", MetricType::Counter,
+                malformed.map(|(r, s)| (vec![("reason", r.to_string())], counter(snap.stat(s)))))?;
+            family(&mut encoder, "verdict_agent_tap_other_map_writes",
+                "Perf outputs to maps other than Cilium's cilium_events, ignored by the tap.", MetricType::Counter,
+                [(vec![], counter(snap.stat(Stat::OtherMap)))])?;
+
+            let live = snap.flows.len() as u64;
+            family(&mut encoder, "verdict_agent_flow_table_entries", "Live flows in the kernel flow table.",
+                MetricType::Gauge, [(vec![], gauge(live as i64))])?;
+            family(&mut encoder, "verdict_agent_flow_table_evictions",
+                "Flows evicted from the kernel flow table (created minus live).", MetricType::Counter,
+                [(vec![], counter(snap.stat(Stat::FlowsCreated).saturating_sub(live)))])?;
+            family(&mut encoder, "verdict_agent_flow_table_insert_failures",
+                "Flows that could not be created; their notifications are in the endpoint totals only.",
+                MetricType::Counter, [(vec![], counter(snap.stat(Stat::FlowUpdateFailed)))])?;
+            family(&mut encoder, "verdict_agent_endpoint_id_out_of_range",
+                "Notifications from endpoint IDs of 4096 and above (in flows, not in endpoint totals).",
+                MetricType::Counter, [(vec![], counter(snap.stat(Stat::EndpointOutOfRange)))])?;
+            family(&mut encoder, "verdict_agent_map_read_duration_seconds", "Duration of the latest read of the BPF maps.",
+                MetricType::Gauge, [(vec![], ConstGauge::new(snap.read_duration.as_secs_f64()))])?;
+        }
+
+        family(&mut encoder, "verdict_agent_flow_table_capacity", "Size of the kernel flow table.",
+            MetricType::Gauge, [(vec![], gauge(view.flow_table_capacity as i64))])?;
+        family(&mut encoder, "verdict_agent_map_reads", "Reads of the BPF maps (per interval, never per event).",
+            MetricType::Counter, [(vec![], counter(view.map_reads))])?;
+        family(&mut encoder, "verdict_agent_tap_info", "The tap feeding the counters.", MetricType::Gauge,
+            [(vec![("tap", view.tap.as_str().to_string()), ("function", crate::bpf::loader::HOOKED_FUNCTION.to_string())], gauge(1))])?;
+        let attached = !matches!(view.tap, crate::bpf::loader::TapKind::Replay);
+        family(&mut encoder, "verdict_agent_tap_attached", "1 while a tap is attached to the kernel.",
+            MetricType::Gauge, [(vec![], gauge(attached as i64))])?;
+        let present = view.events_map.map_id.is_some();
+        family(&mut encoder, "verdict_agent_cilium_events_map_present", "1 when the pinned cilium_events map exists.",
+            MetricType::Gauge, [(vec![], gauge(present as i64))])?;
+        family(&mut encoder, "verdict_agent_cilium_events_map_info", "The cilium_events map the tap follows.",
+            MetricType::Gauge,
+            view.events_map.map_id.map(|id| {
+                (vec![("path", view.events_map.path.display().to_string()), ("map_id", id.to_string())], gauge(1))
+            }))?;
+        family(&mut encoder, "verdict_agent_build_info", "Build information.", MetricType::Gauge,
+            [(vec![("version", env!("CARGO_PKG_VERSION").to_string())], gauge(1))])?;
+        Ok(())
+    }
+}
+
+impl VerdictCollector {
+    fn encode_flows(&self, encoder: &mut DescriptorEncoder, flows: &[crate::model::FlowRecord], limit: usize) -> fmt::Result {
+        let dir = &*self.directory;
+        let mut rows = Vec::new();
+        let mut overflow: std::collections::BTreeMap<(u16, &'static str, &'static str), u64> = Default::default();
+        for f in flows.iter().filter(|f| f.source == crate::model::NotifySource::PolicyVerdict) {
+            if rows.len() < limit {
+                let mut l = endpoint_labels(dir, f.endpoint_id);
+                l.push(("direction", f.direction.as_str().into()));
+                l.push(("verdict", f.verdict.as_str().into()));
+                l.push(("remote", remote_name(dir, f.remote_identity)));
+                l.push(("remote_identity", f.remote_identity.to_string()));
+                l.push(("proto", proto_name(f.proto)));
+                l.push(("port", f.dst_port.to_string()));
+                rows.push((l, counter(f.notifications)));
+            } else {
+                *overflow.entry((f.endpoint_id, f.direction.as_str(), f.verdict.as_str())).or_default() += f.notifications;
+            }
+        }
+        for ((ep, direction, verdict), n) in overflow {
+            let mut l = endpoint_labels(dir, ep);
+            l.extend([
+                ("direction", direction.to_string()),
+                ("verdict", verdict.to_string()),
+                ("remote", "overflow".to_string()),
+                ("remote_identity", String::new()),
+                ("proto", String::new()),
+                ("port", String::new()),
+            ]);
+            rows.push((l, counter(n)));
+        }
+        family(encoder, "verdict_agent_flow_verdicts",
+            &format!("{VERDICT_HELP} Per flow (opt-in, capped; the rest in remote=\"overflow\")."), MetricType::Counter, rows)
+    }
+}
+
+/// Builds the registry with every collector.
+pub fn registry(collectors: Vec<Box<dyn Collector>>) -> Registry {
+    let mut registry = Registry::default();
+    for c in collectors {
+        registry.register_collector(c);
+    }
+    registry
+}

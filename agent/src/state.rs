@@ -1,0 +1,51 @@
+//! What the running agent knows right now, shared between the map reader
+//! (writer), the HTTP handlers and the collectors (readers). Rebuilt once
+//! per map read; a scrape only reads it.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Instant, SystemTime},
+};
+
+use crate::{
+    bpf::{events_map::EventsMapState, loader::TapKind, snapshot::MapSnapshot},
+    ledger::{AggregateKey, Totals},
+    model::FlowRecord,
+};
+
+#[derive(Debug)]
+pub struct AgentView {
+    pub started: SystemTime,
+    pub tap: TapKind,
+    pub events_map: EventsMapState,
+    pub flow_table_capacity: u32,
+    /// Latest read of the maps (None before the first).
+    pub snapshot: Option<MapSnapshot>,
+    /// `verdict_agent_policy_verdicts_total` values.
+    pub aggregates: HashMap<AggregateKey, Totals>,
+    /// Every flow known individually, with monotonic totals.
+    pub flows: Vec<FlowRecord>,
+    pub map_reads: u64,
+    pub last_read: Option<Instant>,
+    pub map_read_errors: u64,
+}
+
+pub type SharedView = Arc<RwLock<AgentView>>;
+
+impl AgentView {
+    pub fn new(tap: TapKind, events_map: EventsMapState, flow_table_capacity: u32) -> AgentView {
+        AgentView {
+            started: SystemTime::now(),
+            tap,
+            events_map,
+            flow_table_capacity,
+            snapshot: None,
+            aggregates: HashMap::new(),
+            flows: Vec::new(),
+            map_reads: 0,
+            last_read: None,
+            map_read_errors: 0,
+        }
+    }
+}
