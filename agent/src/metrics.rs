@@ -23,14 +23,6 @@ use crate::{
 
 type Labels = Vec<(&'static str, String)>;
 
-/// An empty label set that encodes to nothing at all.
-struct NoLabels;
-
-impl prometheus_client::encoding::EncodeLabelSet for NoLabels {
-    fn encode(&self, _: &mut prometheus_client::encoding::LabelSetEncoder) -> fmt::Result {
-        Ok(())
-    }
-}
 
 /// Writes one metric family from (labels, value) rows.
 fn family<M: EncodeMetric>(
@@ -41,13 +33,14 @@ fn family<M: EncodeMetric>(
     rows: impl IntoIterator<Item = (Labels, M)>,
 ) -> fmt::Result {
     let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    let mut rows: Vec<(Labels, M)> = rows.into_iter().collect();
+    if rows.len() == 1 && rows[0].0.is_empty() {
+        // A single unlabelled series: no `{}` after the name.
+        let (_, metric) = rows.remove(0);
+        return metric.encode(family);
+    }
     for (labels, metric) in rows {
-        if labels.is_empty() {
-            // A single series: no `{}` after the name.
-            metric.encode(family.encode_family(&NoLabels)?)?;
-        } else {
-            metric.encode(family.encode_family(&labels)?)?;
-        }
+        metric.encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
