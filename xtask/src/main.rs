@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod deploy;
+mod test;
 mod tools;
 mod vm;
 
@@ -23,6 +24,8 @@ enum Command {
     Setup,
     /// Boot a Debian kernel in QEMU and run a command inside it.
     Vm(vm::VmArgs),
+    /// Run the whole suite: host tests, the tap on real kernels in QEMU, deploy checks.
+    Test(test::TestArgs),
     /// Render the Helm chart to deploy/manifests and check everything under deploy/.
     Deploy(deploy::DeployArgs),
 }
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Command::Setup => tools::setup_all(),
         Command::Vm(args) => vm::run_cli(args),
         Command::Deploy(args) => deploy::run_cli(args),
+        Command::Test(args) => test::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

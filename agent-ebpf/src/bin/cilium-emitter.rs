@@ -15,7 +15,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-const MAX_NOTIFICATION_SIZE: usize = 64;
+use verdict_agent_ebpf::packet::copy_packet;
+use verdict_common::maps::MAX_NOTIFICATION_SIZE;
 
 /// Same name, type, key and value as Cilium's map; pinned by userspace at
 /// the path the agent watches.
@@ -42,9 +43,9 @@ fn bump(index: u32) {
 #[inline(always)]
 fn emit(ctx: &TcContext, map: *const core::ffi::c_void) -> i64 {
     let mut buf = [0u8; MAX_NOTIFICATION_SIZE];
-    let len = ctx.len() as usize;
-    let n = if len > MAX_NOTIFICATION_SIZE { MAX_NOTIFICATION_SIZE } else { len };
-    if n == 0 || ctx.load_bytes(0, &mut buf[..n]).is_err() {
+    let n = copy_packet(ctx, &mut buf);
+    // Only whole notifications: a length off the copy ladder is refused.
+    if n == 0 || n != ctx.len() as usize {
         return -1;
     }
     // SAFETY: `n` <= size of `buf`; `map` is a perf event array of this object.

@@ -20,6 +20,7 @@ use aya_ebpf::{
 use verdict_agent_ebpf::{
     account::{Notification, account, count},
     maps::TAP_CONFIG,
+    packet::copy_packet,
 };
 use verdict_common::maps::{MAX_NOTIFICATION_SIZE, Stat};
 
@@ -87,14 +88,11 @@ fn tap(map: u64, meta: u64, meta_size: u64) {
 /// the tap would account it. Run with BPF_PROG_TEST_RUN.
 #[classifier]
 pub fn replay(ctx: TcContext) -> i32 {
-    let len = ctx.len() as usize;
     let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
-    let copy = if len > MAX_NOTIFICATION_SIZE { MAX_NOTIFICATION_SIZE } else { len };
-    if copy > 0 && ctx.load_bytes(0, &mut buf[..copy]).is_err() {
-        count(Stat::ReadFailed);
-        return TC_ACT_OK;
-    }
-    account(&buf, len);
+    copy_packet(&ctx, &mut buf);
+    // The packet's length is the notification's length (`meta_size`), even
+    // beyond the bytes copied, exactly as the tap sees it.
+    account(&buf, ctx.len() as usize);
     TC_ACT_OK
 }
 

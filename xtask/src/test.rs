@@ -1,0 +1,156 @@
+//! `cargo xtask test`: the whole suite, as CI runs it.
+//!
+//! Steps, each reported as passed or failed (a failed step does not stop
+//! the others, so one run shows everything that is broken):
+//! 1. install what is missing (rust-src, bpf-linker, Debian packages, kernels);
+//! 2. the host tests (`cargo test`, as root: they load real BPF programs
+//!    through the host kernel's verifier and run them with BPF_PROG_TEST_RUN);
+//! 3. the tap on real kernels: one QEMU VM per Debian kernel (5.10, 6.1,
+//!    6.12) runs `vm-driver` (fentry and kprobe, end to end);
+//! 4. the deploy/ checks (Helm, manifests, Prometheus rules).
+//!
+//! Ends with one line `xtask test: N passed, M failed`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{
+    tools::{self, target_dir, workspace_root},
+    vm::{self, VmPayload, kernels},
+};
+
+#[derive(clap::Args)]
+pub struct TestArgs {
+    /// Run only the steps whose name contains this (host, vm, deploy, soak).
+    #[arg(long)]
+    pub only: Option<String>,
+}
+
+struct Outcome {
+    name: String,
+    result: Result<()>,
+    took: Duration,
+}
+
+pub fn run(args: TestArgs) -> Result<()> {
+    setup().context("installing what the tests need")?;
+    let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+    let mut outcomes = Vec::new();
+    let mut step = |name: &str, f: &mut dyn FnMut() -> Result<()>| {
+        if !wanted(name) {
+            return;
+        }
+        println!("\n=== {name}");
+        let started = Instant::now();
+        let result = f();
+        if let Err(e) = &result {
+            println!("=== {name}: FAILED: {e:#}");
+        }
+        outcomes.push(Outcome { name: name.to_string(), result, took: started.elapsed() });
+    };
+
+    step("build", &mut build);
+    step("host tests", &mut host_tests);
+    let kernels = kernels::ensure_kernels();
+    match kernels {
+        Ok(kernels) => {
+            for k in kernels {
+                step(&format!("vm {} ({})", k.series, k.version), &mut || vm_test(&k));
+            }
+        }
+        Err(e) => step("vm kernels", &mut || Err(anyhow::anyhow!("{e:#}"))),
+    }
+    // deploy/ checks join here once deploy::check lands.
+
+    println!("\n=== summary");
+    for o in &outcomes {
+        let word = if o.result.is_ok() { "passed" } else { "FAILED" };
+        println!("  {word:6} {:<40} {:>6.1}s", o.name, o.took.as_secs_f64());
+    }
+    let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+    println!("xtask test: {} passed, {failed} failed", outcomes.len() - failed);
+    if failed > 0 {
+        bail!("{failed} step(s) failed");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    ensure!(
+        unsafe { libc_geteuid() } == 0,
+        "the suite loads BPF programs and boots VMs: run it as root"
+    );
+    tools::ensure_rust_src()?;
+    tools::ensure_bpf_linker()?;
+    tools::ensure_apt(tools::HOST_PACKAGES)?;
+    ensure_bpffs()
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// bpffs may or may not be mounted on a fresh machine.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounted = Command::new("mountpoint").args(["-q", "/sys/fs/bpf"]).status().is_ok_and(|s| s.success());
+    if !mounted {
+        tools::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        println!("mounted bpffs at /sys/fs/bpf");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn build() -> Result<()> {
+    tools::run(cargo().args(["build", "-p", "verdict-agent", "-p", "verdict-agent-tests", "--bins"]))
+}
+
+fn host_tests() -> Result<()> {
+    tools::run(cargo().args(["test", "--no-fail-fast"]))
+}
+
+/// A stripped copy of a debug binary: TCG boots a small initramfs faster.
+fn stripped(bin: &str) -> Result<PathBuf> {
+    let src = target_dir().join("debug").join(bin);
+    let dir = target_dir().join("vm").join("payload");
+    std::fs::create_dir_all(&dir)?;
+    let dst = dir.join(bin);
+    tools::run(Command::new("strip").arg("--strip-debug").arg(&src).arg("-o").arg(&dst))
+        .with_context(|| format!("stripping {}", src.display()))?;
+    Ok(dst)
+}
+
+fn vm_test(kernel: &kernels::Kernel) -> Result<()> {
+    let payload = VmPayload {
+        files: vec![
+            (stripped("verdict-agent")?, "/bin/verdict-agent".into()),
+            (stripped("vm-driver")?, "/bin/vm-driver".into()),
+        ],
+        command: "VERDICT_AGENT_BIN=/bin/verdict-agent RUST_LOG=info /bin/vm-driver".into(),
+        modules: Vec::new(),
+        timeout: Duration::from_secs(600),
+    };
+    let outcome = vm::run_in_vm(kernel, &payload)?;
+    for line in outcome.console.lines().filter(|l| l.contains("VMTEST")) {
+        println!("  {line}");
+    }
+    ensure!(
+        outcome.exit_code == 0 && outcome.console.contains("VMTEST RESULT pass"),
+        "the tap failed on kernel {} (exit {}); console in {}",
+        kernel.version,
+        outcome.exit_code,
+        Path::new("target/vm/logs").join(format!("{}.log", kernel.series)).display()
+    );
+    Ok(())
+}
