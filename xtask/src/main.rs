@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod deploy;
 mod test;
 mod tools;
@@ -24,6 +25,8 @@ enum Command {
     Setup,
     /// Boot a Debian kernel in QEMU and run a command inside it.
     Vm(vm::VmArgs),
+    /// Run the agent on the built-in rollout scenario and serve /metrics on localhost.
+    Demo(demo::DemoArgs),
     /// Run the whole suite: host tests, the tap on real kernels in QEMU, deploy checks.
     Test(test::TestArgs),
     /// Render the Helm chart to deploy/manifests and check everything under deploy/.
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Vm(args) => vm::run_cli(args),
         Command::Deploy(args) => deploy::run_cli(args),
         Command::Test(args) => test::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
