@@ -2,6 +2,7 @@
 //! notification decoders (mirroring `pkg/monitor`), and readers of the
 //! text and JSON that Cilium's own tools print.
 pub mod endpoint_list;
+pub mod golden;
 pub mod hubble_json;
 pub mod identity;
 pub mod monitor;
