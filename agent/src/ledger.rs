@@ -11,9 +11,12 @@
 //! bound, then folded into per-label-set aggregates, which is all that
 //! `verdict_agent_policy_verdicts_total` needs.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
-use verdict_common::maps::{FlowKey, VerdictClass};
+use verdict_common::maps::{FlowKey, LEDGER_AGGREGATE_MARK, LedgerRecord, VerdictClass};
 
 use crate::{
     bpf::snapshot::{FlowTotals, MapSnapshot},
@@ -61,7 +64,7 @@ impl Totals {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Entry {
     /// Counts of earlier incarnations of this flow.
     base: Totals,
@@ -83,6 +86,11 @@ impl Entry {
 
 pub struct FlowLedger {
     entries: HashMap<FlowKey, Entry>,
+    /// Keys whose state changed since the last `take_changes`.
+    changed: HashSet<FlowKey>,
+    /// Keys folded away since the last `take_changes`.
+    removed: Vec<FlowKey>,
+    changed_aggregates: HashSet<AggregateKey>,
     /// Dead flows folded away, per aggregate label set.
     retired: HashMap<AggregateKey, Totals>,
     /// Dead flows kept individually before folding.
@@ -93,7 +101,65 @@ pub struct FlowLedger {
 
 impl FlowLedger {
     pub fn new(max_dead: usize) -> FlowLedger {
-        FlowLedger { entries: HashMap::new(), retired: HashMap::new(), max_dead, dead: 0, evictions_observed: 0 }
+        FlowLedger {
+            entries: HashMap::new(),
+            changed: HashSet::new(),
+            removed: Vec::new(),
+            changed_aggregates: HashSet::new(),
+            retired: HashMap::new(),
+            max_dead,
+            dead: 0,
+            evictions_observed: 0,
+        }
+    }
+
+    /// A ledger continuing from persisted state (see `bpf::ledger_store`).
+    /// The next `update` reconciles it with the kernel: flows evicted or
+    /// re-created while no agent ran get their last known count as base.
+    pub fn restore(max_dead: usize, records: impl IntoIterator<Item = (FlowKey, LedgerRecord)>) -> FlowLedger {
+        let mut ledger = FlowLedger::new(max_dead);
+        for (key, r) in records {
+            if key._pad == LEDGER_AGGREGATE_MARK {
+                let totals = Totals { notifications: r.base_notifications, bytes: r.base_bytes };
+                ledger.retired.insert(AggregateKey::from(&key), totals);
+                continue;
+            }
+            let live = r.live != 0;
+            if !live {
+                ledger.dead += 1;
+            }
+            ledger.entries.insert(
+                key,
+                Entry {
+                    base: Totals { notifications: r.base_notifications, bytes: r.base_bytes },
+                    observed: FlowTotals {
+                        notifications: r.observed_notifications,
+                        bytes: r.observed_bytes,
+                        first_seen_ns: r.incarnation_first_seen_ns,
+                        last_seen_ns: 0,
+                    },
+                    live,
+                    first_seen: UNIX_EPOCH + Duration::from_nanos(r.first_seen_unix_ns),
+                    last_seen: UNIX_EPOCH + Duration::from_nanos(r.last_seen_unix_ns),
+                },
+            );
+        }
+        ledger
+    }
+
+    /// Records to persist and keys to delete since the last call.
+    pub fn take_changes(&mut self) -> (Vec<(FlowKey, LedgerRecord)>, Vec<FlowKey>) {
+        let mut out: Vec<(FlowKey, LedgerRecord)> = self
+            .changed
+            .drain()
+            .filter_map(|k| self.entries.get(&k).map(|e| (k, record_of(e))))
+            .collect();
+        for agg in self.changed_aggregates.drain() {
+            if let Some(t) = self.retired.get(&agg) {
+                out.push((aggregate_key(&agg), LedgerRecord { base_notifications: t.notifications, base_bytes: t.bytes, ..Default::default() }));
+            }
+        }
+        (out, std::mem::take(&mut self.removed))
     }
 
     /// Takes one read of the flow table into account.
@@ -106,6 +172,7 @@ impl FlowLedger {
             let last = clock.to_wall(cur.last_seen_ns);
             match self.entries.get_mut(key) {
                 None => {
+                    self.changed.insert(*key);
                     self.entries.insert(
                         *key,
                         Entry { base: Totals::default(), observed: *cur, live: true, first_seen: first, last_seen: last },
@@ -122,6 +189,9 @@ impl FlowLedger {
                     if !e.live {
                         self.dead -= 1;
                     }
+                    if !e.live || e.observed != *cur {
+                        self.changed.insert(*key);
+                    }
                     e.observed = *cur;
                     e.live = true;
                     e.first_seen = e.first_seen.min(first);
@@ -136,6 +206,7 @@ impl FlowLedger {
                 e.live = false;
                 self.dead += 1;
                 self.evictions_observed += 1;
+                self.changed.insert(*key);
             }
         }
         self.fold_oldest_dead();
@@ -152,7 +223,11 @@ impl FlowLedger {
         for (_, key) in dead.into_iter().take(excess) {
             if let Some(e) = self.entries.remove(&key) {
                 let t = e.totals();
-                self.retired.entry(AggregateKey::from(&key)).or_default().add(t.notifications, t.bytes);
+                let agg = AggregateKey::from(&key);
+                self.retired.entry(agg).or_default().add(t.notifications, t.bytes);
+                self.changed_aggregates.insert(agg);
+                self.changed.remove(&key);
+                self.removed.push(key);
                 self.dead -= 1;
             }
         }
@@ -189,6 +264,38 @@ impl FlowLedger {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+fn unix_ns(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn record_of(e: &Entry) -> LedgerRecord {
+    LedgerRecord {
+        base_notifications: e.base.notifications,
+        base_bytes: e.base.bytes,
+        observed_notifications: e.observed.notifications,
+        observed_bytes: e.observed.bytes,
+        incarnation_first_seen_ns: e.observed.first_seen_ns,
+        first_seen_unix_ns: unix_ns(e.first_seen),
+        last_seen_unix_ns: unix_ns(e.last_seen),
+        live: e.live as u64,
+    }
+}
+
+/// The ledger key holding an aggregate's folded totals.
+fn aggregate_key(a: &AggregateKey) -> FlowKey {
+    FlowKey {
+        endpoint_id: a.endpoint_id,
+        direction: a.direction,
+        class: a.class,
+        match_type: a.match_type,
+        proto: a.proto,
+        notify_type: a.notify_type,
+        reason: a.reason,
+        _pad: LEDGER_AGGREGATE_MARK,
+        ..Default::default()
     }
 }
 
@@ -274,6 +381,33 @@ mod tests {
         assert_eq!(l.len(), 1, "only one dead flow kept individually");
         let agg: u64 = l.aggregates().values().map(|t| t.notifications).sum();
         assert_eq!(agg, 6);
+    }
+
+    #[test]
+    fn a_restored_ledger_continues_across_evictions_while_down() {
+        let mut l = FlowLedger::new(1);
+        l.update(&snap(&[(22, 5, 100), (443, 3, 100), (80, 1, 100), (81, 1, 100)]));
+        l.update(&snap(&[(22, 6, 100), (443, 3, 100)])); // 80, 81 evicted; one folded
+        let (changes, removed) = l.take_changes();
+        assert_eq!(removed.len(), 1);
+        // Restart: 22 was evicted and re-created while no agent ran, 443 evicted.
+        // The store holds each key once: the later write wins.
+        let store: HashMap<FlowKey, LedgerRecord> = l_all(&l).into_iter().chain(changes).collect();
+        let mut r = FlowLedger::restore(10, store);
+        r.update(&snap(&[(22, 2, 900)]));
+        assert_eq!(total(&r, 22), 8, "6 before the restart + 2 since");
+        assert_eq!(total(&r, 443), 3);
+        let agg: u64 = r.aggregates().values().map(|t| t.notifications).sum();
+        assert_eq!(agg, 8 + 3 + 1 + 1);
+    }
+
+    /// Every record, as a pinned store would hold them after all writes.
+    fn l_all(l: &FlowLedger) -> Vec<(FlowKey, LedgerRecord)> {
+        let mut v: Vec<_> = l.entries.iter().map(|(k, e)| (*k, record_of(e))).collect();
+        v.extend(l.retired.iter().map(|(a, t)| {
+            (aggregate_key(a), LedgerRecord { base_notifications: t.notifications, base_bytes: t.bytes, ..Default::default() })
+        }));
+        v
     }
 
     #[test]

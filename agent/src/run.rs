@@ -22,6 +22,7 @@ use crate::{
     bpf::{
         events_map::{self, EventsMapFollower},
         loader::{LoaderConfig, Pipeline, TapChoice},
+        ledger_store::LedgerStore,
         snapshot::{CountingMaps, MapSnapshot},
     },
     http::{self, HttpState},
@@ -111,10 +112,15 @@ pub fn start_pipeline(args: &RunArgs) -> anyhow::Result<(SharedView, ReaderHandl
         args.flow_table_size,
     )));
     let stop = Arc::new(AtomicBool::new(false));
+    // Room for every live flow, every remembered dead one, and aggregates.
+    let ledger_capacity = args.flow_table_size.saturating_add(args.max_retained_flows as u32).saturating_add(4096);
+    let store = LedgerStore::open(&loader.pin_path(), ledger_capacity).context("opening the pinned flow ledger")?;
+    let ledger = FlowLedger::restore(args.max_retained_flows, store.load());
     let reader = MapReader {
         pipeline,
         follower,
-        ledger: FlowLedger::new(args.max_retained_flows),
+        ledger,
+        store,
         view: view.clone(),
         interval: args.poll_interval,
     };
@@ -145,6 +151,7 @@ struct MapReader {
     pipeline: Pipeline,
     follower: EventsMapFollower,
     ledger: FlowLedger,
+    store: LedgerStore,
     view: SharedView,
     interval: Duration,
 }
@@ -192,6 +199,8 @@ impl MapReader {
         match MapSnapshot::read(maps) {
             Ok(snapshot) => {
                 self.ledger.update(&snapshot);
+                let (changed, removed) = self.ledger.take_changes();
+                self.store.write(&changed, &removed);
                 let aggregates = self.ledger.aggregates();
                 let flows = self.ledger.records();
                 let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());

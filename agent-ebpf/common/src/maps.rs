@@ -193,3 +193,38 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<EndpointCounters>() == 8 * 12);
+
+/// `HashMap<FlowKey, LedgerRecord>`, created and written by userspace only:
+/// the flow ledger's state, pinned so a restarted agent continues every
+/// flow counter where the previous one left it.
+pub const FLOW_LEDGER: &str = "FLOW_LEDGER";
+
+/// `FlowKey::_pad` value marking a ledger record that holds the folded
+/// totals of evicted flows for one aggregate label set (remote and port 0).
+pub const LEDGER_AGGREGATE_MARK: u8 = 0xff;
+
+/// One flow's ledger state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LedgerRecord {
+    /// Counts of earlier incarnations of the flow (evicted entries).
+    pub base_notifications: u64,
+    pub base_bytes: u64,
+    /// The kernel entry's counts at the latest read.
+    pub observed_notifications: u64,
+    pub observed_bytes: u64,
+    /// First-seen of the kernel entry at the latest read: tells a
+    /// re-created entry from the same one.
+    pub incarnation_first_seen_ns: u64,
+    /// Wall-clock first and last notification, Unix nanoseconds.
+    pub first_seen_unix_ns: u64,
+    pub last_seen_unix_ns: u64,
+    /// 1 if the kernel entry existed at the latest read.
+    pub live: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain #[repr(C)] u64s, no padding.
+unsafe impl aya::Pod for LedgerRecord {}
+
+const _: () = assert!(core::mem::size_of::<LedgerRecord>() == 64);

@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod emitter;
 pub mod events_map;
+pub mod ledger_store;
 pub mod loader;
 pub mod objects;
 pub mod snapshot;
