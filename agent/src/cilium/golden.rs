@@ -64,6 +64,7 @@ impl Msg {
     }
 
     /// From v1.19 (`notify.h@main`): version@14 u8, ext_version@15 u8.
+    #[allow(clippy::too_many_arguments)]
     fn hdr_u8(size: usize, ty: u8, subtype: u8, source: u16, hash: u32, len_orig: u32, version: u8, ext: u8) -> Msg {
         Msg::new(size)
             .u8(0, ty)
@@ -80,7 +81,19 @@ impl Msg {
     /// dst_port@24 u16, proto@26 u8, flags@27 (dir:2 ipv6:1 match_type:3
     /// audited:1 pad0/l3:1, LSB first), auth_type@28 u8 (pad in v1.12–13).
     #[allow(clippy::too_many_arguments)]
-    fn verdict(self, remote: u32, verdict: i32, port: u16, proto: u8, dir: u8, ipv6: bool, m: u8, audited: bool, l3: bool, auth: u8) -> Msg {
+    fn verdict(
+        self,
+        remote: u32,
+        verdict: i32,
+        port: u16,
+        proto: u8,
+        dir: u8,
+        ipv6: bool,
+        m: u8,
+        audited: bool,
+        l3: bool,
+        auth: u8,
+    ) -> Msg {
         let flags = dir | (u8::from(ipv6) << 2) | (m << 3) | (u8::from(audited) << 6) | (u8::from(l3) << 7);
         self.u32(16, remote).u32(20, verdict as u32).u16(24, port).u8(26, proto).u8(27, flags).u8(28, auth)
     }
@@ -94,7 +107,17 @@ impl Msg {
 
 /// The key a policy verdict is counted under (fields as in `account.rs`).
 #[allow(clippy::too_many_arguments)]
-fn pv_key(ep: u16, port: u16, remote: u32, proto: u8, dir: u8, class: VerdictClass, m: u8, reason: u8, ipv6: bool) -> FlowKey {
+fn pv_key(
+    ep: u16,
+    port: u16,
+    remote: u32,
+    proto: u8,
+    dir: u8,
+    class: VerdictClass,
+    m: u8,
+    reason: u8,
+    ipv6: bool,
+) -> FlowKey {
     FlowKey {
         endpoint_id: ep,
         dst_port: port,
@@ -132,7 +155,8 @@ const EGRESS: u8 = 2;
 pub fn golden_notifications() -> Vec<GoldenNotification> {
     use DecodeErrorKind::*;
     use VerdictClass::*;
-    let g = |name, cilium_versions, m: Msg, expected| GoldenNotification { name, cilium_versions, bytes: m.0, expected };
+    let g =
+        |name, cilium_versions, m: Msg, expected| GoldenNotification { name, cilium_versions, bytes: m.0, expected };
     vec![
         // ---- policy verdicts -------------------------------------------
         g(
@@ -174,13 +198,18 @@ pub fn golden_notifications() -> Vec<GoldenNotification> {
         g(
             "p3_allow_ingress_cookie",
             "v1.19+ (policy_log.h@main, cookie)",
-            Msg::hdr_u8(40, 5, 0, 1, 0, 60, 1, 0).verdict(6, 0, 10250, 6, INGRESS, false, 4, false, false, 0).u32(32, 0x1234),
+            Msg::hdr_u8(40, 5, 0, 1, 0, 60, 1, 0)
+                .verdict(6, 0, 10250, 6, INGRESS, false, 4, false, false, 0)
+                .u32(32, 0x1234),
             Ok(Some(pv_key(1, 10250, 6, 6, INGRESS, Allowed, 4, 0, false))),
         ),
         g(
             "p3_deny_extension",
             "v1.19+ with an 8-byte downstream POLICY_VERDICT_EXTENSION (ext_version 1)",
-            Msg::hdr_u8(48, 5, 0, 5, 0, 100, 1, 1).verdict(9, -181, 22, 6, INGRESS, true, 6, false, false, 0).u32(32, 7).u64(40, u64::MAX),
+            Msg::hdr_u8(48, 5, 0, 5, 0, 100, 1, 1)
+                .verdict(9, -181, 22, 6, INGRESS, true, 6, false, false, 0)
+                .u32(32, 7)
+                .u64(40, u64::MAX),
             Ok(Some(pv_key(5, 22, 9, 6, INGRESS, Denied, 6, 181, true))),
         ),
         g(
@@ -263,11 +292,26 @@ pub fn golden_notifications() -> Vec<GoldenNotification> {
             Msg::hdr_u16(36, 1, 153, 42, 0, 60, 1).drop(12345, 2, 0, 10, 2, 0),
             Ok(None),
         ),
-        g("d_non_policy_short", "none (filtered before the size check)", Msg::hdr_u16(20, 1, 153, 42, 0, 60, 1), Ok(None)),
+        g(
+            "d_non_policy_short",
+            "none (filtered before the size check)",
+            Msg::hdr_u16(20, 1, 153, 42, 0, 60, 1),
+            Ok(None),
+        ),
         g("d_truncated_31", "none", Msg::hdr_u16(31, 1, 133, 42, 0, 60, 1), Err(Truncated)),
         g("d_size_33", "none", Msg::hdr_u16(33, 1, 133, 42, 0, 60, 1).drop(1, 2, 0, 1, 1, 0), Err(UnknownVersion)),
-        g("d2_size_version_2", "none", Msg::hdr_u16(36, 1, 133, 42, 0, 60, 2).drop(1, 2, 0, 1, 1, 0), Err(UnknownVersion)),
-        g("d3_size_version_1", "none", Msg::hdr_u16(40, 1, 133, 42, 0, 60, 1).drop(1, 2, 0, 1, 1, 0), Err(UnknownVersion)),
+        g(
+            "d2_size_version_2",
+            "none",
+            Msg::hdr_u16(36, 1, 133, 42, 0, 60, 2).drop(1, 2, 0, 1, 1, 0),
+            Err(UnknownVersion),
+        ),
+        g(
+            "d3_size_version_1",
+            "none",
+            Msg::hdr_u16(40, 1, 133, 42, 0, 60, 1).drop(1, 2, 0, 1, 1, 0),
+            Err(UnknownVersion),
+        ),
         g("d4_version_2", "none", Msg::hdr_u8(48, 1, 181, 42, 0, 60, 2, 0).drop(1, 2, 0, 1, 1, 0), Err(UnknownVersion)),
         // ---- other types -----------------------------------------------
         g("trace_notify", "any (CILIUM_NOTIFY_TRACE)", Msg::hdr_u16(56, 4, 0, 42, 0, 60, 2), Ok(None)),

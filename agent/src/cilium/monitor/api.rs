@@ -62,7 +62,11 @@ pub const POLICY_DROP_REASONS: &[DropReasonInfo] = &[
         text: "No configuration available to perform policy decision",
         hubble: "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
     },
-    DropReasonInfo { code: 170, text: "Encapsulation traffic is prohibited", hubble: "ENCAPSULATION_TRAFFIC_IS_PROHIBITED" },
+    DropReasonInfo {
+        code: 170,
+        text: "Encapsulation traffic is prohibited",
+        hubble: "ENCAPSULATION_TRAFFIC_IS_PROHIBITED",
+    },
     DropReasonInfo { code: 181, text: "Policy denied by denylist", hubble: "POLICY_DENY" },
     DropReasonInfo { code: 189, text: "Authentication required", hubble: "AUTH_REQUIRED" },
     DropReasonInfo { code: 202, text: "Host datapath not ready", hubble: "DROP_HOST_NOT_READY" },
@@ -116,16 +120,16 @@ pub fn parse_drop_reason(printed: &str) -> PrintedReason {
         if printed == r.text {
             return PrintedReason::Policy { code: r.code, ext_error: 0 };
         }
-        if let Some(ext) = printed.strip_prefix(r.text).and_then(|s| s.strip_prefix(", ")) {
-            if let Ok(ext_error) = ext.parse() {
-                return PrintedReason::Policy { code: r.code, ext_error };
-            }
+        if let Some(ext) = printed.strip_prefix(r.text).and_then(|s| s.strip_prefix(", "))
+            && let Ok(ext_error) = ext.parse()
+        {
+            return PrintedReason::Policy { code: r.code, ext_error };
         }
     }
-    if let Some((a, b)) = printed.split_once(", ") {
-        if let (Ok(code), Ok(ext_error)) = (a.parse(), b.parse()) {
-            return PrintedReason::Numeric { code, ext_error };
-        }
+    if let Some((a, b)) = printed.split_once(", ")
+        && let (Ok(code), Ok(ext_error)) = (a.parse(), b.parse())
+    {
+        return PrintedReason::Numeric { code, ext_error };
     }
     PrintedReason::Other
 }
@@ -205,8 +209,14 @@ mod tests {
         assert_eq!(auth_type_name(9), "Unknown-auth-type-9");
         for r in POLICY_DROP_REASONS {
             assert_eq!(drop_reason_from_hubble_name(r.hubble), Some(r.code));
-            assert_eq!(parse_drop_reason(&drop_reason_ext(r.code, 0)), PrintedReason::Policy { code: r.code, ext_error: 0 });
-            assert_eq!(parse_drop_reason(&drop_reason_ext(r.code, -3)), PrintedReason::Policy { code: r.code, ext_error: -3 });
+            assert_eq!(
+                parse_drop_reason(&drop_reason_ext(r.code, 0)),
+                PrintedReason::Policy { code: r.code, ext_error: 0 }
+            );
+            assert_eq!(
+                parse_drop_reason(&drop_reason_ext(r.code, -3)),
+                PrintedReason::Policy { code: r.code, ext_error: -3 }
+            );
         }
         assert_eq!(drop_reason_ext(189, 1), "Authentication required, 1");
         assert_eq!(parse_drop_reason("150, 0"), PrintedReason::Numeric { code: 150, ext_error: 0 });

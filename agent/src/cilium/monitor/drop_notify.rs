@@ -188,11 +188,7 @@ impl DropNotify {
 /// `account.rs` changes; [`host_firewall_aware_direction`] is the proposed
 /// replacement.
 pub fn guess_direction(src_label: u32, dst_label: u32, dst_id: u32) -> (Direction, u32) {
-    if dst_id != 0 {
-        (Direction::Ingress, src_label)
-    } else {
-        (Direction::Egress, dst_label)
-    }
+    if dst_id != 0 { (Direction::Ingress, src_label) } else { (Direction::Egress, dst_label) }
 }
 
 /// What the datapath's call sites support (see [`guess_direction`]): a drop

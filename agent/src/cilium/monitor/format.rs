@@ -44,7 +44,8 @@ fn dir_word(d: Direction) -> &'static str {
 
 /// `PolicyVerdictNotify.DumpInfo`.
 pub fn policy_verdict_line(n: &PolicyVerdictNotify, text: MonitorText, numeric: bool, summary: &str) -> String {
-    let auth = if text >= MonitorText::V1_14 { format!("auth: {}, ", auth_type_name(n.auth_type)) } else { String::new() };
+    let auth =
+        if text >= MonitorText::V1_14 { format!("auth: {}, ", auth_type_name(n.auth_type)) } else { String::new() };
     format!(
         "Policy verdict log: flow {:#x} local EP ID {}, remote ID {}, proto {}, {}, action {}, {}match {}, {}",
         n.hdr.hash,
@@ -71,10 +72,10 @@ pub fn drop_line(n: &DropNotify, text: MonitorText, numeric: bool, summary: &str
             s += &format!("ifindex {ifindex}, file {}:{}, ", bpf_file_name(text, n.file), n.line)
         }
     }
-    if text == MonitorText::V1_19 {
-        if let Some(id) = n.ip_trace_id.filter(|&id| id > 0) {
-            s += &format!(" [ ip-trace-id = {id} ]");
-        }
+    if text == MonitorText::V1_19
+        && let Some(id) = n.ip_trace_id.filter(|&id| id > 0)
+    {
+        s += &format!(" [ ip-trace-id = {id} ]");
     }
     s += &format!(
         ", identity {}->{}: {summary}",
@@ -95,11 +96,7 @@ pub fn drop_verbose_line(n: &DropNotify, cpu: u32, numeric: bool) -> String {
         drop_reason_ext(n.reason(), n.ext_error)
     );
     if n.src_label != 0 || n.dst_label != 0 {
-        s += &format!(
-            ", identity {}->{}",
-            identity_text(n.src_label, numeric),
-            identity_text(n.dst_label, numeric)
-        );
+        s += &format!(", identity {}->{}", identity_text(n.src_label, numeric), identity_text(n.dst_label, numeric));
     }
     if n.dst_id != 0 {
         s += &format!(", to endpoint {}", n.dst_id);
@@ -182,7 +179,7 @@ pub fn ip_summary(src: IpAddr, dst: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cilium::{golden::golden_notifications, monitor::decode, monitor::Notification};
+    use crate::cilium::{golden::golden_notifications, monitor::Notification, monitor::decode};
 
     fn decoded(name: &str) -> Notification {
         let g = golden_notifications().into_iter().find(|g| g.name == name).unwrap();
@@ -192,7 +189,8 @@ mod tests {
     #[test]
     fn verdict_lines_per_generation() {
         let Notification::PolicyVerdict(n) = decoded("p2_audit_ingress_none") else { panic!() };
-        let summary = l4_summary("89.23.224.44:56372".parse().unwrap(), "159.69.60.182:6443".parse().unwrap(), "tcp", &["SYN"]);
+        let summary =
+            l4_summary("89.23.224.44:56372".parse().unwrap(), "159.69.60.182:6443".parse().unwrap(), "tcp", &["SYN"]);
         assert_eq!(
             policy_verdict_line(&n, MonitorText::V1_14, false, &summary),
             "Policy verdict log: flow 0x0 local EP ID 3001, remote ID world, proto 6, ingress, action audit, \
@@ -237,7 +235,10 @@ mod tests {
             l4_summary("[2001:db8::1]:443".parse().unwrap(), "[2001:db8::2]:80".parse().unwrap(), "udp", &[]),
             "[2001:db8::1]:443 -> [2001:db8::2]:80 udp"
         );
-        assert_eq!(l4_summary("1.1.1.1:1".parse().unwrap(), "2.2.2.2:2".parse().unwrap(), "tcp", &[]), "1.1.1.1:1 -> 2.2.2.2:2 tcp ");
+        assert_eq!(
+            l4_summary("1.1.1.1:1".parse().unwrap(), "2.2.2.2:2".parse().unwrap(), "tcp", &[]),
+            "1.1.1.1:1 -> 2.2.2.2:2 tcp "
+        );
         assert_eq!(
             icmp_summary("1.1.1.1".parse().unwrap(), "2.2.2.2".parse().unwrap(), "EchoRequest", true),
             "1.1.1.1 -> 2.2.2.2 icmp EchoRequest"

@@ -145,10 +145,11 @@ pub fn expected_accounting(bytes: &[u8]) -> Result<Option<Accounted>, DecodeErro
 /// the array with constant offsets, which the compiler bound-checks, so no
 /// input can make them panic.
 fn prefix<'a, const N: usize>(bytes: &'a [u8], what: &'static str) -> Result<&'a [u8; N], DecodeError> {
-    bytes
-        .get(..N)
-        .and_then(|s| <&[u8; N]>::try_from(s).ok())
-        .ok_or(DecodeError::Truncated { what, need: N, got: bytes.len() })
+    bytes.get(..N).and_then(|s| <&[u8; N]>::try_from(s).ok()).ok_or(DecodeError::Truncated {
+        what,
+        need: N,
+        got: bytes.len(),
+    })
 }
 
 fn ne_u16(b: [u8; 2]) -> u16 {
