@@ -1,0 +1,483 @@
+//! Enrichment against fake Cilium and Kubernetes APIs: what the directory
+//! answers, how failures are counted, and that answers outlive outages.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::{
+    EnrichmentConfig, start_with_kube_client,
+    fake::{FakeCilium, FakeKube, Mode},
+};
+use crate::model::{DirectionPolicy, EndpointDirectory, EndpointKind, FactSource, HostPolicyCoverage};
+
+const ENDPOINTS: &str = include_str!("testdata/cilium-endpoints.json");
+const IDENTITIES: &str = include_str!("testdata/cilium-identities.json");
+const CONFIG: &str = include_str!("testdata/cilium-config.json");
+const KUBE_OBJECTS: &str = include_str!("testdata/kube-objects.json");
+const API_DEFINITIONS: &str = include_str!("testdata/cilium-openapi-definitions.json");
+const CRD_SCHEMAS: &str = include_str!("testdata/cilium-crd-schemas.json");
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap()
+}
+
+fn identities() -> HashMap<u32, Value> {
+    json(IDENTITIES)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["id"].as_u64().unwrap() as u32, i.clone()))
+        .collect()
+}
+
+fn fake_cilium(dir: &tempfile::TempDir) -> FakeCilium {
+    FakeCilium::new(&dir.path().join("cilium.sock"), json(ENDPOINTS), identities(), json(CONFIG))
+}
+
+/// Short intervals so that a test sees several refreshes and backoffs.
+fn api_config(dir: &tempfile::TempDir) -> EnrichmentConfig {
+    EnrichmentConfig {
+        cilium_socket: Some(dir.path().join("cilium.sock")),
+        kube: false,
+        node_name: Some("node-a".into()),
+        refresh: Duration::from_millis(100),
+        request_timeout: Duration::from_millis(300),
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(800),
+        identity_retry: Duration::from_secs(60),
+        ..EnrichmentConfig::default()
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn status_of(e: &super::Enrichment, source: &str) -> super::SourceStatus {
+    e.source_status().into_iter().find(|s| s.source == source).expect("source enabled")
+}
+
+fn load_kube(fake: &FakeKube) {
+    let objects = json(KUBE_OBJECTS);
+    for (plural, items) in objects.as_object().unwrap() {
+        for item in items.as_array().unwrap() {
+            fake.apply(plural, item.clone());
+        }
+    }
+}
+
+fn metrics_text(e: &super::Enrichment) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(e.clone()));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cilium_api_directory_outages_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake_cilium(&dir);
+    fake.start();
+    let e = start_with_kube_client(api_config(&dir), None);
+
+    wait_for("the first endpoint list", || e.endpoint(311).is_some()).await;
+    wait_for("the daemon config", || e.daemon_facts().is_some()).await;
+
+    let host = e.endpoint(1234).unwrap();
+    assert_eq!(host.kind, EndpointKind::Host);
+    assert_eq!(host.identity, Some(1));
+    assert_eq!(host.ingress, Some(DirectionPolicy { enabled: true, audit: true }));
+    assert_eq!(host.egress, Some(DirectionPolicy { enabled: true, audit: true }));
+    assert_eq!(host.policy_source, Some(FactSource::CiliumApi));
+
+    let web = e.endpoint(311).unwrap();
+    assert_eq!(web.kind, EndpointKind::Pod);
+    assert_eq!((web.namespace.as_deref(), web.pod.as_deref()), (Some("shop"), Some("web-7d4f9-abcde")));
+    assert_eq!(web.identity, Some(48213));
+    assert_eq!(web.ingress, Some(DirectionPolicy { enabled: true, audit: false }));
+    assert_eq!(web.egress, Some(DirectionPolicy { enabled: false, audit: false }));
+    assert_eq!(web.workload, None, "no Kubernetes source, no owner");
+
+    let health = e.endpoint(99).unwrap();
+    assert_eq!(health.kind, EndpointKind::Unknown);
+    assert_eq!(health.ingress, Some(DirectionPolicy { enabled: false, audit: false }));
+    assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![99, 311, 1234]);
+
+    let l = e.endpoint_labels(311);
+    assert_eq!((l.endpoint.as_str(), l.kind.as_str(), l.namespace.as_str(), l.pod.as_str()), ("311", "pod", "shop", "web-7d4f9-abcde"));
+    let unknown = e.endpoint_labels(4000);
+    assert_eq!((unknown.kind.as_str(), unknown.namespace.as_str()), ("unknown", ""));
+
+    let facts = e.daemon_facts().unwrap();
+    assert_eq!(facts.host_firewall, Some(true));
+    assert_eq!(facts.policy_audit_mode, Some(false));
+    assert_eq!(facts.bpf_events_policy_verdict, Some(true));
+    assert_eq!(facts.policy_verdict_notification, Some(true));
+    assert_eq!(e.host_policy_coverage(), None, "host policies come from Kubernetes only");
+
+    // Identities: local ones from the endpoint list, remote ones on demand.
+    assert_eq!(e.remote_name(48213), "shop/web");
+    assert_eq!(e.remote_name(2), "world");
+    assert_eq!(e.identity_labels(1), Some(vec!["reserved:host".to_owned()]));
+    assert_eq!(e.remote_name(48300), "48300", "first ask queues a lookup");
+    wait_for("identity 48300", || e.identity_labels(48300).is_some()).await;
+    assert_eq!(e.remote_name(48300), "shop/db");
+    assert_eq!(e.remote_name(16_777_217), "cidr");
+    wait_for("CIDR identity", || e.identity_labels(16_777_217).is_some()).await;
+    assert_eq!(e.identity_labels(16_777_217).unwrap(), vec!["cidr:10.1.0.0/16", "reserved:world"]);
+    // Not found: asked once, then believed.
+    assert_eq!(e.identity_labels(99_999), None);
+    wait_for("the 404", || fake.requests("/v1/identity/99999") == 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..10 {
+        assert_eq!(e.identity_labels(99_999), None);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.requests("/v1/identity/99999"), 1, "negative answers are cached");
+
+    let st = status_of(&e, "cilium_api");
+    assert!(st.up, "{st:?}");
+    assert_eq!(st.errors, 0, "a 404 is an answer, not an error: {st:?}");
+
+    // HTTP 500: counted, source down, answers from cache, polling backs off.
+    fake.set_mode(Mode::Error500);
+    let before = fake.requests("/v1/endpoint");
+    wait_for("a counted 500", || status_of(&e, "cilium_api").errors >= 1).await;
+    let st = status_of(&e, "cilium_api");
+    assert!(!st.up);
+    assert!(st.last_error.as_deref().unwrap().contains("HTTP 500"), "{st:?}");
+    assert!(st.last_error.as_deref().unwrap().contains("/v1/endpoint"), "{st:?}");
+    assert_eq!(e.endpoint(311).unwrap().ingress, web.ingress, "answers survive the outage");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = fake.requests("/v1/endpoint") - before;
+    // Refreshing every 100 ms would make ~15 requests; backoff (200, 400,
+    // 800, 800 ms) makes ~4-5.
+    assert!(during <= 7, "no backoff: {during} requests in 1.5 s of errors");
+    assert!(status_of(&e, "cilium_api").errors >= 3);
+
+    // Slow answers: timeouts are errors; callers never wait for them.
+    fake.set_mode(Mode::Slow(Duration::from_secs(2)));
+    let errors = status_of(&e, "cilium_api").errors;
+    wait_for("a timeout", || {
+        let st = status_of(&e, "cilium_api");
+        st.errors > errors && st.last_error.as_deref().is_some_and(|m| m.contains("did not answer within"))
+    })
+    .await;
+    let t = Instant::now();
+    for _ in 0..100 {
+        assert!(e.endpoint(1234).is_some());
+        let _ = e.remote_name(424_242);
+    }
+    assert!(t.elapsed() < Duration::from_millis(200), "a directory call waited on I/O: {:?}", t.elapsed());
+
+    // Restart: the agent goes away and comes back with changed endpoints.
+    fake.set_mode(Mode::Normal);
+    fake.stop();
+    let errors = status_of(&e, "cilium_api").errors;
+    wait_for("a refused connection", || {
+        let st = status_of(&e, "cilium_api");
+        st.errors > errors && st.last_error.as_deref().is_some_and(|m| m.contains("cannot connect"))
+    })
+    .await;
+    assert!(e.endpoint(311).is_some(), "cache kept while the agent is away");
+    {
+        let mut d = fake.lock();
+        let eps = d.endpoints.as_array_mut().unwrap();
+        eps[1]["status"]["policy"]["realized"]["policy-enabled"] = "both".into();
+        let mut newer = eps[1].clone();
+        newer["id"] = 500.into();
+        newer["status"]["external-identifiers"]["k8s-pod-name"] = "web-7d4f9-fghij".into();
+        newer["status"]["external-identifiers"]["pod-name"] = "shop/web-7d4f9-fghij".into();
+        eps.push(newer);
+        eps.retain(|ep| ep["id"] != 99);
+    }
+    fake.start();
+    wait_for("the restarted agent", || e.endpoint(500).is_some()).await;
+    wait_for("source up", || status_of(&e, "cilium_api").up).await;
+    assert_eq!(e.endpoint(311).unwrap().egress, Some(DirectionPolicy { enabled: true, audit: false }));
+    assert_eq!(e.endpoint(99), None, "endpoints gone from the agent leave the directory");
+    assert_eq!(e.endpoint(500).unwrap().pod.as_deref(), Some("web-7d4f9-fghij"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_directory_and_host_policy_coverage() {
+    let fake = FakeKube::start().await;
+    load_kube(&fake);
+    let config = EnrichmentConfig { cilium_socket: None, kube: true, node_name: Some("node-a".into()), ..Default::default() };
+    let e = start_with_kube_client(config, Some(fake.client()));
+
+    wait_for("host policy coverage", || e.host_policy_coverage().is_some()).await;
+    wait_for("endpoints and owners", || {
+        e.endpoint(412).is_some_and(|i| i.workload.is_some()) && e.endpoint(311).is_some_and(|i| i.workload.is_some())
+    })
+    .await;
+    wait_for("kubernetes up", || status_of(&e, "kubernetes").up).await;
+
+    assert_eq!(
+        e.host_policy_coverage().unwrap(),
+        HostPolicyCoverage {
+            selecting: vec!["host-edge".into()],
+            selecting_no_node: vec!["host-gpu".into()],
+            source: FactSource::Kubernetes,
+        }
+    );
+
+    // Only node-a's endpoints: node-b also has an endpoint 311.
+    assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![311, 412]);
+    let web = e.endpoint(311).unwrap();
+    assert_eq!(web.namespace.as_deref(), Some("shop"));
+    assert_eq!(web.pod.as_deref(), Some("web-7d4f9-abcde"));
+    assert_eq!(web.workload.as_deref(), Some("Deployment/web"));
+    assert_eq!(web.kind, EndpointKind::Pod);
+    assert_eq!(web.identity, Some(48213));
+    assert_eq!(web.policy_source, Some(FactSource::Kubernetes));
+    assert_eq!(web.ingress, Some(DirectionPolicy { enabled: false, audit: false }));
+    let api = e.endpoint(412).unwrap();
+    assert_eq!(api.workload.as_deref(), Some("Deployment/api"));
+    assert_eq!(api.ingress, Some(DirectionPolicy { enabled: true, audit: false }));
+
+    assert_eq!(e.remote_name(48300), "shop/db", "from CiliumIdentity, no Cilium API");
+    assert_eq!(e.remote_name(48700), "48700", "no CiliumIdentity, no API: the number");
+    assert!(e.known_identities().contains(&48500));
+
+    // Watch events: a node gains the GPU label, an endpoint goes away, a
+    // new host policy selects this node.
+    let mut node_b = json(KUBE_OBJECTS)["nodes"][1].clone();
+    node_b["metadata"]["labels"]["gpu"] = "true".into();
+    fake.apply("nodes", node_b);
+    fake.delete("ciliumendpoints", "shop/api-5c8b6-xyz12");
+    fake.apply(
+        "ciliumclusterwidenetworkpolicies",
+        serde_json::json!({"metadata": {"name": "host-all-linux"},
+            "spec": {"nodeSelector": {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "Exists"}]},
+                     "ingress": [{"fromEntities": ["cluster"]}]}}),
+    );
+    wait_for("watch updates", || {
+        e.endpoint(412).is_none()
+            && e.host_policy_coverage().is_some_and(|c| c.selecting_no_node.is_empty() && c.selecting.len() == 2)
+    })
+    .await;
+    assert_eq!(e.host_policy_coverage().unwrap().selecting, vec!["host-all-linux", "host-edge"]);
+    assert_eq!(status_of(&e, "kubernetes").errors, 0);
+    assert!(fake.requests("ciliumendpoints") >= 2, "a list, then a watch");
+
+    let text = metrics_text(&e);
+    assert!(
+        text.contains(
+            "verdict_agent_endpoint_info{endpoint=\"311\",kind=\"pod\",namespace=\"shop\",pod=\"web-7d4f9-abcde\",identity=\"48213\",workload=\"Deployment/web\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("verdict_agent_endpoint_policy_enforced{endpoint=\"311\",kind=\"pod\",namespace=\"shop\",pod=\"web-7d4f9-abcde\",direction=\"ingress\",source=\"kubernetes\"} 0"),
+        "{text}"
+    );
+    assert!(!text.contains("verdict_agent_endpoint_audit_mode{"), "no audit state from CiliumEndpoints:\n{text}");
+    assert!(text.contains("verdict_agent_enrichment_source_up{source=\"kubernetes\"} 1"), "{text}");
+    assert!(!text.contains("source=\"cilium_api\""), "disabled sources are not exported:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_forbidden_resource_is_counted() {
+    let fake = FakeKube::start().await;
+    load_kube(&fake);
+    fake.forbid("nodes");
+    // Without the Node object only NODE_IP places CiliumEndpoints on this
+    // node (they record the node's IP, not its name).
+    let config = EnrichmentConfig {
+        cilium_socket: None,
+        kube: true,
+        node_name: Some("node-a".into()),
+        node_ips: vec!["10.0.0.5".into()],
+        ..Default::default()
+    };
+    let e = start_with_kube_client(config, Some(fake.client()));
+
+    wait_for("endpoints", || e.endpoint(311).is_some_and(|i| i.workload.is_some())).await;
+    assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![311, 412]);
+    wait_for("a counted 403", || status_of(&e, "kubernetes").errors >= 2).await;
+    let st = status_of(&e, "kubernetes");
+    assert!(!st.up);
+    assert_eq!(st.failing, vec!["node", "nodes"]);
+    assert!(st.last_error.as_deref().unwrap().contains("grant list and watch"), "{st:?}");
+    assert_eq!(e.host_policy_coverage(), None, "unknown without the node list");
+    assert!(metrics_text(&e).contains("verdict_agent_enrichment_source_up{source=\"kubernetes\"} 0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sources_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let kube = FakeKube::start().await;
+    load_kube(&kube);
+    // The Cilium agent is down when the agent starts: Kubernetes answers.
+    let cilium = fake_cilium(&dir);
+    let config = EnrichmentConfig { kube: true, ..api_config(&dir) };
+    let e = start_with_kube_client(config, Some(kube.client()));
+
+    wait_for("Kubernetes endpoints", || e.endpoint(311).is_some_and(|i| i.workload.is_some())).await;
+    assert_eq!(e.endpoint(311).unwrap().policy_source, Some(FactSource::Kubernetes));
+    assert!(!status_of(&e, "cilium_api").up);
+
+    cilium.start();
+    wait_for("the Cilium API", || e.endpoint(1234).is_some()).await;
+    // The API wins on policy (the CiliumEndpoint says not enforcing), the
+    // pods give the owner.
+    let web = e.endpoint(311).unwrap();
+    assert_eq!(web.policy_source, Some(FactSource::CiliumApi));
+    assert_eq!(web.ingress, Some(DirectionPolicy { enabled: true, audit: false }));
+    assert_eq!(web.workload.as_deref(), Some("Deployment/web"));
+    // An endpoint only Kubernetes knows (newer than the last refresh).
+    let api = e.endpoint(412).unwrap();
+    assert_eq!(api.policy_source, Some(FactSource::Kubernetes));
+    assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![99, 311, 412, 1234]);
+    assert_eq!(e.endpoint(1234).unwrap().kind, EndpointKind::Host);
+
+    wait_for("both up", || e.source_status().iter().all(|s| s.up)).await;
+    let text = metrics_text(&e);
+    for line in [
+        "verdict_agent_endpoint_info{endpoint=\"1234\",kind=\"host\",namespace=\"\",pod=\"\",identity=\"1\",workload=\"\"} 1",
+        "verdict_agent_endpoint_policy_enforced{endpoint=\"311\",kind=\"pod\",namespace=\"shop\",pod=\"web-7d4f9-abcde\",direction=\"ingress\",source=\"cilium_api\"} 1",
+        "verdict_agent_endpoint_policy_enforced{endpoint=\"311\",kind=\"pod\",namespace=\"shop\",pod=\"web-7d4f9-abcde\",direction=\"egress\",source=\"cilium_api\"} 0",
+        "verdict_agent_endpoint_audit_mode{endpoint=\"1234\",kind=\"host\",namespace=\"\",pod=\"\",direction=\"ingress\",source=\"cilium_api\"} 1",
+        "verdict_agent_endpoint_audit_mode{endpoint=\"311\",kind=\"pod\",namespace=\"shop\",pod=\"web-7d4f9-abcde\",direction=\"ingress\",source=\"cilium_api\"} 0",
+        "verdict_agent_endpoint_policy_enforced{endpoint=\"412\",kind=\"pod\",namespace=\"shop\",pod=\"api-5c8b6-xyz12\",direction=\"ingress\",source=\"kubernetes\"} 1",
+        "verdict_agent_enrichment_source_up{source=\"cilium_api\"} 1",
+        "verdict_agent_enrichment_source_up{source=\"kubernetes\"} 1",
+        "verdict_agent_enrichment_errors_total{source=\"kubernetes\"} 0",
+        "# TYPE verdict_agent_enrichment_errors counter",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+    let api_errors = status_of(&e, "cilium_api").errors;
+    assert!(api_errors >= 1, "the initial outage was counted");
+    assert!(text.contains(&format!("verdict_agent_enrichment_errors_total{{source=\"cilium_api\"}} {api_errors}")), "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("verdict_agent_endpoint_audit_mode{endpoint=\"412\"")),
+        "no audit state from CiliumEndpoints:\n{text}"
+    );
+}
+
+#[test]
+fn static_directory_from_endpoint_list() {
+    let eps = crate::cilium::endpoint_list::parse_endpoint_list(ENDPOINTS).unwrap();
+    let e = super::Enrichment::from_endpoints(eps);
+    assert_eq!(e.endpoint(1234).unwrap().policy_source, Some(FactSource::EndpointsFile));
+    assert_eq!(e.remote_name(48213), "shop/web");
+    assert_eq!(e.remote_name(48300), "48300");
+    assert!(e.source_status().is_empty());
+    assert!(metrics_text(&e).contains("source=\"endpoints_file\""));
+}
+
+// ---- Fixtures against the published schemas ----
+
+/// Checks `value` against an OpenAPI v2 / v3 structural schema: field
+/// names, types, enums, required fields.
+fn check(schema: &Value, defs: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r.rsplit('/').next().unwrap();
+        return check(&defs[name], defs, value, path, errors);
+    }
+    if schema.get("x-kubernetes-int-or-string").is_some() {
+        if !(value.is_string() || value.is_i64() || value.is_u64()) {
+            errors.push(format!("{path}: want int or string, got {value}"));
+        }
+        return;
+    }
+    let ty = schema.get("type").and_then(Value::as_str).or_else(|| schema.get("properties").map(|_| "object"));
+    match ty {
+        Some("object") => {
+            let Some(obj) = value.as_object() else {
+                return errors.push(format!("{path}: want object, got {value}"));
+            };
+            for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+                if !obj.contains_key(req.as_str().unwrap()) {
+                    errors.push(format!("{path}: missing required {req}"));
+                }
+            }
+            let props = schema.get("properties").and_then(Value::as_object);
+            let extra = schema.get("additionalProperties");
+            for (k, v) in obj {
+                let sub = format!("{path}.{k}");
+                if let Some(p) = props.and_then(|p| p.get(k)) {
+                    check(p, defs, v, &sub, errors);
+                } else if let Some(extra) = extra.filter(|e| e.is_object()) {
+                    // go-swagger's interface{} is `type: object`: any value.
+                    if extra.get("type").and_then(Value::as_str) == Some("object") && extra.get("properties").is_none() {
+                        continue;
+                    }
+                    check(extra, defs, v, &sub, errors);
+                } else if props.is_some() && schema.get("x-kubernetes-preserve-unknown-fields").is_none() {
+                    errors.push(format!("{sub}: not in the schema"));
+                }
+            }
+        }
+        Some("array") => {
+            let Some(items) = value.as_array() else {
+                return errors.push(format!("{path}: want array, got {value}"));
+            };
+            for (i, v) in items.iter().enumerate() {
+                check(&schema["items"], defs, v, &format!("{path}[{i}]"), errors);
+            }
+        }
+        Some("string") => {
+            let Some(s) = value.as_str() else {
+                return errors.push(format!("{path}: want string, got {value}"));
+            };
+            if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+                if !allowed.iter().any(|a| a == s) {
+                    errors.push(format!("{path}: {s:?} not in {allowed:?}"));
+                }
+            }
+        }
+        Some("integer") if !(value.is_i64() || value.is_u64()) => errors.push(format!("{path}: want integer, got {value}")),
+        Some("boolean") if !value.is_boolean() => errors.push(format!("{path}: want boolean, got {value}")),
+        Some("number") if !value.is_number() => errors.push(format!("{path}: want number, got {value}")),
+        _ => {}
+    }
+}
+
+#[test]
+fn fixtures_match_schemas() {
+    let defs = json(API_DEFINITIONS);
+    let crds = json(CRD_SCHEMAS);
+    let mut errors = Vec::new();
+    let endpoint = serde_json::json!({"$ref": "#/definitions/Endpoint"});
+    for (i, ep) in json(ENDPOINTS).as_array().unwrap().iter().enumerate() {
+        check(&endpoint, &defs, ep, &format!("endpoints[{i}]"), &mut errors);
+    }
+    for (id, ident) in identities() {
+        check(&serde_json::json!({"$ref": "#/definitions/Identity"}), &defs, &ident, &format!("identity {id}"), &mut errors);
+    }
+    check(&serde_json::json!({"$ref": "#/definitions/DaemonConfiguration"}), &defs, &json(CONFIG), "config", &mut errors);
+
+    let objects = json(KUBE_OBJECTS);
+    for plural in ["ciliumendpoints", "ciliumidentities", "ciliumclusterwidenetworkpolicies"] {
+        for (i, obj) in objects[plural].as_array().unwrap().iter().enumerate() {
+            check(&crds[plural], &Value::Null, obj, &format!("{plural}[{i}]"), &mut errors);
+        }
+    }
+    assert!(errors.is_empty(), "fixtures do not match the schemas:\n{}", errors.join("\n"));
+
+    // Core objects: k8s-openapi's types are the schema.
+    for node in objects["nodes"].as_array().unwrap() {
+        serde_json::from_value::<k8s_openapi::api::core::v1::Node>(node.clone()).unwrap();
+    }
+    for pod in objects["pods"].as_array().unwrap() {
+        serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(pod.clone()).unwrap();
+    }
+
+    // The validator itself catches what it should.
+    let mut errs = Vec::new();
+    let bad = serde_json::json!({"id": "x", "status": {"policy": {"realized": {"policy-enabled": "sometimes"}}, "state": "ready", "bogus": 1}});
+    check(&endpoint, &defs, &bad, "bad", &mut errs);
+    assert_eq!(errs.len(), 3, "{errs:?}");
+}
