@@ -420,6 +420,14 @@ fn check_in(tools: &Tools, work: &Path) -> Result<()> {
     step("alert annotations and runbooks", check_runbooks)?;
     step("metrics and labels against docs/metrics.md", || check_metric_usage().map(|_| ()))?;
     step("dashboard", check_dashboard)?;
+    step("Containerfile", check_containerfile)?;
+    let agent = target_dir().join("debug/verdict-agent");
+    if agent.is_file() {
+        // Only when the agent is built (cargo xtask test builds it first).
+        step("the agent accepts the DaemonSet's flags", || check_agent_flags(&agent))?;
+    } else {
+        println!("deploy check: {} not built: skipping the agent flag check", agent.display());
+    }
     step("e2e Prometheus config", || {
         let dir = work.join("e2e");
         let cfg = prometheus_e2e_config("127.0.0.1:9965", &dir)?;
@@ -857,6 +865,41 @@ fn check_dashboard() -> Result<()> {
     }
     let vars: Vec<&str> = d["templating"]["list"].as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).collect();
     ensure!(vars.contains(&"datasource"), "dashboard needs a datasource variable");
+    Ok(())
+}
+
+fn check_containerfile() -> Result<()> {
+    let text = read("deploy/Containerfile")?;
+    let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    ensure!(froms.len() >= 2, "the Containerfile must be multi-stage");
+    ensure!(
+        froms.last().is_some_and(|f| f.contains("distroless/static")),
+        "the runtime stage must be distroless/static (a static binary, no shell)"
+    );
+    ensure!(!text.contains(":latest"), "no :latest base images");
+    let user = text.lines().rev().find_map(|l| l.strip_prefix("USER ")).context("no USER in the runtime stage")?;
+    ensure!(!user.trim().starts_with('0') && !user.contains("root"), "the image must default to a non-root user");
+    ensure!(text.contains("crt-static"), "the agent must be linked statically");
+    ensure!(root("deploy/Containerfile.dockerignore").is_file(), "deploy/Containerfile.dockerignore is missing");
+    Ok(())
+}
+
+/// Every `--flag` the default DaemonSet passes to `verdict-agent run` must
+/// be one `verdict-agent run --help` lists (else the pods crash-loop).
+pub fn check_agent_flags(agent: &Path) -> Result<()> {
+    let help = tools::output(Command::new(agent).args(["run", "--help"]))?;
+    let manifest = read(MANIFEST)?;
+    let docs = split_docs(&manifest)?;
+    let ds = docs.iter().find(|d| d.kind() == "DaemonSet").context("no DaemonSet in the manifests")?;
+    let args = &ds.value["spec"]["template"]["spec"]["containers"][0]["args"];
+    let missing: Vec<&str> = args
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .filter(|a| a.starts_with("--") && !help.contains(&format!("{a} ")) && !help.contains(&format!("{a}\n")))
+        .collect();
+    ensure!(missing.is_empty(), "`{} run` does not accept {missing:?}, which the DaemonSet passes", agent.display());
     Ok(())
 }
 
