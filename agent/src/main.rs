@@ -9,7 +9,7 @@ use verdict_agent::{
         emitter::{Emitter, Target},
         loader::{LoaderConfig, Pipeline, TapChoice},
     },
-    run::{self, Extensions, RunArgs},
+    run::{self, RunArgs},
     scenario::{self, ScenarioArgs, Via},
 };
 
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Run(args) => tokio_main(run::run(args, Extensions::default())).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => tokio_main(run::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Scenario(args) => play_scenario(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
@@ -75,7 +75,7 @@ fn play_scenario(args: ScenarioArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown scenario {other:?}; built-in scenarios: demo"),
     };
     if args.print_endpoints {
-        println!("{}", serde_json::to_string_pretty(&sc.endpoints)?);
+        println!("{}", serde_json::to_string_pretty(&scenario::cilium_endpoint_list(&sc.endpoints))?);
         return Ok(());
     }
     match args.via {

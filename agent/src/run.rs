@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use tracing::{error, info, warn};
 use verdict_common::maps::{DEFAULT_FLOW_TABLE_SIZE, ENDPOINT_COUNTERS, FLOWS, PIN_DIR, STATS};
 
@@ -25,10 +26,17 @@ use crate::{
         ledger_store::LedgerStore,
         snapshot::{CountingMaps, MapSnapshot},
     },
+    cilium::endpoint_list::parse_endpoint_list,
+    enrich::{self, EnrichArgs, Enrichment},
     http::{self, HttpState},
     ledger::FlowLedger,
     metrics::{self, VerdictCollector},
-    model::{EndpointDirectory, NoDirectory},
+    model::EndpointDirectory,
+    readiness::{
+        self, CiliumVersion, CriticalCatalogue, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig,
+        ReadinessInput, ReadinessReport,
+        alarms::{AlarmLimits, AlarmManager, AlarmSink, KubeEventSink, MemorySink},
+    },
     state::{AgentView, SharedView},
 };
 
@@ -64,6 +72,33 @@ pub struct RunArgs {
     /// Evicted flows remembered individually before folding into aggregates.
     #[arg(long, default_value_t = 65536)]
     pub max_retained_flows: usize,
+
+    #[command(flatten)]
+    pub enrich: EnrichArgs,
+    /// Read endpoints from this `cilium endpoint list -o json` file instead of the Cilium
+    /// API and Kubernetes (air-gapped nodes, demos, tests).
+    #[arg(long)]
+    pub endpoints_file: Option<PathBuf>,
+
+    /// Recent past for lockout risk, lockout in progress and scan noise.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub window: Duration,
+    /// Observation needed before an endpoint can be called ready to leave audit mode.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub min_evidence: Duration,
+    /// YAML file overriding the built-in catalogue of flows a node cannot live without.
+    #[arg(long)]
+    pub critical_flows: Option<PathBuf>,
+    /// The Cilium release on this node (e.g. 1.16.3), for the evidence gates that depend
+    /// on it; unknown when not given.
+    #[arg(long)]
+    pub cilium_version: Option<String>,
+    /// The host endpoint's ID, when no enrichment source can tell.
+    #[arg(long)]
+    pub host_endpoint: Option<u16>,
+    /// Do not publish Kubernetes Events for alarms (the WARN log line stays).
+    #[arg(long)]
+    pub no_events: bool,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -79,19 +114,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m, h or d")),
     };
     Ok(Duration::from_secs_f64(secs))
-}
-
-/// Extra parts other modules plug into the daemon.
-pub struct Extensions {
-    pub directory: Arc<dyn EndpointDirectory>,
-    pub collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
-    pub readiness: Option<http::ReadinessFn>,
-}
-
-impl Default for Extensions {
-    fn default() -> Self {
-        Extensions { directory: Arc::new(NoDirectory), collectors: Vec::new(), readiness: None }
-    }
 }
 
 /// Loads the pipeline and starts the map reader. Returns the shared view and
@@ -219,22 +241,51 @@ impl MapReader {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(args: RunArgs, ext: Extensions) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let readiness_config = readiness_config(&args)?;
     let (view, reader) = start_pipeline(&args)?;
-    let mut collectors = ext.collectors;
-    collectors.insert(
-        0,
+    // The maps were created when counting began: that is how long this
+    // node has been observed, across agent restarts.
+    let observed_since = std::fs::metadata(args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(FLOWS))
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| std::time::SystemTime::now());
+
+    let (enrichment, kube_client) = start_enrichment(&args).await?;
+    let directory: Arc<dyn EndpointDirectory> = Arc::new(enrichment.clone());
+    let report: SharedReport = Arc::new(RwLock::new(None));
+    let sink: Arc<dyn AlarmSink> = match kube_client.filter(|_| !args.no_events) {
+        Some(client) => Arc::new(KubeEventSink::new(client, std::env::var("POD_NAME").ok())),
+        // Alarms still go to the log; Events need a Kubernetes client.
+        None => Arc::new(MemorySink::default()),
+    };
+    let readiness_task = tokio::spawn(readiness_loop(ReadinessLoop {
+        view: view.clone(),
+        enrichment: enrichment.clone(),
+        report: report.clone(),
+        config: readiness_config,
+        observation: Observation::since_start(observed_since),
+        cilium_version: args.cilium_version.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
+        host_endpoint: args.host_endpoint,
+        node: args.enrich.node_name.clone(),
+        alarms: AlarmManager::new(sink, AlarmLimits::default()),
+        interval: args.poll_interval.max(Duration::from_secs(1)),
+    }));
+
+    let collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(VerdictCollector {
             view: view.clone(),
-            directory: ext.directory.clone(),
+            directory: directory.clone(),
             flow_metrics: args.flow_metrics.then_some(args.flow_metrics_limit),
         }),
-    );
+        Box::new(EnrichmentCollector(enrichment)),
+        Box::new(ReadinessCollector(report.clone())),
+    ];
+    let readiness_report = report.clone();
     let state = HttpState {
         view,
         registry: Arc::new(metrics::registry(collectors)),
-        directory: ext.directory,
-        readiness: ext.readiness,
+        directory,
+        readiness: Some(Arc::new(move |selector: Option<&str>| readiness_json(&readiness_report, selector))),
         stale_after: args.poll_interval * 3 + Duration::from_secs(5),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -242,9 +293,125 @@ pub async fn run(args: RunArgs, ext: Extensions) -> anyhow::Result<()> {
         .with_context(|| format!("binding {} (is another agent running? use --listen)", args.listen))?;
     info!(listen = %args.listen, "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
     axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")?;
+    readiness_task.abort();
     drop(reader);
     info!("stopped");
     Ok(())
+}
+
+fn readiness_config(args: &RunArgs) -> anyhow::Result<ReadinessConfig> {
+    let catalogue = match &args.critical_flows {
+        Some(path) => CriticalCatalogue::load(path)?,
+        None => CriticalCatalogue::builtin(),
+    };
+    Ok(ReadinessConfig { window: args.window, min_evidence: args.min_evidence, catalogue, ..ReadinessConfig::default() })
+}
+
+/// Enrichment from a fixed file, or from the Cilium API and Kubernetes.
+async fn start_enrichment(args: &RunArgs) -> anyhow::Result<(Enrichment, Option<kube::Client>)> {
+    if let Some(path) = &args.endpoints_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --endpoints-file {}", path.display()))?;
+        let endpoints = parse_endpoint_list(&text).with_context(|| format!("parsing {} as `cilium endpoint list -o json`", path.display()))?;
+        info!(endpoints = endpoints.len(), file = %path.display(), "endpoints from file; Cilium API and Kubernetes not used");
+        return Ok((Enrichment::from_endpoints(endpoints), None));
+    }
+    let config = args.enrich.config();
+    let client = if config.kube { kube_client(&config).await } else { None };
+    Ok((enrich::start_with_kube_client(config, client.clone()), client))
+}
+
+async fn kube_client(config: &enrich::EnrichmentConfig) -> Option<kube::Client> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => match kube::config::Kubeconfig::read_from(path) {
+            Ok(kc) => kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => kube::Config::infer().await.map_err(|e| e.to_string()),
+    };
+    match kube_config.and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string())) {
+        Ok(client) => Some(client),
+        Err(e) => {
+            warn!(error = %e, "no Kubernetes API: no owners, no host policy coverage, no Events (use --no-kube to silence)");
+            None
+        }
+    }
+}
+
+type SharedReport = Arc<RwLock<Option<ReadinessReport>>>;
+
+struct ReadinessLoop {
+    view: SharedView,
+    enrichment: Enrichment,
+    report: SharedReport,
+    config: ReadinessConfig,
+    observation: Observation,
+    cilium_version: Option<CiliumVersion>,
+    host_endpoint: Option<u16>,
+    node: Option<String>,
+    alarms: AlarmManager,
+    interval: Duration,
+}
+
+/// Re-evaluates readiness after each map read and raises alarms.
+async fn readiness_loop(mut l: ReadinessLoop) {
+    let mut tick = tokio::time::interval(l.interval);
+    loop {
+        tick.tick().await;
+        let flows = l.view.read().unwrap_or_else(|e| e.into_inner()).flows.clone();
+        let now = std::time::SystemTime::now();
+        let facts = l.enrichment.daemon_facts();
+        let environment = EvidenceEnvironment {
+            cilium_version: l.cilium_version,
+            verdict_notifications: facts.as_ref().and_then(|f| f.bpf_events_policy_verdict.or(f.policy_verdict_notification)),
+            rate_limit: facts
+                .as_ref()
+                .and_then(|f| f.bpf_events_rate_limit)
+                .map(|r| RateLimit { configured: r > 0, dropped: None }),
+        };
+        let mut input = ReadinessInput::new(&flows, &l.enrichment, &l.observation, now);
+        input.environment = environment;
+        input.host_endpoint = l.host_endpoint;
+        input.node = l.node.clone();
+        let report = readiness::evaluate(&input, &l.config);
+        l.alarms.process(&report, now).await;
+        *l.report.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
+    }
+}
+
+fn readiness_json(report: &SharedReport, selector: Option<&str>) -> serde_json::Value {
+    let guard = report.read().unwrap_or_else(|e| e.into_inner());
+    let Some(report) = guard.as_ref() else {
+        return serde_json::json!({ "error": "readiness not evaluated yet; retry in a few seconds" });
+    };
+    match selector {
+        None => serde_json::to_value(report).unwrap_or_default(),
+        Some(sel) => {
+            let mut filtered = report.clone();
+            filtered.endpoints.retain(|e| readiness::endpoint_matches(e, sel));
+            serde_json::to_value(&filtered).unwrap_or_default()
+        }
+    }
+}
+
+#[derive(Debug)]
+struct EnrichmentCollector(Enrichment);
+
+impl Collector for EnrichmentCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        self.0.encode_metrics(&mut encoder)
+    }
+}
+
+#[derive(Debug)]
+struct ReadinessCollector(SharedReport);
+
+impl Collector for ReadinessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        match self.0.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(report) => readiness::metrics::encode_metrics(report, &mut encoder),
+            None => Ok(()),
+        }
+    }
 }
 
 async fn shutdown_signal() {

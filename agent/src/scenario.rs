@@ -265,6 +265,48 @@ pub fn demo(layout: Layout) -> Scenario {
     }
 }
 
+/// The scenario's endpoints as `cilium endpoint list -o json` prints them
+/// (`Endpoint` model of `api/v1/openapi.yaml`), so demos and tests feed the
+/// agent through the same parser as real output.
+pub fn cilium_endpoint_list(endpoints: &[EndpointInfo]) -> serde_json::Value {
+    let enabled = |e: &EndpointInfo| {
+        let dir = |p: Option<DirectionPolicy>| p.is_some_and(|p| p.enabled);
+        let audit = [e.ingress, e.egress].iter().any(|p| p.is_some_and(|p| p.audit));
+        let word = match (dir(e.ingress), dir(e.egress)) {
+            (true, true) => "both",
+            (true, false) => "ingress",
+            (false, true) => "egress",
+            (false, false) => "none",
+        };
+        if audit && word != "none" { format!("audit-{word}") } else { word.to_string() }
+    };
+    let list: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|e| {
+            let audit = if [e.ingress, e.egress].iter().any(|p| p.is_some_and(|p| p.audit)) { "Enabled" } else { "Disabled" };
+            let options = serde_json::json!({ "PolicyAuditMode": audit, "PolicyVerdictNotification": "Enabled" });
+            let mut ids = serde_json::json!({});
+            if let (Some(ns), Some(pod)) = (&e.namespace, &e.pod) {
+                ids = serde_json::json!({ "k8s-namespace": ns, "k8s-pod-name": pod, "pod-name": format!("{ns}/{pod}") });
+            }
+            let policy = serde_json::json!({ "policy-enabled": enabled(e) });
+            serde_json::json!({
+                "id": e.id,
+                "spec": { "options": options },
+                "status": {
+                    "identity": { "id": e.identity.unwrap_or(0), "labels": e.labels },
+                    "labels": { "security-relevant": e.labels, "derived": [], "disabled": [], "realized": { "user": [] } },
+                    "external-identifiers": ids,
+                    "realized": { "options": options },
+                    "policy": { "spec": policy, "realized": policy },
+                    "state": "ready",
+                }
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
 /// Where `verdict-agent scenario` sends the notifications.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Via {
@@ -292,7 +334,7 @@ pub struct ScenarioArgs {
     /// Play the scenario this many times.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
-    /// Print the scenario's endpoints as `cilium endpoint list -o json` would, and exit.
+    /// Print the scenario's endpoints as `cilium endpoint list -o json` prints them, and exit.
     #[arg(long)]
     pub print_endpoints: bool,
 }
