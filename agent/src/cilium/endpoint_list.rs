@@ -251,18 +251,7 @@ impl ApiEndpoint {
             _ => (None, None, None),
         };
 
-        EndpointInfo {
-            id,
-            kind,
-            namespace,
-            pod,
-            workload: None,
-            identity,
-            labels,
-            ingress,
-            egress,
-            policy_source,
-        }
+        EndpointInfo { id, kind, namespace, pod, workload: None, identity, labels, ingress, egress, policy_source }
     }
 }
 
@@ -310,7 +299,10 @@ pub fn parse_endpoint_list(json: &str) -> Result<Vec<EndpointInfo>, EndpointList
 }
 
 /// Converts raw models, rejecting entries without a usable ID.
-pub fn endpoints_to_infos(endpoints: &[ApiEndpoint], source: FactSource) -> Result<Vec<EndpointInfo>, EndpointListError> {
+pub fn endpoints_to_infos(
+    endpoints: &[ApiEndpoint],
+    source: FactSource,
+) -> Result<Vec<EndpointInfo>, EndpointListError> {
     endpoints
         .iter()
         .enumerate()
@@ -418,12 +410,16 @@ mod tests {
 
     #[test]
     fn single_object_and_errors() {
-        let one = parse_endpoint_list(r#"{"id": 5, "status": {"identity": {"id": 4, "labels": ["reserved:health"]}}}"#).unwrap();
+        let one = parse_endpoint_list(r#"{"id": 5, "status": {"identity": {"id": 4, "labels": ["reserved:health"]}}}"#)
+            .unwrap();
         assert_eq!(one[0].id, 5);
         assert_eq!(one[0].identity, Some(4));
 
         assert!(matches!(parse_endpoint_list("[{\"status\":{}}]"), Err(EndpointListError::MissingId { index: 0 })));
-        assert!(matches!(parse_endpoint_list("[{\"id\": 70000}]"), Err(EndpointListError::IdOutOfRange { id: 70000, .. })));
+        assert!(matches!(
+            parse_endpoint_list("[{\"id\": 70000}]"),
+            Err(EndpointListError::IdOutOfRange { id: 70000, .. })
+        ));
         let err = parse_endpoint_list("[{\"id\": 1,").unwrap_err();
         assert!(err.to_string().contains("endpoint list -o json"), "{err}");
         assert!(parse_endpoint_list("[{\"id\": \"x\"}]").is_err());

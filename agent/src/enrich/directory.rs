@@ -28,7 +28,12 @@ use crate::{
 ///   endpoint newer than the last refresh), and namespace/pod the API left
 ///   empty.
 /// - Pods of this node give the owning workload.
-pub(crate) fn merge(api: &ApiState, kube: &KubeState, node_name: Option<&str>, node_ips: &[String]) -> BTreeMap<u16, EndpointInfo> {
+pub(crate) fn merge(
+    api: &ApiState,
+    kube: &KubeState,
+    node_name: Option<&str>,
+    node_ips: &[String],
+) -> BTreeMap<u16, EndpointInfo> {
     let mut out: BTreeMap<u16, EndpointInfo> = BTreeMap::new();
     if let Some(eps) = &api.endpoints {
         out.extend(eps.iter().map(|(id, info)| (*id, info.clone())));
@@ -46,11 +51,8 @@ pub(crate) fn merge(api: &ApiState, kube: &KubeState, node_name: Option<&str>, n
         // Sorted by key so that two CiliumEndpoints claiming one ID (a
         // stale object next to its successor) resolve the same way on
         // every build.
-        let mut local: Vec<_> = kube
-            .ceps
-            .iter()
-            .filter(|(_, c)| c.node.as_deref().is_some_and(|n| own.contains(n)))
-            .collect();
+        let mut local: Vec<_> =
+            kube.ceps.iter().filter(|(_, c)| c.node.as_deref().is_some_and(|n| own.contains(n))).collect();
         local.sort_by(|a, b| a.0.cmp(b.0));
         let from_api: HashSet<u16> = out.keys().copied().collect();
         for (_, cep) in local {
@@ -80,10 +82,10 @@ pub(crate) fn merge(api: &ApiState, kube: &KubeState, node_name: Option<&str>, n
     }
 
     for info in out.values_mut() {
-        if let (Some(ns), Some(pod)) = (&info.namespace, &info.pod) {
-            if let Some(workload) = kube.pods.get(&format!("{ns}/{pod}")) {
-                info.workload.clone_from(workload);
-            }
+        if let (Some(ns), Some(pod)) = (&info.namespace, &info.pod)
+            && let Some(workload) = kube.pods.get(&format!("{ns}/{pod}"))
+        {
+            info.workload.clone_from(workload);
         }
     }
     out
@@ -139,9 +141,7 @@ pub(crate) fn remote_name(id: u32, labels: Option<&[String]>) -> String {
     }
     let get = |key: &str| crate::cilium::endpoint_list::label_value(labels, key);
     let ns = get("k8s:io.kubernetes.pod.namespace");
-    let app = get("k8s:app")
-        .or_else(|| get("k8s:app.kubernetes.io/name"))
-        .or_else(|| get("k8s:k8s-app"));
+    let app = get("k8s:app").or_else(|| get("k8s:app.kubernetes.io/name")).or_else(|| get("k8s:k8s-app"));
     match (ns, app) {
         (Some(ns), Some(app)) => format!("{ns}/{app}"),
         _ => id.to_string(),
@@ -154,7 +154,9 @@ pub(crate) fn remote_name(id: u32, labels: Option<&[String]>) -> String {
 enum Cached {
     Found(Vec<String>),
     /// Not found, or the lookup failed: do not ask again before `until`.
-    Missing { until: Instant },
+    Missing {
+        until: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -190,6 +192,7 @@ impl IdentityCache {
         IdentityCache { capacity: capacity.max(1), tick: 0, entries: HashMap::new(), in_flight: HashSet::new() }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -197,16 +200,13 @@ impl IdentityCache {
     pub fn lookup(&mut self, id: u32) -> Lookup {
         self.tick += 1;
         let tick = self.tick;
-        match self.entries.get_mut(&id) {
-            Some(e) => {
-                e.last_used = tick;
-                match &e.value {
-                    Cached::Found(labels) => return Lookup::Found(labels.clone()),
-                    Cached::Missing { until } if *until > Instant::now() => return Lookup::Missing,
-                    Cached::Missing { .. } => {}
-                }
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.last_used = tick;
+            match &e.value {
+                Cached::Found(labels) => return Lookup::Found(labels.clone()),
+                Cached::Missing { until } if *until > Instant::now() => return Lookup::Missing,
+                Cached::Missing { .. } => {}
             }
-            None => {}
         }
         if self.in_flight.contains(&id) { Lookup::InFlight } else { Lookup::Unknown }
     }
@@ -306,16 +306,16 @@ impl SourceHealth {
         !self.lock().parts.is_empty()
     }
 
-    pub fn up(&self) -> bool {
-        let s = self.lock();
-        !s.parts.is_empty() && s.parts.values().all(|ok| *ok)
-    }
-
     pub fn success(&self, part: &'static str) {
         let mut s = self.lock();
         let was = s.parts.insert(part, true);
         if s.consecutive_failures > 0 && was == Some(false) {
-            tracing::info!(source = self.name, part, failures = s.consecutive_failures, "enrichment source answers again");
+            tracing::info!(
+                source = self.name,
+                part,
+                failures = s.consecutive_failures,
+                "enrichment source answers again"
+            );
         }
         s.consecutive_failures = 0;
         s.last_success = Some(SystemTime::now());
@@ -352,11 +352,7 @@ impl SourceHealth {
 /// Every identity label set the merged sources know, for callers that
 /// want to list them (suggestions).
 pub(crate) fn known_identities(api: &ApiState, kube: &KubeState) -> BTreeSet<u32> {
-    api.identities
-        .keys()
-        .copied()
-        .chain(kube.identities.keys().filter_map(|k| k.parse().ok()))
-        .collect()
+    api.identities.keys().copied().chain(kube.identities.keys().filter_map(|k| k.parse().ok())).collect()
 }
 
 #[cfg(test)]
@@ -373,7 +369,10 @@ mod tests {
         assert_eq!(remote_name(16_777_300, None), "cidr");
         assert_eq!(remote_name(48213, None), "48213");
         assert_eq!(remote_name(48213, Some(&l(&["k8s:app=web", "k8s:io.kubernetes.pod.namespace=shop"]))), "shop/web");
-        assert_eq!(remote_name(102, Some(&l(&["k8s:io.kubernetes.pod.namespace=kube-system", "k8s:k8s-app=kube-dns"]))), "kube-system/kube-dns");
+        assert_eq!(
+            remote_name(102, Some(&l(&["k8s:io.kubernetes.pod.namespace=kube-system", "k8s:k8s-app=kube-dns"]))),
+            "kube-system/kube-dns"
+        );
         assert_eq!(remote_name(48214, Some(&l(&["k8s:io.kubernetes.pod.namespace=shop"]))), "48214");
         assert_eq!(remote_name(0x0200_0005, Some(&l(&["reserved:remote-node"]))), "remote-node");
     }
@@ -407,15 +406,15 @@ mod tests {
         assert!(!h.is_enabled());
         h.register("a");
         h.register("b");
-        assert!(!h.up());
+        assert!(!h.status().up);
         h.success("a");
         h.success("b");
-        assert!(h.up());
+        assert!(h.status().up);
         h.failure("b", "watching b: boom");
-        assert!(!h.up());
+        assert!(!h.status().up);
         assert_eq!(h.errors(), 1);
         assert_eq!(h.status().failing, vec!["b"]);
         h.success("b");
-        assert!(h.up());
+        assert!(h.status().up);
     }
 }

@@ -114,7 +114,9 @@ async fn cilium_gate(data: &Arc<Mutex<CiliumData>>, path: String) -> Option<Resp
     match mode {
         Mode::Normal => None,
         // The API's `Error` model is a JSON string.
-        Mode::Error500 => Some((StatusCode::INTERNAL_SERVER_ERROR, Json(json!("endpoint manager unavailable"))).into_response()),
+        Mode::Error500 => {
+            Some((StatusCode::INTERNAL_SERVER_ERROR, Json(json!("endpoint manager unavailable"))).into_response())
+        }
         Mode::Slow(d) => {
             tokio::time::sleep(d).await;
             None
@@ -284,7 +286,11 @@ fn status(code: u16, reason: &str, message: &str) -> Response {
     (StatusCode::from_u16(code).unwrap(), Json(body)).into_response()
 }
 
-async fn kube_handler(State(data): State<Arc<Mutex<KubeData>>>, uri: Uri, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn kube_handler(
+    State(data): State<Arc<Mutex<KubeData>>>,
+    uri: Uri,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     // /api/v1/<plural> or /apis/<group>/<version>/<plural>; all namespaces.
     let plural = uri.path().rsplit('/').next().unwrap_or_default().to_owned();
     let selector = q.get("fieldSelector").cloned();
@@ -292,7 +298,9 @@ async fn kube_handler(State(data): State<Arc<Mutex<KubeData>>>, uri: Uri, Query(
     let mut d = data.lock().unwrap();
     *d.requests.entry(plural.clone()).or_default() += 1;
     if d.forbidden.contains(&plural) {
-        let msg = format!("{plural} is forbidden: User \"system:serviceaccount:kube-system:verdict-agent\" cannot list resource \"{plural}\"");
+        let msg = format!(
+            "{plural} is forbidden: User \"system:serviceaccount:kube-system:verdict-agent\" cannot list resource \"{plural}\""
+        );
         return status(403, "Forbidden", &msg);
     }
     let rv_now = d.rv;
@@ -301,7 +309,8 @@ async fn kube_handler(State(data): State<Arc<Mutex<KubeData>>>, uri: Uri, Query(
     };
 
     if !watch {
-        let items: Vec<Value> = r.objects.values().filter(|o| field_selector_matches(selector.as_deref(), o)).cloned().collect();
+        let items: Vec<Value> =
+            r.objects.values().filter(|o| field_selector_matches(selector.as_deref(), o)).cloned().collect();
         let list = json!({
             "apiVersion": r.api_version, "kind": format!("{}List", r.kind),
             "metadata": {"resourceVersion": rv_now.to_string()}, "items": items,

@@ -106,6 +106,7 @@ pub fn client_from_config(config: kube::Config) -> Result<Client, KubeError> {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                 .unwrap_or_else(|| "panic while building the TLS stack".to_owned());
+            let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
             Err(KubeError::Tls { url, message })
         }
     }
@@ -292,10 +293,8 @@ fn cep_value(cep: &CiliumEndpoint) -> Option<CepEntry> {
         .filter(|s| !s.is_empty())
         .or_else(|| cep.metadata.namespace.clone())?;
     // The CiliumEndpoint is named after its pod.
-    let pod = ids
-        .and_then(|i| i.k8s_pod_name.clone())
-        .filter(|s| !s.is_empty())
-        .or_else(|| cep.metadata.name.clone())?;
+    let pod =
+        ids.and_then(|i| i.k8s_pod_name.clone()).filter(|s| !s.is_empty()).or_else(|| cep.metadata.name.clone())?;
     let identity = status.identity.as_ref();
     let mut identity_labels = identity.and_then(|i| i.labels.clone()).unwrap_or_default();
     identity_labels.sort();
@@ -373,12 +372,8 @@ pub(crate) fn workload_of(meta: &ObjectMeta) -> Option<String> {
 
 fn host_policy(p: &CiliumClusterwideNetworkPolicy) -> Converted<Vec<LabelSelector>> {
     let name = p.metadata.name.clone()?;
-    let selectors: Vec<LabelSelector> = p
-        .spec
-        .iter()
-        .chain(p.specs.iter().flatten())
-        .filter_map(|r| r.node_selector.clone())
-        .collect();
+    let selectors: Vec<LabelSelector> =
+        p.spec.iter().chain(p.specs.iter().flatten()).filter_map(|r| r.node_selector.clone()).collect();
     // Policies without a node selector select endpoints, not hosts: not
     // kept, so the cache holds host policies only.
     Some((name, (!selectors.is_empty()).then_some(selectors)))
@@ -419,9 +414,8 @@ pub(crate) fn host_policy_coverage(state: &KubeState, node: &str) -> Option<crat
         return None;
     }
     let own = state.nodes.get(node)?;
-    let matches_node = |sels: &[LabelSelector], labels: &BTreeMap<String, String>| {
-        sels.iter().any(|s| selector_matches(s, labels))
-    };
+    let matches_node =
+        |sels: &[LabelSelector], labels: &BTreeMap<String, String>| sels.iter().any(|s| selector_matches(s, labels));
     let mut selecting = Vec::new();
     let mut selecting_no_node = Vec::new();
     for (name, sels) in &state.host_policies {
@@ -450,16 +444,16 @@ type Slot<V> = fn(&mut KubeState) -> &mut HashMap<String, V>;
 /// host policies.
 pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Option<&str>) {
     let cfg = watcher::Config::default;
+    spawn_watch(shared, W_IDENTITY, watcher(Api::<CiliumIdentity>::all(client.clone()), cfg()), identity_entry, |s| {
+        &mut s.identities
+    });
     spawn_watch(
         shared,
-        W_IDENTITY,
-        watcher(Api::<CiliumIdentity>::all(client.clone()), cfg()),
-        identity_entry,
-        |s| &mut s.identities,
+        W_CCNP,
+        watcher(Api::<CiliumClusterwideNetworkPolicy>::all(client.clone()), cfg()),
+        host_policy,
+        |s| &mut s.host_policies,
     );
-    spawn_watch(shared, W_CCNP, watcher(Api::<CiliumClusterwideNetworkPolicy>::all(client.clone()), cfg()), host_policy, |s| {
-        &mut s.host_policies
-    });
     let Some(node) = node_name else {
         tracing::warn!(
             "no node name (--node-name / NODE_NAME): Kubernetes enrichment is limited to identity labels; \
@@ -470,9 +464,13 @@ pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Opt
     // Node metadata only: labels of every node are all host policy
     // selection needs, and full Node objects carry image lists and
     // heartbeats.
-    spawn_watch(shared, W_NODES, watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg()), node_labels, |s| {
-        &mut s.nodes
-    });
+    spawn_watch(
+        shared,
+        W_NODES,
+        watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg()),
+        node_labels,
+        |s| &mut s.nodes,
+    );
     spawn_watch(
         shared,
         W_OWN_NODE,
@@ -613,9 +611,11 @@ mod tests {
         let all = LabelSelector::default();
         assert!(selector_matches(&all, &node));
 
-        let by_label = LabelSelector { match_labels: Some(labels(&[("k8s:kubernetes.io/hostname", "n1")])), ..Default::default() };
+        let by_label =
+            LabelSelector { match_labels: Some(labels(&[("k8s:kubernetes.io/hostname", "n1")])), ..Default::default() };
         assert!(selector_matches(&by_label, &node));
-        let other = LabelSelector { match_labels: Some(labels(&[("kubernetes.io/hostname", "n2")])), ..Default::default() };
+        let other =
+            LabelSelector { match_labels: Some(labels(&[("kubernetes.io/hostname", "n2")])), ..Default::default() };
         assert!(!selector_matches(&other, &node));
 
         let sel = |r| LabelSelector { match_expressions: Some(vec![r]), ..Default::default() };
@@ -667,5 +667,22 @@ mod tests {
         let (name, sels) = host_policy(&p).unwrap();
         assert_eq!(name, "host-ssh");
         assert_eq!(sels.unwrap().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    /// kube's rustls stack without a crypto provider panics while building
+    /// the client; that must come back as an error.
+    #[tokio::test]
+    async fn https_without_crypto_provider_is_an_error_not_a_crash() {
+        let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        match super::client_from_config(config) {
+            Ok(_) => {} // a provider is compiled in
+            Err(e) => {
+                eprintln!("{e}");
+                assert!(matches!(e, super::KubeError::Tls { .. }), "{e}");
+            }
+        }
     }
 }

@@ -293,7 +293,9 @@ pub fn start_with_kube_client(config: EnrichmentConfig, kube_client: Option<kube
         shared.api_health.register("api");
         let client = CiliumApiClient::new(socket, config.request_timeout);
         tasks.push(tokio::spawn(run_api_refresh(Arc::clone(&shared), client.clone(), config.clone())).abort_handle());
-        tasks.push(tokio::spawn(run_identity_lookups(Arc::clone(&shared), client, rx, config.identity_retry)).abort_handle());
+        tasks.push(
+            tokio::spawn(run_identity_lookups(Arc::clone(&shared), client, rx, config.identity_retry)).abort_handle(),
+        );
     }
     if config.kube {
         match kube_client {
@@ -331,10 +333,7 @@ async fn run_api_refresh(shared: Arc<Shared>, client: CiliumApiClient, config: E
             config.refresh
         } else {
             failures = failures.saturating_add(1);
-            config
-                .backoff_initial
-                .saturating_mul(1u32 << (failures - 1).min(16))
-                .min(config.backoff_max)
+            config.backoff_initial.saturating_mul(1u32 << (failures - 1).min(16)).min(config.backoff_max)
         };
         tokio::time::sleep(delay).await;
     }
@@ -383,7 +382,12 @@ async fn refresh_api(shared: &Shared, client: &CiliumApiClient) -> bool {
 /// Answers queued identity lookups one at a time: lookups are rare (a new
 /// remote identity in the verdicts) and must not compete with the agent's
 /// own work.
-async fn run_identity_lookups(shared: Arc<Shared>, client: CiliumApiClient, mut rx: mpsc::Receiver<u32>, retry: Duration) {
+async fn run_identity_lookups(
+    shared: Arc<Shared>,
+    client: CiliumApiClient,
+    mut rx: mpsc::Receiver<u32>,
+    retry: Duration,
+) {
     while let Some(id) = rx.recv().await {
         match client.identity(id).await {
             Ok(identity) => {
@@ -415,7 +419,8 @@ impl Enrichment {
     /// A directory over a fixed endpoint list (`analyze --endpoints FILE`):
     /// no sources, no tasks.
     pub fn from_endpoints(endpoints: Vec<EndpointInfo>) -> Enrichment {
-        let e = start_with_kube_client(EnrichmentConfig { cilium_socket: None, kube: false, ..Default::default() }, None);
+        let e =
+            start_with_kube_client(EnrichmentConfig { cilium_socket: None, kube: false, ..Default::default() }, None);
         e.shared.update_api(|a| {
             a.identities = endpoints
                 .iter()
@@ -522,7 +527,16 @@ mod config_tests {
 
     #[test]
     fn args_to_config() {
-        let cli = Cli::try_parse_from(["x", "--node-name", "n1", "--node-ip", "10.0.0.1,fd00::1", "--enrich-refresh", "500ms"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "x",
+            "--node-name",
+            "n1",
+            "--node-ip",
+            "10.0.0.1,fd00::1",
+            "--enrich-refresh",
+            "500ms",
+        ])
+        .unwrap();
         let c = cli.enrich.config();
         assert_eq!(c.cilium_socket.as_deref(), Some(std::path::Path::new(DEFAULT_SOCKET)));
         assert!(c.kube);

@@ -9,8 +9,9 @@ use std::{
 use serde_json::Value;
 
 use super::{
-    EnrichmentConfig, start_with_kube_client,
+    EnrichmentConfig,
     fake::{FakeCilium, FakeKube, Mode},
+    start_with_kube_client,
 };
 use crate::model::{DirectionPolicy, EndpointDirectory, EndpointKind, FactSource, HostPolicyCoverage};
 
@@ -26,12 +27,7 @@ fn json(s: &str) -> Value {
 }
 
 fn identities() -> HashMap<u32, Value> {
-    json(IDENTITIES)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| (i["id"].as_u64().unwrap() as u32, i.clone()))
-        .collect()
+    json(IDENTITIES).as_array().unwrap().iter().map(|i| (i["id"].as_u64().unwrap() as u32, i.clone())).collect()
 }
 
 fn fake_cilium(dir: &tempfile::TempDir) -> FakeCilium {
@@ -113,7 +109,10 @@ async fn cilium_api_directory_outages_and_restart() {
     assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![99, 311, 1234]);
 
     let l = e.endpoint_labels(311);
-    assert_eq!((l.endpoint.as_str(), l.kind.as_str(), l.namespace.as_str(), l.pod.as_str()), ("311", "pod", "shop", "web-7d4f9-abcde"));
+    assert_eq!(
+        (l.endpoint.as_str(), l.kind.as_str(), l.namespace.as_str(), l.pod.as_str()),
+        ("311", "pod", "shop", "web-7d4f9-abcde")
+    );
     let unknown = e.endpoint_labels(4000);
     assert_eq!((unknown.kind.as_str(), unknown.namespace.as_str()), ("unknown", ""));
 
@@ -212,7 +211,8 @@ async fn cilium_api_directory_outages_and_restart() {
 async fn kubernetes_directory_and_host_policy_coverage() {
     let fake = FakeKube::start().await;
     load_kube(&fake);
-    let config = EnrichmentConfig { cilium_socket: None, kube: true, node_name: Some("node-a".into()), ..Default::default() };
+    let config =
+        EnrichmentConfig { cilium_socket: None, kube: true, node_name: Some("node-a".into()), ..Default::default() };
     let e = start_with_kube_client(config, Some(fake.client()));
 
     wait_for("host policy coverage", || e.host_policy_coverage().is_some()).await;
@@ -359,7 +359,10 @@ async fn both_sources_merge() {
     }
     let api_errors = status_of(&e, "cilium_api").errors;
     assert!(api_errors >= 1, "the initial outage was counted");
-    assert!(text.contains(&format!("verdict_agent_enrichment_errors_total{{source=\"cilium_api\"}} {api_errors}")), "{text}");
+    assert!(
+        text.contains(&format!("verdict_agent_enrichment_errors_total{{source=\"cilium_api\"}} {api_errors}")),
+        "{text}"
+    );
     assert!(
         !text.lines().any(|l| l.starts_with("verdict_agent_endpoint_audit_mode{endpoint=\"412\"")),
         "no audit state from CiliumEndpoints:\n{text}"
@@ -411,7 +414,8 @@ fn check(schema: &Value, defs: &Value, value: &Value, path: &str, errors: &mut V
                     check(p, defs, v, &sub, errors);
                 } else if let Some(extra) = extra.filter(|e| e.is_object()) {
                     // go-swagger's interface{} is `type: object`: any value.
-                    if extra.get("type").and_then(Value::as_str) == Some("object") && extra.get("properties").is_none() {
+                    if extra.get("type").and_then(Value::as_str) == Some("object") && extra.get("properties").is_none()
+                    {
                         continue;
                     }
                     check(extra, defs, v, &sub, errors);
@@ -432,13 +436,15 @@ fn check(schema: &Value, defs: &Value, value: &Value, path: &str, errors: &mut V
             let Some(s) = value.as_str() else {
                 return errors.push(format!("{path}: want string, got {value}"));
             };
-            if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-                if !allowed.iter().any(|a| a == s) {
-                    errors.push(format!("{path}: {s:?} not in {allowed:?}"));
-                }
+            if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+                && !allowed.iter().any(|a| a == s)
+            {
+                errors.push(format!("{path}: {s:?} not in {allowed:?}"));
             }
         }
-        Some("integer") if !(value.is_i64() || value.is_u64()) => errors.push(format!("{path}: want integer, got {value}")),
+        Some("integer") if !(value.is_i64() || value.is_u64()) => {
+            errors.push(format!("{path}: want integer, got {value}"))
+        }
         Some("boolean") if !value.is_boolean() => errors.push(format!("{path}: want boolean, got {value}")),
         Some("number") if !value.is_number() => errors.push(format!("{path}: want number, got {value}")),
         _ => {}
@@ -455,9 +461,21 @@ fn fixtures_match_schemas() {
         check(&endpoint, &defs, ep, &format!("endpoints[{i}]"), &mut errors);
     }
     for (id, ident) in identities() {
-        check(&serde_json::json!({"$ref": "#/definitions/Identity"}), &defs, &ident, &format!("identity {id}"), &mut errors);
+        check(
+            &serde_json::json!({"$ref": "#/definitions/Identity"}),
+            &defs,
+            &ident,
+            &format!("identity {id}"),
+            &mut errors,
+        );
     }
-    check(&serde_json::json!({"$ref": "#/definitions/DaemonConfiguration"}), &defs, &json(CONFIG), "config", &mut errors);
+    check(
+        &serde_json::json!({"$ref": "#/definitions/DaemonConfiguration"}),
+        &defs,
+        &json(CONFIG),
+        "config",
+        &mut errors,
+    );
 
     let objects = json(KUBE_OBJECTS);
     for plural in ["ciliumendpoints", "ciliumidentities", "ciliumclusterwidenetworkpolicies"] {
