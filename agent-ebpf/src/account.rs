@@ -24,6 +24,8 @@ use crate::maps::{ENDPOINT_COUNTERS, FLOWS, STATS};
 /// `BPF_NOEXIST`: create the flow only if no other CPU just did.
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
+/// Reserved identity `host`.
+const HOST_IDENTITY: u32 = 1;
 
 /// The bytes of one notification, copied out of the emitter's stack.
 pub type Notification = [u8; MAX_NOTIFICATION_SIZE];
@@ -162,15 +164,21 @@ fn classify_drop(buf: &Notification, len: usize) -> Result<Decision, Stat> {
         return Err(Stat::MalformedVersion);
     }
 
-    // A drop carries no direction. Cilium passes the local endpoint's ID as
-    // `dst_id` when it drops traffic towards it (ingress) and 0 when the
-    // endpoint itself sends (egress); the remote side follows.
+    // A drop carries no direction; the call sites tell it apart:
+    // * bpf_lxc passes the endpoint's ID as `dst_id` on ingress (remote =
+    //   source) and 0 on egress (remote = destination);
+    // * the host firewall (`send_drop_notify_error*`) passes dst_label = 0
+    //   and dst_id = 0: the source is the host (1, or 0 in v1.14's
+    //   `cil_to_netdev`) on egress, the remote peer on ingress.
+    // Before Cilium 1.16 these drops are the host firewall's only report.
     let src_label = u32_at(buf, drop_notify::SRC_LABEL);
     let dst_label = u32_at(buf, drop_notify::DST_LABEL);
     let (dir, remote) = if u32_at(buf, drop_notify::DST_ID) != 0 {
         (direction::INGRESS, src_label)
-    } else {
+    } else if dst_label != 0 || src_label == 0 || src_label == HOST_IDENTITY {
         (direction::EGRESS, dst_label)
+    } else {
+        (direction::INGRESS, src_label)
     };
     let ipv6 = len >= drop_notify::SIZE_V1_17 && buf[drop_notify::FLAGS] & 0x01 != 0;
 

@@ -260,9 +260,9 @@ pub fn golden_notifications() -> Vec<GoldenNotification> {
         g(
             "d2_hostfw_ingress_policy_denied",
             "v1.13.0-v1.17.3 host firewall (bpf_host.c send_drop_notify_error_ext: dst 0, dst_id 0); \
-             expected is what account.rs does today",
+             ingress: the source is the remote peer",
             Msg::hdr_u16(36, 1, 133, 3, 0, 60, 1).drop(2, 0, 0, 1800, 1, 0).u32(32, 2),
-            Ok(Some(drop_key(3, 0, EGRESS, 133, false))),
+            Ok(Some(drop_key(3, 2, INGRESS, 133, false))),
         ),
         g(
             "d3_policy_denied_ipv6",

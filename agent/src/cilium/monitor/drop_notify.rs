@@ -172,31 +172,17 @@ impl DropNotify {
     }
 }
 
-/// A drop carries no direction; `account.rs` infers it from `dst_id`:
-/// non-zero means Cilium dropped traffic towards a local endpoint (ingress,
-/// the remote side is the source), zero means egress (the remote side is
-/// the destination).
+/// A drop carries no direction; this is the rule `account.rs` applies in
+/// the kernel, from Cilium's call sites:
 ///
-/// That holds for bpf_lxc's policy drops at v1.14.4, v1.16.8 and main
-/// (`send_drop_notify_ext(ctx, src, SECLABEL, LXC_ID, ...)` on ingress,
-/// `(ctx, SECLABEL, dst_sec_identity, 0, ...)` on egress). It does not hold
-/// for the host firewall: bpf_host and `cil_host_policy` report policy drops
-/// through `send_drop_notify_error*`, which pass `dst = 0, dst_id = 0`, with
-/// `src` the remote source identity on ingress and `HOST_ID` (v1.16+) or 0
-/// (`cil_to_netdev@v1.14.4`) on egress. Such ingress drops therefore read as
-/// egress with remote identity 0. Kept identical to the kernel until
-/// `account.rs` changes; [`host_firewall_aware_direction`] is the proposed
-/// replacement.
+/// * bpf_lxc (v1.14.4, v1.16.8, main): `send_drop_notify_ext(ctx, src,
+///   SECLABEL, LXC_ID, ...)` on ingress, `(ctx, SECLABEL, dst_sec_identity,
+///   0, ...)` on egress: a non-zero `dst_id` means ingress, remote = source;
+/// * the host firewall (bpf_host, `cil_host_policy`) reports through
+///   `send_drop_notify_error*` with `dst = 0, dst_id = 0`; `src` is the
+///   remote peer on ingress and `HOST_ID` (v1.16+) or 0
+///   (`cil_to_netdev@v1.14.4`) on egress, whose destination is not sent.
 pub fn guess_direction(src_label: u32, dst_label: u32, dst_id: u32) -> (Direction, u32) {
-    if dst_id != 0 { (Direction::Ingress, src_label) } else { (Direction::Egress, dst_label) }
-}
-
-/// What the datapath's call sites support (see [`guess_direction`]): a drop
-/// with neither `dst_label` nor `dst_id` came from `send_drop_notify_error*`;
-/// if its source is the host (or unknown, as in v1.14's `cil_to_netdev`) the
-/// host was sending (egress, remote unknown), otherwise the source is the
-/// remote peer of an ingress drop.
-pub fn host_firewall_aware_direction(src_label: u32, dst_label: u32, dst_id: u32) -> (Direction, u32) {
     if dst_id != 0 {
         (Direction::Ingress, src_label)
     } else if dst_label != 0 || src_label == 0 || src_label == identity::HOST {
@@ -296,13 +282,10 @@ mod tests {
     fn host_firewall_ingress_shape() {
         let n = DropNotify::decode(&golden("d2_hostfw_ingress_policy_denied")).unwrap();
         assert_eq!((n.src_label, n.dst_label, n.dst_id), (2, 0, 0));
-        // What the kernel does today ...
-        assert_eq!(n.direction(), (Direction::Egress, 0));
-        // ... and what the call sites support.
-        assert_eq!(host_firewall_aware_direction(n.src_label, n.dst_label, n.dst_id), (Direction::Ingress, 2));
-        assert_eq!(host_firewall_aware_direction(1, 0, 0), (Direction::Egress, 0));
-        assert_eq!(host_firewall_aware_direction(0, 0, 0), (Direction::Egress, 0));
-        assert_eq!(host_firewall_aware_direction(12345, 2, 0), (Direction::Egress, 2));
+        assert_eq!(n.direction(), (Direction::Ingress, 2), "host firewall ingress: remote is the source");
+        assert_eq!(guess_direction(1, 0, 0), (Direction::Egress, 0));
+        assert_eq!(guess_direction(0, 0, 0), (Direction::Egress, 0));
+        assert_eq!(guess_direction(12345, 2, 0), (Direction::Egress, 2));
     }
 
     #[test]
