@@ -416,6 +416,19 @@ fn check_in(tools: &Tools, work: &Path) -> Result<()> {
         Ok(())
     })?;
     step("helm template x kubernetes-validate", || check_templates(tools, work))?;
+    step("the chart refuses unsafe or mistyped values", || {
+        for bad in [
+            "updateStrategy.rollingUpdate.maxSurge=1",
+            "agent.tap=everything",
+            "agnet.tap=kprobe",
+            "seccompProfile.type=Nothing",
+            "image.digest=latest",
+        ] {
+            let out = helm(tools).args(["template", RELEASE, CHART, "--set", bad]).output()?;
+            ensure!(!out.status.success(), "helm template accepted --set {bad}");
+        }
+        Ok(())
+    })?;
     step("promtool check rules and unit tests", || check_rules(tools))?;
     step("alert annotations and runbooks", check_runbooks)?;
     step("metrics and labels against docs/metrics.md", || check_metric_usage().map(|_| ()))?;
