@@ -1,1 +1,797 @@
-//! (in progress)
+//! `verdict-agent analyze`: the readiness, lockout and suggestion report
+//! offline, from a capture taken before the agent is installed: the text of
+//! `cilium monitor -t policy-verdict` (`cilium-dbg monitor` from v1.15) or
+//! `hubble observe -o json`.
+//!
+//! The monitor text has no timestamps and does not say which endpoint is
+//! the host: `--host-endpoint`, or `--endpoints` with the node's
+//! `cilium endpoint list -o json`, fill that in; `--capture-duration` says
+//! how long the capture ran.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    cilium::endpoint_list::{EndpointListError, parse_endpoint_list},
+    model::{CapturedVerdict, Direction, EndpointDirectory, EndpointInfo, EndpointKind, FlowRecord, HostPolicyCoverage},
+    readiness::{
+        self, CatalogueError, CriticalCatalogue, FlowKey, Observation, ReadinessConfig, ReadinessInput, SourcePorts,
+        report::{FlowEntry, ReadinessReport},
+        timefmt::{format_duration, format_rfc3339, rfc3339_opt},
+    },
+    suggest::{self, SuggestOptions},
+};
+
+/// What produced the capture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureFormat {
+    /// `cilium monitor -t policy-verdict` / `cilium-dbg monitor` text.
+    Monitor,
+    /// `hubble observe -o json` (jsonpb, one object per line).
+    HubbleJson,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// `verdict-agent analyze`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AnalyzeArgs {
+    /// The capture file (`-` for standard input).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Capture format; guessed from the first line when omitted.
+    #[arg(long, value_enum)]
+    pub format: Option<CaptureFormat>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// The host endpoint's ID (the monitor text does not say which it is).
+    #[arg(long)]
+    pub host_endpoint: Option<u16>,
+    /// `cilium endpoint list -o json` of the captured node: labels, host endpoint, policy state.
+    #[arg(long)]
+    pub endpoints: Option<PathBuf>,
+    /// Window for lockout risk, in-progress and scan noise (default 15m).
+    #[arg(long, value_parser = crate::preflight::parse_duration_arg)]
+    pub window: Option<Duration>,
+    /// How long the capture ran (the monitor text has no timestamps).
+    #[arg(long, value_parser = crate::preflight::parse_duration_arg)]
+    pub capture_duration: Option<Duration>,
+    /// Evidence needed before "ready" (default 24h).
+    #[arg(long, value_parser = crate::preflight::parse_duration_arg)]
+    pub min_evidence: Option<Duration>,
+    /// Critical-flow catalogue overrides (YAML).
+    #[arg(long)]
+    pub critical_flows: Option<PathBuf>,
+    /// The captured node's name (for the host policy's nodeSelector).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// Everything `analyze_file` needs besides the capture.
+#[derive(Clone, Debug, Default)]
+pub struct CaptureOptions {
+    pub format: Option<CaptureFormat>,
+    pub endpoints: Option<PathBuf>,
+    pub host_endpoint: Option<u16>,
+    pub window: Option<Duration>,
+    pub capture_duration: Option<Duration>,
+    pub min_evidence: Option<Duration>,
+    pub critical_flows: Option<PathBuf>,
+    pub node: Option<String>,
+}
+
+impl From<&AnalyzeArgs> for CaptureOptions {
+    fn from(a: &AnalyzeArgs) -> CaptureOptions {
+        CaptureOptions {
+            format: a.format,
+            endpoints: a.endpoints.clone(),
+            host_endpoint: a.host_endpoint,
+            window: a.window,
+            capture_duration: a.capture_duration,
+            min_evidence: a.min_evidence,
+            critical_flows: a.critical_flows.clone(),
+            node: a.node.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum AnalyzeError {
+    #[error("cannot read the capture {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot read the endpoint list {path}: {source}")]
+    EndpointsRead { path: String, source: std::io::Error },
+    #[error("the endpoint list {path} is not usable: {source}")]
+    Endpoints { path: String, source: EndpointListError },
+    #[error(transparent)]
+    Catalogue(#[from] CatalogueError),
+    #[error("the capture {path} holds no policy verdict ({lines} lines, {skipped} not understood); was it taken with `cilium-dbg monitor -t policy-verdict` or `hubble observe -o json`?")]
+    Empty { path: String, lines: usize, skipped: usize },
+}
+
+/// A line the parser did not understand.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SkippedLine {
+    pub line: usize,
+    pub reason: String,
+    pub text: String,
+}
+
+/// What the capture held.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CaptureSummary {
+    pub file: String,
+    pub format: CaptureFormat,
+    pub lines: usize,
+    pub verdicts: usize,
+    pub flows: usize,
+    pub skipped: usize,
+    /// Every line not understood, with its number.
+    pub skipped_lines: Vec<SkippedLine>,
+    /// Whether the capture carried timestamps (Hubble does, the monitor text does not).
+    pub timestamps: bool,
+    #[serde(with = "rfc3339_opt")]
+    pub first_seen: Option<SystemTime>,
+    #[serde(with = "rfc3339_opt")]
+    pub last_seen: Option<SystemTime>,
+    /// How long the capture covers, when known.
+    pub duration_seconds: Option<u64>,
+}
+
+/// A would-deny flow with its endpoint, for the top-level `would_deny` list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointFlow {
+    pub endpoint_id: u16,
+    pub endpoint: String,
+    #[serde(flatten)]
+    pub flow: FlowEntry,
+}
+
+/// One suggested policy as text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SuggestionText {
+    pub endpoint_id: u16,
+    pub endpoint: String,
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub notes: Vec<String>,
+    pub yaml: String,
+}
+
+/// The offline analysis: the report plus what the capture was.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Analysis {
+    pub capture: CaptureSummary,
+    /// Every would-deny flow of every endpoint.
+    pub would_deny: Vec<EndpointFlow>,
+    #[serde(flatten)]
+    pub report: ReadinessReport,
+    pub suggestions: Vec<SuggestionText>,
+}
+
+/// What the parsers hand over, whatever the format.
+pub struct ParsedCapture {
+    pub verdicts: Vec<CapturedVerdict>,
+    pub skipped: Vec<SkippedLine>,
+    pub lines: usize,
+}
+
+/// Sniffs the format: Hubble prints one JSON object per line.
+fn guess_format(first_line: &str) -> CaptureFormat {
+    if first_line.trim_start().starts_with('{') { CaptureFormat::HubbleJson } else { CaptureFormat::Monitor }
+}
+
+fn parse_capture(format: CaptureFormat, reader: impl BufRead) -> ParsedCapture {
+    let parsed = match format {
+        CaptureFormat::Monitor => crate::cilium::monitor_text::parse_monitor_text(reader),
+        CaptureFormat::HubbleJson => crate::cilium::hubble_json::parse_hubble_json(reader),
+    };
+    ParsedCapture {
+        skipped: parsed
+            .skipped
+            .into_iter()
+            .map(|s| SkippedLine { line: s.line, reason: s.reason, text: s.text })
+            .collect(),
+        verdicts: parsed.verdicts,
+        lines: parsed.lines,
+    }
+}
+
+/// Reads and analyses a capture file (`-` is standard input).
+pub fn analyze_file(path: &Path, opts: &CaptureOptions) -> Result<Analysis, AnalyzeError> {
+    let shown = path.display().to_string();
+    let read_err = |source| AnalyzeError::Read { path: shown.clone(), source };
+    let mut reader: Box<dyn BufRead> = if path == Path::new("-") {
+        Box::new(BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(BufReader::new(std::fs::File::open(path).map_err(read_err)?))
+    };
+    let format = match opts.format {
+        Some(f) => f,
+        None => {
+            let buf = reader.fill_buf().map_err(read_err)?;
+            let first = String::from_utf8_lossy(&buf[..buf.len().min(4096)]);
+            guess_format(first.lines().find(|l| !l.trim().is_empty()).unwrap_or(""))
+        }
+    };
+    let parsed = parse_capture(format, reader);
+    let endpoints = match &opts.endpoints {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|source| AnalyzeError::EndpointsRead { path: p.display().to_string(), source })?;
+            parse_endpoint_list(&text).map_err(|source| AnalyzeError::Endpoints { path: p.display().to_string(), source })?
+        }
+        None => Vec::new(),
+    };
+    let catalogue = match &opts.critical_flows {
+        Some(p) => CriticalCatalogue::load(p)?,
+        None => CriticalCatalogue::builtin(),
+    };
+    if parsed.verdicts.is_empty() {
+        return Err(AnalyzeError::Empty { path: shown, lines: parsed.lines, skipped: parsed.skipped.len() });
+    }
+    Ok(analyze_capture(&shown, format, parsed, endpoints, catalogue, opts, SystemTime::now()))
+}
+
+/// Sums verdicts into flows. `fallback_time` stands in for captures
+/// without timestamps. The source ports are kept per flow: they confirm
+/// replies of pre-existing connections, which the kernel path cannot.
+pub fn aggregate(verdicts: &[CapturedVerdict], fallback_time: SystemTime) -> (Vec<FlowRecord>, SourcePorts) {
+    let mut flows: BTreeMap<FlowKey, FlowRecord> = BTreeMap::new();
+    let mut ports: SourcePorts = BTreeMap::new();
+    for v in verdicts {
+        let time = v.time.unwrap_or(fallback_time);
+        let remote_addr = match v.direction {
+            Direction::Ingress => v.src_addr,
+            Direction::Egress => v.dst_addr,
+        };
+        let rec = FlowRecord {
+            endpoint_id: v.endpoint_id,
+            direction: v.direction,
+            remote_identity: v.remote_identity,
+            proto: v.proto,
+            dst_port: v.dst_port,
+            verdict: v.verdict,
+            match_type: v.match_type,
+            source: v.source,
+            reason: v.reason,
+            ipv6: v.ipv6,
+            notifications: 0,
+            bytes: 0,
+            first_seen: time,
+            last_seen: time,
+            remote_addrs: BTreeSet::new(),
+        };
+        let key = FlowKey::from(&rec);
+        let f = flows.entry(key).or_insert(rec);
+        f.notifications += 1;
+        f.first_seen = f.first_seen.min(time);
+        f.last_seen = f.last_seen.max(time);
+        f.remote_addrs.extend(remote_addr);
+        if v.direction == Direction::Ingress
+            && let Some(p) = v.src_port
+        {
+            ports.entry(key).or_default().insert(p);
+        }
+    }
+    (flows.into_values().collect(), ports)
+}
+
+/// A directory built from what the capture and the endpoint list say.
+#[derive(Debug, Default)]
+pub struct CaptureDirectory {
+    endpoints: BTreeMap<u16, EndpointInfo>,
+    identities: HashMap<u32, Vec<String>>,
+}
+
+impl CaptureDirectory {
+    pub fn new(listed: Vec<EndpointInfo>, verdicts: &[CapturedVerdict]) -> CaptureDirectory {
+        let mut dir = CaptureDirectory::default();
+        for e in listed {
+            if let Some(id) = e.identity
+                && !e.labels.is_empty()
+            {
+                dir.identities.insert(id, e.labels.clone());
+            }
+            dir.endpoints.insert(e.id, e);
+        }
+        for v in verdicts {
+            if !v.remote_labels.is_empty() {
+                dir.identities.entry(v.remote_identity).or_insert_with(|| v.remote_labels.clone());
+            }
+            let listed = dir.endpoints.contains_key(&v.endpoint_id);
+            if listed || (v.local_labels.is_empty() && v.pod.is_none()) {
+                continue;
+            }
+            let host = v.local_labels.iter().any(|l| l == "reserved:host");
+            dir.endpoints.insert(
+                v.endpoint_id,
+                EndpointInfo {
+                    id: v.endpoint_id,
+                    kind: if host {
+                        EndpointKind::Host
+                    } else if v.pod.is_some() {
+                        EndpointKind::Pod
+                    } else {
+                        EndpointKind::Unknown
+                    },
+                    namespace: v.namespace.clone(),
+                    pod: v.pod.clone(),
+                    labels: v.local_labels.clone(),
+                    ..EndpointInfo::default()
+                },
+            );
+        }
+        dir
+    }
+}
+
+impl EndpointDirectory for CaptureDirectory {
+    fn endpoint(&self, id: u16) -> Option<EndpointInfo> {
+        self.endpoints.get(&id).cloned()
+    }
+    fn endpoints(&self) -> Vec<EndpointInfo> {
+        self.endpoints.values().cloned().collect()
+    }
+    fn identity_labels(&self, identity: u32) -> Option<Vec<String>> {
+        self.identities.get(&identity).cloned()
+    }
+    /// A capture cannot tell which host policies exist.
+    fn host_policy_coverage(&self) -> Option<HostPolicyCoverage> {
+        None
+    }
+}
+
+/// The analysis of parsed verdicts; `now` is when the analysis runs (the
+/// stand-in time of a capture without timestamps).
+pub fn analyze_capture(
+    file: &str,
+    format: CaptureFormat,
+    parsed: ParsedCapture,
+    listed: Vec<EndpointInfo>,
+    catalogue: CriticalCatalogue,
+    opts: &CaptureOptions,
+    now: SystemTime,
+) -> Analysis {
+    let times: Vec<SystemTime> = parsed.verdicts.iter().filter_map(|v| v.time).collect();
+    let timestamps = !times.is_empty() && times.len() == parsed.verdicts.len();
+    let (first, last) = (times.iter().min().copied(), times.iter().max().copied());
+    // Judge a timestamped capture as of its last verdict, so the window
+    // covers its end rather than the moment of the analysis.
+    let end = if timestamps { last.unwrap_or(now) } else { now };
+    let span = match (opts.capture_duration, first, last) {
+        (Some(d), _, _) => Some(d),
+        (None, Some(a), Some(b)) if timestamps => b.duration_since(a).ok(),
+        _ => None,
+    };
+    let observation = Observation { since: span.and_then(|d| end.checked_sub(d)), per_endpoint: BTreeMap::new() };
+    let (flows, source_ports) = aggregate(&parsed.verdicts, end);
+    let directory = CaptureDirectory::new(listed, &parsed.verdicts);
+    let defaults = ReadinessConfig::default();
+    let config = ReadinessConfig {
+        window: opts.window.unwrap_or(defaults.window),
+        min_evidence: opts.min_evidence.unwrap_or(defaults.min_evidence),
+        catalogue,
+        ..defaults
+    };
+    let mut input = ReadinessInput::new(&flows, &directory, &observation, end);
+    input.host_endpoint = opts.host_endpoint;
+    input.node = opts.node.clone();
+    input.source_ports = Some(&source_ports);
+    let mut report = readiness::evaluate(&input, &config);
+    report.notes.push(match span {
+        Some(d) => format!("Capture covers {}.", format_duration(d)),
+        None => "The capture has no timestamps and no --capture-duration was given: the evidence period is unknown, \
+                 so no endpoint can be called ready; would-break and lockout findings stand."
+            .into(),
+    });
+
+    let suggestions = suggest::suggest(&report, None, &SuggestOptions { node: opts.node.clone(), ..SuggestOptions::default() })
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| SuggestionText {
+            endpoint_id: s.endpoint_id,
+            endpoint: s.endpoint.clone(),
+            kind: s.policy.as_ref().map(|p| p.kind().to_owned()),
+            name: s.policy.as_ref().map(|p| p.name()),
+            notes: s.notes.clone(),
+            yaml: s.to_yaml().unwrap_or_else(|e| format!("# {e}\n")),
+        })
+        .collect();
+    let would_deny = report
+        .endpoints
+        .iter()
+        .flat_map(|e| e.would_deny.iter().map(|f| EndpointFlow { endpoint_id: e.endpoint_id, endpoint: e.display_name(), flow: f.clone() }))
+        .collect();
+    Analysis {
+        capture: CaptureSummary {
+            file: file.into(),
+            format,
+            lines: parsed.lines,
+            verdicts: parsed.verdicts.len(),
+            flows: flows.len(),
+            skipped: parsed.skipped.len(),
+            skipped_lines: parsed.skipped,
+            timestamps,
+            first_seen: first,
+            last_seen: last,
+            duration_seconds: span.map(|d| d.as_secs()),
+        },
+        would_deny,
+        report,
+        suggestions,
+    }
+}
+
+/// Runs `analyze`: exit 0 when the capture was analysed (whatever it
+/// found), 2 when it could not be.
+pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    Ok(ExitCode::from(run_with(&args, &mut stdout, &mut stderr)))
+}
+
+pub fn run_with(args: &AnalyzeArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let analysis = match analyze_file(&args.input, &CaptureOptions::from(args)) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = writeln!(err, "analyze: {e}");
+            return 2;
+        }
+    };
+    let written = match args.output {
+        OutputFormat::Json => serde_json::to_string_pretty(&analysis)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| writeln!(out, "{s}").map_err(anyhow::Error::from)),
+        OutputFormat::Yaml => serde_yaml::to_string(&analysis)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| out.write_all(s.as_bytes()).map_err(anyhow::Error::from)),
+        OutputFormat::Table => print_table(&analysis, out).map_err(anyhow::Error::from),
+    };
+    match written {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(err, "analyze: cannot write the result: {e:#}");
+            2
+        }
+    }
+}
+
+fn pad(s: &str, w: usize) -> String {
+    format!("{s:<w$}")
+}
+
+fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
+    let c = &a.capture;
+    writeln!(
+        out,
+        "Capture {} ({:?}): {} lines, {} verdicts in {} flows, {} lines not understood{}",
+        c.file,
+        c.format,
+        c.lines,
+        c.verdicts,
+        c.flows,
+        c.skipped,
+        match (c.first_seen, c.last_seen) {
+            (Some(f), Some(l)) => format!(", {} to {}", format_rfc3339(f), format_rfc3339(l)),
+            _ => ", no timestamps".into(),
+        }
+    )?;
+    writeln!(out)?;
+    writeln!(out, "{}  {}  {}  {}", pad("ENDPOINT", 36), pad("STATE", 12), pad("REASON", 26), "WOULD-DENY")?;
+    for e in &a.report.endpoints {
+        writeln!(
+            out,
+            "{}  {}  {}  {}",
+            pad(&format!("{} ({})", e.display_name(), e.endpoint_id), 36),
+            pad(e.state.as_str(), 12),
+            pad(e.reason.as_str(), 26),
+            e.would_deny.len()
+        )?;
+    }
+    if !a.would_deny.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "Would deny:")?;
+        writeln!(out, "  {}  {}  {}  {}  {}  {}  {}", pad("ENDPOINT", 24), pad("DIRECTION", 9), pad("REMOTE", 16), pad("PORT", 6), pad("PROTO", 6), pad("COUNT", 7), "SERVICE / ADDRESSES")?;
+        for w in &a.would_deny {
+            let f = &w.flow;
+            let addrs: Vec<String> = f.remote_addrs.iter().take(4).map(|a| a.to_string()).collect();
+            writeln!(
+                out,
+                "  {}  {}  {}  {}  {}  {}  {}{}",
+                pad(&w.endpoint, 24),
+                pad(f.direction.as_str(), 9),
+                pad(&format!("{} ({})", f.remote, f.remote_name), 16),
+                pad(&f.port.to_string(), 6),
+                pad(&f.protocol, 6),
+                pad(&f.notifications.to_string(), 7),
+                f.service.as_deref().map(|s| format!("{s} ")).unwrap_or_default(),
+                addrs.join(",")
+            )?;
+        }
+    }
+    let l = &a.report.lockout;
+    for (title, list) in [("Lockout risk (audited critical flows on the host)", &l.risk), ("Lockout in progress (denied critical flows on the host)", &l.in_progress)] {
+        if list.is_empty() {
+            continue;
+        }
+        writeln!(out)?;
+        writeln!(out, "{title}:")?;
+        for r in list {
+            writeln!(out, "  {} {} {} {}/{}: {} notifications{}", r.service, r.direction.as_str(), r.remote, r.port, r.protocol, r.notifications,
+                if r.why.is_empty() { String::new() } else { format!(" ({})", r.why) })?;
+        }
+    }
+    if !l.suspected_reply_drops.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "Suspected replies of pre-existing connections, dropped:")?;
+        for r in &l.suspected_reply_drops {
+            writeln!(out, "  from {} to ephemeral {}/{}: {} notifications; {} {}", r.remote, r.port, r.protocol, r.notifications,
+                if r.confirmed { "source port confirms" } else { "possibly" }, r.possible_services.join(", "))?;
+        }
+    }
+    if l.host_endpoint_id.is_none() {
+        writeln!(out)?;
+        writeln!(out, "Host endpoint unknown: pass --host-endpoint ID or --endpoints FILE for lockout detection.")?;
+    }
+    for n in &a.report.noise {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Scan noise on endpoint {}: world probed {} ports ({}-{}) with {} notifications; not suggested{}",
+            n.endpoint_id, n.ports, n.port_min, n.port_max, n.notifications,
+            if n.critical_ports_hit.is_empty() { String::new() } else { format!("; critical ports hit: {}", n.critical_ports_hit.join(", ")) }
+        )?;
+    }
+    if !c.skipped_lines.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "Lines not understood ({}):", c.skipped)?;
+        for s in c.skipped_lines.iter().take(20) {
+            writeln!(out, "  line {}: {}: {}", s.line, s.reason, s.text.chars().take(100).collect::<String>())?;
+        }
+        if c.skipped > 20 {
+            writeln!(out, "  ... {} more (all of them are in --output json)", c.skipped - 20)?;
+        }
+    }
+    for n in &a.report.notes {
+        writeln!(out)?;
+        writeln!(out, "Note: {n}")?;
+    }
+    if !a.suggestions.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "Suggested policies:")?;
+        writeln!(out, "---")?;
+        let docs: Vec<&str> = a.suggestions.iter().map(|s| s.yaml.as_str()).collect();
+        write!(out, "{}", docs.join("---\n"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::readiness::{
+        report::{HostIdentifiedBy, ReadinessState, Reason},
+        testkit::{
+            policy_model::Policy,
+            schema::{CrdSchema, crd_dir},
+        },
+    };
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/readiness").join(name)
+    }
+
+    type Flow = (u16, Direction, String, u32, u16, String);
+
+    fn would_deny_set(a: &Analysis) -> BTreeSet<Flow> {
+        a.would_deny
+            .iter()
+            .map(|w| (w.endpoint_id, w.flow.direction, w.flow.remote.clone(), w.flow.remote_identity, w.flow.port, w.flow.protocol.clone()))
+            .collect()
+    }
+
+    fn expected_would_deny() -> BTreeSet<Flow> {
+        use Direction::*;
+        let s = |v: &str| v.to_owned();
+        BTreeSet::from([
+            (227, Ingress, s("health"), 4, 4240, s("tcp")),
+            (227, Ingress, s("health"), 4, 8, s("icmp")),
+            (227, Ingress, s("remote-node"), 6, 10250, s("tcp")),
+            (227, Ingress, s("world"), 2, 22, s("tcp")),
+            (227, Ingress, s("world"), 9, 22, s("tcp")),
+            (1001, Egress, s("world"), 2, 5432, s("tcp")),
+        ])
+    }
+
+    fn risk_set(a: &Analysis) -> BTreeSet<(String, u16, String, String)> {
+        a.report.lockout.risk.iter().map(|r| (r.service.clone(), r.port, r.protocol.clone(), r.remote.clone())).collect()
+    }
+
+    fn expected_risk() -> BTreeSet<(String, u16, String, String)> {
+        let s = |v: &str| v.to_owned();
+        BTreeSet::from([
+            (s("cilium-health"), 4240, s("tcp"), s("health")),
+            (s("cilium-health-icmp"), 8, s("icmp"), s("health")),
+            (s("kubelet"), 10250, s("tcp"), s("remote-node")),
+            (s("ssh"), 22, s("tcp"), s("world")),
+        ])
+    }
+
+    fn no_evidence_set(a: &Analysis) -> BTreeSet<(u16, Reason)> {
+        a.report.endpoints.iter().filter(|e| e.state == ReadinessState::NoEvidence).map(|e| (e.endpoint_id, e.reason)).collect()
+    }
+
+    /// `with_web`: the web pod's namespace and labels are known (from the
+    /// endpoint list or Hubble), so its policy can be written.
+    fn check_suggestions(a: &Analysis, with_web: bool) -> Vec<Policy> {
+        let yaml: String = a.suggestions.iter().map(|s| s.yaml.clone()).collect::<Vec<_>>().join("---\n");
+        let policies = Policy::parse_stream(&yaml);
+        assert_eq!(policies.len(), 1 + usize::from(with_web), "{yaml}");
+        let cnp = CrdSchema::load(&crd_dir().join("ciliumnetworkpolicies.yaml"), "v2");
+        let ccnp = CrdSchema::load(&crd_dir().join("ciliumclusterwidenetworkpolicies.yaml"), "v2");
+        for p in &policies {
+            let errs = match p {
+                Policy::Namespaced(p) => cnp.validate(&serde_json::to_value(p).unwrap()),
+                Policy::Clusterwide(p) => ccnp.validate(&serde_json::to_value(p).unwrap()),
+            };
+            assert!(errs.is_empty(), "{errs:?}\n{yaml}");
+        }
+        // Observed addresses, never the scanner's.
+        assert!(yaml.contains("- 203.0.113.10/32"), "{yaml}");
+        assert_eq!(yaml.contains("- 10.20.30.40/32"), with_web, "{yaml}");
+        assert!(yaml.contains("# Allows exactly 4 of the 5 would-deny flow(s)"), "{yaml}");
+        assert!(yaml.contains("# not suggested: ingress 22/tcp from 198.51.100.66"), "{yaml}");
+        if !with_web {
+            assert!(yaml.contains("# no policy: the endpoint's namespace or labels are unknown"), "{yaml}");
+        }
+        assert!(!yaml.contains("- 198.51.100.66/32"), "{yaml}");
+        assert!(yaml.contains("kubernetes.io/hostname: node-a"), "{yaml}");
+        policies
+    }
+
+    #[test]
+    fn monitor_text_capture_with_host_endpoint_flag() {
+        let opts = CaptureOptions { host_endpoint: Some(227), node: Some("node-a".into()), ..CaptureOptions::default() };
+        let a = analyze_file(&fixture("lockout-monitor-v1.16.txt"), &opts).unwrap();
+        assert_eq!(a.capture.format, CaptureFormat::Monitor);
+        assert_eq!((a.capture.lines, a.capture.verdicts), (45, 41));
+        let skipped: Vec<usize> = a.capture.skipped_lines.iter().map(|s| s.line).collect();
+        assert_eq!(skipped, vec![1, 2, 23, 34]);
+        assert!(!a.capture.timestamps);
+        assert_eq!(would_deny_set(&a), expected_would_deny());
+        assert_eq!(risk_set(&a), expected_risk());
+        assert!(a.report.lockout.in_progress.is_empty());
+        assert_eq!(a.report.noise.len(), 1);
+        assert_eq!((a.report.noise[0].endpoint_id, a.report.noise[0].ports), (227, 19));
+        assert_eq!(a.report.noise[0].sources, vec!["198.51.100.66".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(no_evidence_set(&a), BTreeSet::new());
+        assert_eq!(a.report.host.identified_by, HostIdentifiedBy::Operator);
+        assert!(a.report.notes.iter().any(|n| n.contains("no timestamps")));
+        check_suggestions(&a, false);
+    }
+
+    #[test]
+    fn hubble_capture_with_endpoint_list() {
+        let opts = CaptureOptions { endpoints: Some(fixture("lockout-endpoints.json")), ..CaptureOptions::default() };
+        let a = analyze_file(&fixture("lockout-hubble.jsonl"), &opts).unwrap();
+        assert_eq!(a.capture.format, CaptureFormat::HubbleJson);
+        assert!(a.capture.timestamps);
+        assert_eq!(a.capture.duration_seconds, Some(40 * 20));
+        assert_eq!(a.capture.skipped_lines.iter().map(|s| s.line).collect::<Vec<_>>(), vec![6]);
+        assert_eq!(would_deny_set(&a), expected_would_deny());
+        assert_eq!(risk_set(&a), expected_risk());
+        assert_eq!(a.report.host.identified_by, HostIdentifiedBy::Directory);
+        // The frontend pod has no policy at all; nothing else is silent.
+        assert_eq!(no_evidence_set(&a), BTreeSet::from([(1002, Reason::NoPolicy)]));
+        // The host policy's node comes from the host endpoint's labels.
+        check_suggestions(&a, true);
+    }
+
+    #[test]
+    fn json_output_names_what_it_holds() {
+        let args = AnalyzeArgs {
+            input: fixture("lockout-monitor-v1.16.txt"),
+            format: Some(CaptureFormat::Monitor),
+            output: OutputFormat::Json,
+            host_endpoint: Some(227),
+            endpoints: None,
+            window: None,
+            capture_duration: Some(Duration::from_secs(48 * 3600)),
+            min_evidence: None,
+            critical_flows: None,
+            node: Some("node-a".into()),
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(run_with(&args, &mut out, &mut err), 0, "{}", String::from_utf8_lossy(&err));
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        for key in ["capture", "would_deny", "lockout", "noise", "endpoints", "host", "suggestions", "summary"] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        for entry in v["would_deny"].as_array().unwrap().iter().chain(v["lockout"]["risk"].as_array().unwrap()) {
+            for key in ["port", "protocol", "remote"] {
+                assert!(entry.get(key).is_some(), "{key} missing in {entry}");
+            }
+        }
+        assert_eq!(v["capture"]["skipped_lines"][0]["line"], 1);
+        assert_eq!(v["capture"]["duration_seconds"], 48 * 3600);
+        assert_eq!(v["noise"][0]["remote"], "world");
+
+        let table = AnalyzeArgs { output: OutputFormat::Table, ..args.clone() };
+        let mut out = Vec::new();
+        assert_eq!(run_with(&table, &mut out, &mut err), 0);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("Lines not understood (4):\n  line 1: "), "{text}");
+        assert!(text.contains("Lockout risk (audited critical flows on the host):\n  cilium-health ingress health 4240/tcp"), "{text}");
+        assert!(text.contains("Scan noise on endpoint 227: world probed 19 ports"), "{text}");
+        assert!(text.contains("kind: CiliumClusterwideNetworkPolicy"), "{text}");
+
+        let yaml = AnalyzeArgs { output: OutputFormat::Yaml, ..args };
+        let mut out = Vec::new();
+        assert_eq!(run_with(&yaml, &mut out, &mut err), 0);
+        let y: serde_yaml::Value = serde_yaml::from_slice(&out).unwrap();
+        assert!(y.get("lockout").is_some());
+    }
+
+    #[test]
+    fn unreadable_inputs_exit_2_with_the_reason() {
+        let args = |input: PathBuf, endpoints: Option<PathBuf>| AnalyzeArgs {
+            input,
+            format: None,
+            output: OutputFormat::Table,
+            host_endpoint: None,
+            endpoints,
+            window: None,
+            capture_duration: None,
+            min_evidence: None,
+            critical_flows: None,
+            node: None,
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(run_with(&args(fixture("missing.txt"), None), &mut out, &mut err), 2);
+        assert!(String::from_utf8_lossy(&err).contains("cannot read the capture"));
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.txt");
+        std::fs::write(&empty, "Listening for events on 2 CPUs with 64x4096 of shared memory\nPress Ctrl-C to quit\n").unwrap();
+        let mut err = Vec::new();
+        assert_eq!(run_with(&args(empty, None), &mut out, &mut err), 2);
+        assert!(String::from_utf8_lossy(&err).contains("holds no policy verdict (2 lines, 2 not understood)"), "{}", String::from_utf8_lossy(&err));
+        let bad = dir.path().join("eps.json");
+        std::fs::write(&bad, "not json").unwrap();
+        let mut err = Vec::new();
+        assert_eq!(run_with(&args(fixture("lockout-monitor-v1.16.txt"), Some(bad)), &mut out, &mut err), 2);
+        assert!(String::from_utf8_lossy(&err).contains("endpoint list"), "{}", String::from_utf8_lossy(&err));
+    }
+
+    #[test]
+    fn aggregation_keeps_remote_addresses_and_source_ports() {
+        let parsed = parse_capture(CaptureFormat::Monitor, BufReader::new(std::fs::File::open(fixture("lockout-monitor-v1.16.txt")).unwrap()));
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let (flows, ports) = aggregate(&parsed.verdicts, t);
+        let kubelet = flows.iter().find(|f| f.dst_port == 10250).unwrap();
+        assert_eq!((kubelet.notifications, kubelet.first_seen, kubelet.last_seen), (3, t, t));
+        assert_eq!(kubelet.remote_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), vec!["10.0.0.12"]);
+        assert_eq!(ports[&FlowKey::from(kubelet)], BTreeSet::from([41234]));
+        let db = flows.iter().find(|f| f.dst_port == 5432).unwrap();
+        assert_eq!(db.remote_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), vec!["10.20.30.40"], "egress: the destination");
+    }
+}

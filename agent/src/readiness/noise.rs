@@ -92,6 +92,7 @@ pub(super) fn classify(ctx: &Ctx<'_>, horizon_start: SystemTime, use_window_coun
             continue;
         }
         let mut ports = BTreeSet::new();
+        let mut sources = BTreeSet::new();
         let mut critical_hit = BTreeSet::new();
         let (mut notifications, mut audited, mut denied, mut flows) = (0u64, 0u64, 0u64, 0usize);
         let mut first = None::<SystemTime>;
@@ -104,6 +105,7 @@ pub(super) fn classify(ctx: &Ctx<'_>, horizon_start: SystemTime, use_window_coun
             }
             noise.insert(c.idx);
             ports.insert(f.dst_port);
+            sources.extend(f.remote_addrs.iter().copied());
             flows += 1;
             notifications += c.count;
             match f.verdict {
@@ -129,6 +131,7 @@ pub(super) fn classify(ctx: &Ctx<'_>, horizon_start: SystemTime, use_window_coun
             first_seen,
             last_seen,
             critical_ports_hit: critical_hit.into_iter().collect(),
+            sources: sources.into_iter().take(64).collect(),
         });
     }
     Classified { noise, summaries }

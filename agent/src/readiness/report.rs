@@ -373,6 +373,10 @@ pub struct NoiseSummary {
     pub last_seen: SystemTime,
     /// Critical ports the scan also hit (`22/tcp`, ...).
     pub critical_ports_hit: Vec<String>,
+    /// Scanning addresses, when the input carried them (captures); up to 64.
+    /// Suggestions never allow them, not even on a critical port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -286,7 +286,7 @@ impl Scenario {
             Traffic::new(HOST, Ingress, 4, 6, 4240, 120, ago(30 * 3600), ago(30)),
             Traffic { icmp_type: Some(8), ..Traffic::new(HOST, Ingress, 4, 1, 0, 118, ago(30 * 3600), ago(30)) },
             // The operator's SSH sessions (the scan adds one probe below).
-            Traffic::new(HOST, Ingress, 2, 6, 22, 6, ago(6 * 3600), ago(300)),
+            Traffic { addrs: vec!["203.0.113.10".parse().unwrap()], ..Traffic::new(HOST, Ingress, 2, 6, 22, 6, ago(6 * 3600), ago(300)) },
             // web: frontend calls it (allowed), it resolves names (allowed),
             // and it talks to a database in a private range outside the
             // cluster, which its policy forgot.

@@ -280,8 +280,20 @@ fn l4_matches(rule: &Value, proto: u8, port: u16, icmp_type: Option<u8>) -> bool
     false
 }
 
-/// Whether the policies allow the traffic.
+/// Whether the policies allow the traffic: a rule allows it, or no policy
+/// with rules in that direction selects the endpoint (no default deny).
 pub fn allows(policies: &[Policy], s: &Subject, dir: Direction, peer: &Peer, proto: u8, port: u16, icmp_type: Option<u8>) -> bool {
+    let (allowed, enforced) = evaluate(policies, s, dir, peer, proto, port, icmp_type);
+    allowed || !enforced
+}
+
+/// Whether some rule of the policies allows the traffic (what a policy
+/// adds, regardless of default deny).
+pub fn rule_allows(policies: &[Policy], s: &Subject, dir: Direction, peer: &Peer, proto: u8, port: u16, icmp_type: Option<u8>) -> bool {
+    evaluate(policies, s, dir, peer, proto, port, icmp_type).0
+}
+
+fn evaluate(policies: &[Policy], s: &Subject, dir: Direction, peer: &Peer, proto: u8, port: u16, icmp_type: Option<u8>) -> (bool, bool) {
     let key = match dir {
         Direction::Ingress => "ingress",
         Direction::Egress => "egress",
@@ -296,9 +308,9 @@ pub fn allows(policies: &[Policy], s: &Subject, dir: Direction, peer: &Peer, pro
         enforced = true;
         for r in rules {
             if peer_matches(r, dir, &ns, peer) && l4_matches(r, proto, port, icmp_type) {
-                return true;
+                return (true, true);
             }
         }
     }
-    !enforced
+    (false, enforced)
 }

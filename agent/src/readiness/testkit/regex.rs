@@ -46,6 +46,12 @@ pub struct Regex {
 #[derive(Debug)]
 pub struct RegexError(pub String);
 
+impl std::fmt::Display for RegexError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 struct Parser<'a> {
     chars: Vec<char>,
     pos: usize,

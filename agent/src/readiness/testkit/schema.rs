@@ -49,7 +49,7 @@ impl CrdSchema {
         let mut cache = self.patterns.borrow_mut();
         let re = cache
             .entry(pattern.to_owned())
-            .or_insert_with(|| Regex::new(pattern).unwrap_or_else(|e| panic!("schema pattern {pattern:?}: {e:?}")));
+            .or_insert_with(|| Regex::new(pattern).unwrap_or_else(|e| panic!("schema pattern {pattern:?}: {e}")));
         re.is_match(s)
     }
 
