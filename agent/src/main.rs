@@ -39,6 +39,14 @@ enum Command {
     /// Play a built-in traffic scenario as Cilium notifications (tests and demos only: it writes
     /// into the cilium_events map at the given path, or into the agent's counters).
     Scenario(ScenarioArgs),
+    /// Ask a running agent whether switching PolicyAuditMode off is safe (exit 0 safe, 1 would break,
+    /// 2 error, 3 not enough evidence).
+    Preflight(verdict_agent::preflight::PreflightArgs),
+    /// Write CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy YAML allowing exactly the observed
+    /// would-deny flows (from a running agent or a capture).
+    Suggest(verdict_agent::suggest::SuggestArgs),
+    /// Readiness, lockout and suggestions offline, from `cilium monitor` text or `hubble observe -o json`.
+    Analyze(verdict_agent::analyze::AnalyzeArgs),
 }
 
 fn init_logging() {
@@ -52,6 +60,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => tokio_main(run::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Scenario(args) => play_scenario(args).map(|()| ExitCode::SUCCESS),
+        Command::Preflight(args) => tokio_main(verdict_agent::preflight::run(args)),
+        Command::Suggest(args) => tokio_main(verdict_agent::suggest::run(args)),
+        Command::Analyze(args) => verdict_agent::analyze::run(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("verdict-agent: {e:#}");
