@@ -15,4 +15,5 @@ pub mod preflight;
 pub mod readiness;
 pub mod run;
 pub mod scenario;
+pub mod silence;
 pub mod suggest;

@@ -321,14 +321,7 @@ async fn start_enrichment(args: &RunArgs) -> anyhow::Result<(Enrichment, Option<
 }
 
 async fn kube_client(config: &enrich::EnrichmentConfig) -> Option<kube::Client> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => match kube::config::Kubeconfig::read_from(path) {
-            Ok(kc) => kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        },
-        None => kube::Config::infer().await.map_err(|e| e.to_string()),
-    };
-    match kube_config.and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string())) {
+    match enrich::kubernetes::client(config.kubeconfig.as_deref()).await {
         Ok(client) => Some(client),
         Err(e) => {
             warn!(error = %e, "no Kubernetes API: no owners, no host policy coverage, no Events (use --no-kube to silence)");
@@ -355,6 +348,7 @@ struct ReadinessLoop {
 /// Re-evaluates readiness after each map read and raises alarms.
 async fn readiness_loop(mut l: ReadinessLoop) {
     let mut tick = tokio::time::interval(l.interval);
+    let mut silence_log = crate::silence::SilenceLog::default();
     loop {
         tick.tick().await;
         let flows = l.view.read().unwrap_or_else(|e| e.into_inner()).flows.clone();
@@ -374,6 +368,7 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         input.node = l.node.clone();
         let report = readiness::evaluate(&input, &l.config);
         l.alarms.process(&report, now).await;
+        silence_log.update(&report);
         *l.report.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
     }
 }
@@ -408,7 +403,10 @@ struct ReadinessCollector(SharedReport);
 impl Collector for ReadinessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         match self.0.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            Some(report) => readiness::metrics::encode_metrics(report, &mut encoder),
+            Some(report) => {
+                readiness::metrics::encode_metrics(report, &mut encoder)?;
+                crate::silence::encode(report, &mut encoder)
+            }
             None => Ok(()),
         }
     }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod deploy;
+mod e2e;
 mod test;
 mod tools;
 mod vm;

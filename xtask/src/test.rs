@@ -7,7 +7,8 @@
 //!    through the host kernel's verifier and run them with BPF_PROG_TEST_RUN);
 //! 3. the tap on real kernels: one QEMU VM per Debian kernel (5.10, 6.1,
 //!    6.12) runs `vm-driver` (fentry and kprobe, end to end);
-//! 4. the deploy/ checks (Helm, manifests, Prometheus rules).
+//! 4. the deploy/ checks (Helm, manifests, Prometheus rules);
+//! 5. the agent end to end with a real Prometheus evaluating the alerts.
 //!
 //! Ends with one line `xtask test: N passed, M failed`.
 
@@ -65,7 +66,8 @@ pub fn run(args: TestArgs) -> Result<()> {
         }
         Err(e) => step("vm kernels", &mut || Err(anyhow::anyhow!("{e:#}"))),
     }
-    // deploy/ checks join here once deploy::check lands.
+    step("deploy checks", &mut crate::deploy::check);
+    step("agent + real Prometheus", &mut crate::e2e::run);
 
     println!("\n=== summary");
     for o in &outcomes {
