@@ -98,6 +98,7 @@ pub struct FlowView {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct FlowsResponse {
     pub tap: String,
+    #[serde(with = "crate::readiness::timefmt::rfc3339_opt")]
     pub read_at: Option<SystemTime>,
     pub flows: Vec<FlowView>,
 }

@@ -16,8 +16,8 @@ use verdict_common::{
 };
 
 use crate::{
-    cilium::identity,
-    model::{Direction, EndpointDirectory, match_type_name, policy_drop_reason_text, proto_name},
+    cilium::monitor::api::{drop_reason_text, match_type_name},
+    model::{Direction, EndpointDirectory, proto_name},
     state::SharedView,
 };
 
@@ -55,29 +55,12 @@ fn gauge(v: i64) -> ConstGauge<i64> {
 
 /// The per-endpoint label set: endpoint, kind, namespace, pod.
 pub fn endpoint_labels(directory: &dyn EndpointDirectory, id: u16) -> Labels {
-    let info = directory.endpoint(id).unwrap_or_default();
-    vec![
-        ("endpoint", id.to_string()),
-        ("kind", info.kind.as_str().to_string()),
-        ("namespace", info.namespace.unwrap_or_default()),
-        ("pod", info.pod.unwrap_or_default()),
-    ]
+    crate::enrich::EndpointLabels::new(id, directory.endpoint(id).as_ref()).to_vec()
 }
 
 /// A readable, bounded name for the remote side of a flow.
 pub fn remote_name(directory: &dyn EndpointDirectory, id: u32) -> String {
-    match identity::classify(id) {
-        identity::IdentityClass::Reserved(name) => name.to_string(),
-        identity::IdentityClass::Cidr => "cidr".to_string(),
-        _ => {
-            let labels = directory.identity_labels(id).unwrap_or_default();
-            let get = |k: &str| labels.iter().find_map(|l| l.strip_prefix(k).map(str::to_owned));
-            match (get("k8s:io.kubernetes.pod.namespace="), get("k8s:app=").or_else(|| get("k8s:app.kubernetes.io/name="))) {
-                (Some(ns), Some(app)) => format!("{ns}/{app}"),
-                _ => id.to_string(),
-            }
-        }
-    }
+    crate::enrich::remote_name(id, directory.identity_labels(id).as_deref())
 }
 
 /// Verdict counters and pipeline health.
@@ -128,7 +111,7 @@ impl Collector for VerdictCollector {
                 let mut l = endpoint_labels(dir, k.endpoint_id);
                 l.push(("direction", direction.as_str().into()));
                 if k.notify_type == notify_type::DROP {
-                    l.push(("reason", policy_drop_reason_text(k.reason)));
+                    l.push(("reason", drop_reason_text(k.reason).map_or_else(|| k.reason.to_string(), str::to_owned)));
                     drops.push((l, counter(t.notifications)));
                     continue;
                 }

@@ -122,7 +122,9 @@ pub struct FlowRecord {
     pub notifications: u64,
     /// Sum of the notified packets' original lengths.
     pub bytes: u64,
+    #[serde(with = "crate::readiness::timefmt::rfc3339")]
     pub first_seen: SystemTime,
+    #[serde(with = "crate::readiness::timefmt::rfc3339")]
     pub last_seen: SystemTime,
     /// Remote addresses, when the input carried them (captures do, the
     /// kernel notification does not).
@@ -262,34 +264,5 @@ impl EndpointDirectory for NoDirectory {
     }
     fn host_policy_coverage(&self) -> Option<HostPolicyCoverage> {
         None
-    }
-}
-
-/// Cilium's printed name of a policy match type (`pkg/monitor/api/types.go`).
-pub fn match_type_name(match_type: u8) -> &'static str {
-    match match_type {
-        0 => "none",
-        1 => "L3-Only",
-        2 => "L3-L4",
-        3 => "L4-Only",
-        4 => "all",
-        5 => "L3-Proto",
-        6 => "Proto-Only",
-        _ => "unknown",
-    }
-}
-
-/// Cilium's text for a policy drop reason (`pkg/monitor/api/drop.go`).
-pub fn policy_drop_reason_text(reason: u8) -> String {
-    match reason {
-        133 => "Policy denied".into(),
-        157 => "IP fragmentation not supported".into(),
-        165 => "No configuration available to perform policy decision".into(),
-        170 => "Encapsulation traffic is prohibited".into(),
-        181 => "Policy denied by denylist".into(),
-        189 => "Authentication required".into(),
-        202 => "Host datapath not ready".into(),
-        203 => "Endpoint policy program not available".into(),
-        n => n.to_string(),
     }
 }

@@ -124,7 +124,7 @@ pub(crate) fn reserved_labels(id: u32) -> Option<Vec<String>> {
 /// A readable, bounded name for a remote identity: its reserved name,
 /// "cidr" for local CIDR/FQDN identities, "namespace/app" from its labels,
 /// else the number.
-pub(crate) fn remote_name(id: u32, labels: Option<&[String]>) -> String {
+pub fn remote_name(id: u32, labels: Option<&[String]>) -> String {
     match identity::classify(id) {
         identity::IdentityClass::Reserved(name) => return name.to_owned(),
         identity::IdentityClass::Cidr => return "cidr".to_owned(),

@@ -41,7 +41,7 @@ use tokio::{sync::mpsc, task::AbortHandle};
 
 pub use self::{
     cilium_api::{CiliumApiClient, CiliumApiError, DEFAULT_SOCKET, DaemonFacts},
-    directory::SourceStatus,
+    directory::{SourceStatus, remote_name},
     kubernetes::KubeError,
     metrics::EndpointLabels,
 };
