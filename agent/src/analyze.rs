@@ -21,7 +21,9 @@ use thiserror::Error;
 
 use crate::{
     cilium::endpoint_list::{EndpointListError, parse_endpoint_list},
-    model::{CapturedVerdict, Direction, EndpointDirectory, EndpointInfo, EndpointKind, FlowRecord, HostPolicyCoverage},
+    model::{
+        CapturedVerdict, Direction, EndpointDirectory, EndpointInfo, EndpointKind, FlowRecord, HostPolicyCoverage,
+    },
     readiness::{
         self, CatalogueError, CriticalCatalogue, FlowKey, Observation, ReadinessConfig, ReadinessInput, SourcePorts,
         report::{FlowEntry, ReadinessReport},
@@ -120,7 +122,9 @@ pub enum AnalyzeError {
     Endpoints { path: String, source: EndpointListError },
     #[error(transparent)]
     Catalogue(#[from] CatalogueError),
-    #[error("the capture {path} holds no policy verdict ({lines} lines, {skipped} not understood); was it taken with `cilium-dbg monitor -t policy-verdict` or `hubble observe -o json`?")]
+    #[error(
+        "the capture {path} holds no policy verdict ({lines} lines, {skipped} not understood); was it taken with `cilium-dbg monitor -t policy-verdict` or `hubble observe -o json`?"
+    )]
     Empty { path: String, lines: usize, skipped: usize },
 }
 
@@ -234,7 +238,8 @@ pub fn analyze_file(path: &Path, opts: &CaptureOptions) -> Result<Analysis, Anal
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|source| AnalyzeError::EndpointsRead { path: p.display().to_string(), source })?;
-            parse_endpoint_list(&text).map_err(|source| AnalyzeError::Endpoints { path: p.display().to_string(), source })?
+            parse_endpoint_list(&text)
+                .map_err(|source| AnalyzeError::Endpoints { path: p.display().to_string(), source })?
         }
         None => Vec::new(),
     };
@@ -401,7 +406,9 @@ pub fn analyze_capture(
             .into(),
     });
 
-    let suggestions = suggest::suggest(&report, None, &SuggestOptions { node: opts.node.clone(), ..SuggestOptions::default() })
+    let suggest_opts =
+        SuggestOptions { node: opts.node.clone(), times_unknown: !timestamps, ..SuggestOptions::default() };
+    let suggestions = suggest::suggest(&report, None, &suggest_opts)
         .unwrap_or_default()
         .into_iter()
         .map(|s| SuggestionText {
@@ -416,7 +423,13 @@ pub fn analyze_capture(
     let would_deny = report
         .endpoints
         .iter()
-        .flat_map(|e| e.would_deny.iter().map(|f| EndpointFlow { endpoint_id: e.endpoint_id, endpoint: e.display_name(), flow: f.clone() }))
+        .flat_map(|e| {
+            e.would_deny.iter().map(|f| EndpointFlow {
+                endpoint_id: e.endpoint_id,
+                endpoint: e.display_name(),
+                flow: f.clone(),
+            })
+        })
         .collect();
     Analysis {
         capture: CaptureSummary {
@@ -480,9 +493,12 @@ fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     let c = &a.capture;
     writeln!(
         out,
-        "Capture {} ({:?}): {} lines, {} verdicts in {} flows, {} lines not understood{}",
+        "Capture {} ({}): {} lines, {} verdicts in {} flows, {} lines not understood{}",
         c.file,
-        c.format,
+        match c.format {
+            CaptureFormat::Monitor => "cilium monitor text",
+            CaptureFormat::HubbleJson => "hubble json",
+        },
         c.lines,
         c.verdicts,
         c.flows,
@@ -493,7 +509,7 @@ fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         }
     )?;
     writeln!(out)?;
-    writeln!(out, "{}  {}  {}  {}", pad("ENDPOINT", 36), pad("STATE", 12), pad("REASON", 26), "WOULD-DENY")?;
+    writeln!(out, "{}  {}  {}  WOULD-DENY", pad("ENDPOINT", 36), pad("STATE", 12), pad("REASON", 26))?;
     for e in &a.report.endpoints {
         writeln!(
             out,
@@ -507,7 +523,16 @@ fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
     if !a.would_deny.is_empty() {
         writeln!(out)?;
         writeln!(out, "Would deny:")?;
-        writeln!(out, "  {}  {}  {}  {}  {}  {}  {}", pad("ENDPOINT", 24), pad("DIRECTION", 9), pad("REMOTE", 16), pad("PORT", 6), pad("PROTO", 6), pad("COUNT", 7), "SERVICE / ADDRESSES")?;
+        writeln!(
+            out,
+            "  {}  {}  {}  {}  {}  {}  SERVICE / ADDRESSES",
+            pad("ENDPOINT", 24),
+            pad("DIRECTION", 9),
+            pad("REMOTE", 16),
+            pad("PORT", 6),
+            pad("PROTO", 6),
+            pad("COUNT", 7)
+        )?;
         for w in &a.would_deny {
             let f = &w.flow;
             let addrs: Vec<String> = f.remote_addrs.iter().take(4).map(|a| a.to_string()).collect();
@@ -516,7 +541,14 @@ fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
                 "  {}  {}  {}  {}  {}  {}  {}{}",
                 pad(&w.endpoint, 24),
                 pad(f.direction.as_str(), 9),
-                pad(&format!("{} ({})", f.remote, f.remote_name), 16),
+                pad(
+                    &if f.remote == f.remote_name {
+                        f.remote.clone()
+                    } else {
+                        format!("{} ({})", f.remote, f.remote_name)
+                    },
+                    16
+                ),
                 pad(&f.port.to_string(), 6),
                 pad(&f.protocol, 6),
                 pad(&f.notifications.to_string(), 7),
@@ -526,23 +558,43 @@ fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         }
     }
     let l = &a.report.lockout;
-    for (title, list) in [("Lockout risk (audited critical flows on the host)", &l.risk), ("Lockout in progress (denied critical flows on the host)", &l.in_progress)] {
+    for (title, list) in [
+        ("Lockout risk (audited critical flows on the host)", &l.risk),
+        ("Lockout in progress (denied critical flows on the host)", &l.in_progress),
+    ] {
         if list.is_empty() {
             continue;
         }
         writeln!(out)?;
         writeln!(out, "{title}:")?;
         for r in list {
-            writeln!(out, "  {} {} {} {}/{}: {} notifications{}", r.service, r.direction.as_str(), r.remote, r.port, r.protocol, r.notifications,
-                if r.why.is_empty() { String::new() } else { format!(" ({})", r.why) })?;
+            writeln!(
+                out,
+                "  {} {} {} {}/{}: {} notifications{}",
+                r.service,
+                r.direction.as_str(),
+                r.remote,
+                r.port,
+                r.protocol,
+                r.notifications,
+                if r.why.is_empty() { String::new() } else { format!(" ({})", r.why) }
+            )?;
         }
     }
     if !l.suspected_reply_drops.is_empty() {
         writeln!(out)?;
         writeln!(out, "Suspected replies of pre-existing connections, dropped:")?;
         for r in &l.suspected_reply_drops {
-            writeln!(out, "  from {} to ephemeral {}/{}: {} notifications; {} {}", r.remote, r.port, r.protocol, r.notifications,
-                if r.confirmed { "source port confirms" } else { "possibly" }, r.possible_services.join(", "))?;
+            writeln!(
+                out,
+                "  from {} to ephemeral {}/{}: {} notifications; {} {}",
+                r.remote,
+                r.port,
+                r.protocol,
+                r.notifications,
+                if r.confirmed { "source port confirms" } else { "possibly" },
+                r.possible_services.join(", ")
+            )?;
         }
     }
     if l.host_endpoint_id.is_none() {
@@ -554,8 +606,16 @@ fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "Scan noise on endpoint {}: world probed {} ports ({}-{}) with {} notifications; not suggested{}",
-            n.endpoint_id, n.ports, n.port_min, n.port_max, n.notifications,
-            if n.critical_ports_hit.is_empty() { String::new() } else { format!("; critical ports hit: {}", n.critical_ports_hit.join(", ")) }
+            n.endpoint_id,
+            n.ports,
+            n.port_min,
+            n.port_max,
+            n.notifications,
+            if n.critical_ports_hit.is_empty() {
+                String::new()
+            } else {
+                format!("; critical ports hit: {}", n.critical_ports_hit.join(", "))
+            }
         )?;
     }
     if !c.skipped_lines.is_empty() {
@@ -606,7 +666,16 @@ mod tests {
     fn would_deny_set(a: &Analysis) -> BTreeSet<Flow> {
         a.would_deny
             .iter()
-            .map(|w| (w.endpoint_id, w.flow.direction, w.flow.remote.clone(), w.flow.remote_identity, w.flow.port, w.flow.protocol.clone()))
+            .map(|w| {
+                (
+                    w.endpoint_id,
+                    w.flow.direction,
+                    w.flow.remote.clone(),
+                    w.flow.remote_identity,
+                    w.flow.port,
+                    w.flow.protocol.clone(),
+                )
+            })
             .collect()
     }
 
@@ -624,7 +693,12 @@ mod tests {
     }
 
     fn risk_set(a: &Analysis) -> BTreeSet<(String, u16, String, String)> {
-        a.report.lockout.risk.iter().map(|r| (r.service.clone(), r.port, r.protocol.clone(), r.remote.clone())).collect()
+        a.report
+            .lockout
+            .risk
+            .iter()
+            .map(|r| (r.service.clone(), r.port, r.protocol.clone(), r.remote.clone()))
+            .collect()
     }
 
     fn expected_risk() -> BTreeSet<(String, u16, String, String)> {
@@ -638,7 +712,12 @@ mod tests {
     }
 
     fn no_evidence_set(a: &Analysis) -> BTreeSet<(u16, Reason)> {
-        a.report.endpoints.iter().filter(|e| e.state == ReadinessState::NoEvidence).map(|e| (e.endpoint_id, e.reason)).collect()
+        a.report
+            .endpoints
+            .iter()
+            .filter(|e| e.state == ReadinessState::NoEvidence)
+            .map(|e| (e.endpoint_id, e.reason))
+            .collect()
     }
 
     /// `with_web`: the web pod's namespace and labels are known (from the
@@ -671,7 +750,8 @@ mod tests {
 
     #[test]
     fn monitor_text_capture_with_host_endpoint_flag() {
-        let opts = CaptureOptions { host_endpoint: Some(227), node: Some("node-a".into()), ..CaptureOptions::default() };
+        let opts =
+            CaptureOptions { host_endpoint: Some(227), node: Some("node-a".into()), ..CaptureOptions::default() };
         let a = analyze_file(&fixture("lockout-monitor-v1.16.txt"), &opts).unwrap();
         assert_eq!(a.capture.format, CaptureFormat::Monitor);
         assert_eq!((a.capture.lines, a.capture.verdicts), (45, 41));
@@ -741,7 +821,12 @@ mod tests {
         assert_eq!(run_with(&table, &mut out, &mut err), 0);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("Lines not understood (4):\n  line 1: "), "{text}");
-        assert!(text.contains("Lockout risk (audited critical flows on the host):\n  cilium-health ingress health 4240/tcp"), "{text}");
+        assert!(
+            text.contains(
+                "Lockout risk (audited critical flows on the host):\n  cilium-health ingress health 4240/tcp"
+            ),
+            "{text}"
+        );
         assert!(text.contains("Scan noise on endpoint 227: world probed 19 ports"), "{text}");
         assert!(text.contains("kind: CiliumClusterwideNetworkPolicy"), "{text}");
 
@@ -771,10 +856,15 @@ mod tests {
         assert!(String::from_utf8_lossy(&err).contains("cannot read the capture"));
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.txt");
-        std::fs::write(&empty, "Listening for events on 2 CPUs with 64x4096 of shared memory\nPress Ctrl-C to quit\n").unwrap();
+        std::fs::write(&empty, "Listening for events on 2 CPUs with 64x4096 of shared memory\nPress Ctrl-C to quit\n")
+            .unwrap();
         let mut err = Vec::new();
         assert_eq!(run_with(&args(empty, None), &mut out, &mut err), 2);
-        assert!(String::from_utf8_lossy(&err).contains("holds no policy verdict (2 lines, 2 not understood)"), "{}", String::from_utf8_lossy(&err));
+        assert!(
+            String::from_utf8_lossy(&err).contains("holds no policy verdict (2 lines, 2 not understood)"),
+            "{}",
+            String::from_utf8_lossy(&err)
+        );
         let bad = dir.path().join("eps.json");
         std::fs::write(&bad, "not json").unwrap();
         let mut err = Vec::new();
@@ -784,7 +874,10 @@ mod tests {
 
     #[test]
     fn aggregation_keeps_remote_addresses_and_source_ports() {
-        let parsed = parse_capture(CaptureFormat::Monitor, BufReader::new(std::fs::File::open(fixture("lockout-monitor-v1.16.txt")).unwrap()));
+        let parsed = parse_capture(
+            CaptureFormat::Monitor,
+            BufReader::new(std::fs::File::open(fixture("lockout-monitor-v1.16.txt")).unwrap()),
+        );
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let (flows, ports) = aggregate(&parsed.verdicts, t);
         let kubelet = flows.iter().find(|f| f.dst_port == 10250).unwrap();
@@ -792,6 +885,10 @@ mod tests {
         assert_eq!(kubelet.remote_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), vec!["10.0.0.12"]);
         assert_eq!(ports[&FlowKey::from(kubelet)], BTreeSet::from([41234]));
         let db = flows.iter().find(|f| f.dst_port == 5432).unwrap();
-        assert_eq!(db.remote_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), vec!["10.20.30.40"], "egress: the destination");
+        assert_eq!(
+            db.remote_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            vec!["10.20.30.40"],
+            "egress: the destination"
+        );
     }
 }

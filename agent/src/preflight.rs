@@ -57,7 +57,9 @@ pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 pub enum PreflightError {
     #[error("{url:?} is not an agent address (expected http://HOST:PORT, e.g. {DEFAULT_AGENT})")]
     BadUrl { url: String },
-    #[error("cannot reach the agent at {addr}: {source}; is `verdict-agent run` running there (kubectl -n kube-system port-forward ds/verdict-agent 9965)?")]
+    #[error(
+        "cannot reach the agent at {addr}: {source}; is `verdict-agent run` running there (kubectl -n kube-system port-forward ds/verdict-agent 9965)?"
+    )]
     Connect { addr: String, source: std::io::Error },
     #[error("the agent at {addr} did not answer within {secs}s")]
     Timeout { addr: String, secs: u64 },
@@ -65,8 +67,12 @@ pub enum PreflightError {
     Http { addr: String, source: hyper::Error },
     #[error("the agent at {url} answered {status}: {body}")]
     Status { url: String, status: u16, body: String },
-    #[error("the agent at {url} sent a readiness report this preflight cannot read ({source}); are the agent and CLI the same version?")]
+    #[error(
+        "the agent at {url} sent a readiness report this preflight cannot read ({source}); are the agent and CLI the same version?"
+    )]
     Decode { url: String, source: serde_json::Error },
+    #[error("the agent at {url} has no readiness report: {message}")]
+    NotReady { url: String, message: String },
 }
 
 struct AgentUrl {
@@ -102,7 +108,11 @@ fn encode_query(s: &str) -> String {
 }
 
 /// GET `/api/v1/readiness` from the agent (optionally `?endpoint=`).
-pub async fn fetch_report(agent: &str, endpoint: Option<&str>, window: Option<Duration>) -> Result<ReadinessReport, PreflightError> {
+pub async fn fetch_report(
+    agent: &str,
+    endpoint: Option<&str>,
+    window: Option<Duration>,
+) -> Result<ReadinessReport, PreflightError> {
     fetch_report_with_timeout(agent, endpoint, window, Duration::from_secs(10)).await
 }
 
@@ -138,7 +148,8 @@ pub async fn fetch_report_with_timeout(
             .header(hyper::header::ACCEPT, "application/json")
             .body(Empty::<Bytes>::new())
             .expect("a GET with a path and two headers is a valid request");
-        let resp = sender.send_request(req).await.map_err(|source| PreflightError::Http { addr: addr.clone(), source })?;
+        let resp =
+            sender.send_request(req).await.map_err(|source| PreflightError::Http { addr: addr.clone(), source })?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
@@ -155,6 +166,13 @@ pub async fn fetch_report_with_timeout(
     if status != 200 {
         let text = String::from_utf8_lossy(&body);
         return Err(PreflightError::Status { url, status, body: text.trim().chars().take(300).collect() });
+    }
+    // The agent answers `{"error": ...}` until its first evaluation.
+    if let Ok(serde_json::Value::Object(m)) = serde_json::from_slice::<serde_json::Value>(&body)
+        && m.len() == 1
+        && let Some(serde_json::Value::String(message)) = m.get("error")
+    {
+        return Err(PreflightError::NotReady { url, message: message.clone() });
     }
     serde_json::from_slice(&body).map_err(|source| PreflightError::Decode { url, source })
 }
@@ -189,7 +207,14 @@ pub async fn run(args: PreflightArgs) -> anyhow::Result<ExitCode> {
 
 /// `run` with its output streams; returns the exit code.
 pub async fn run_with(args: PreflightArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let report = match fetch_report_with_timeout(&args.agent, args.endpoint.as_deref(), args.window, Duration::from_secs(args.timeout)).await {
+    let report = match fetch_report_with_timeout(
+        &args.agent,
+        args.endpoint.as_deref(),
+        args.window,
+        Duration::from_secs(args.timeout),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             let _ = writeln!(err, "preflight: {e}");
@@ -227,7 +252,12 @@ fn pad(s: &str, w: usize) -> String {
     format!("{s:<w$}")
 }
 
-fn print_outcome(report: &ReadinessReport, selected: &[&EndpointReadiness], window: Option<Duration>, out: &mut dyn Write) -> std::io::Result<u8> {
+fn print_outcome(
+    report: &ReadinessReport,
+    selected: &[&EndpointReadiness],
+    window: Option<Duration>,
+    out: &mut dyn Write,
+) -> std::io::Result<u8> {
     writeln!(
         out,
         "Readiness at {}{} (evidence period {}, window {})",
@@ -237,7 +267,7 @@ fn print_outcome(report: &ReadinessReport, selected: &[&EndpointReadiness], wind
         format_duration(Duration::from_secs(report.config.window_seconds)),
     )?;
     writeln!(out)?;
-    writeln!(out, "{}  {}  {}  {}", pad("ENDPOINT", 36), pad("STATE", 12), pad("REASON", 26), "WOULD-DENY")?;
+    writeln!(out, "{}  {}  {}  WOULD-DENY", pad("ENDPOINT", 36), pad("STATE", 12), pad("REASON", 26))?;
     for e in selected {
         writeln!(
             out,
@@ -253,8 +283,13 @@ fn print_outcome(report: &ReadinessReport, selected: &[&EndpointReadiness], wind
         writeln!(out, "Would break on {} (endpoint {}):", e.display_name(), e.endpoint_id)?;
         writeln!(
             out,
-            "  {}  {}  {}  {}  {}  {}  {}",
-            pad("DIRECTION", 9), pad("REMOTE", 16), pad("IDENTITY", 12), pad("PORT", 6), pad("PROTO", 6), pad("NOTIFICATIONS", 13), "LAST SEEN / SERVICE"
+            "  {}  {}  {}  {}  {}  {}  LAST SEEN / SERVICE",
+            pad("DIRECTION", 9),
+            pad("REMOTE", 16),
+            pad("IDENTITY", 12),
+            pad("PORT", 6),
+            pad("PROTO", 6),
+            pad("NOTIFICATIONS", 13)
         )?;
         for f in &e.would_deny {
             writeln!(
@@ -274,13 +309,26 @@ fn print_outcome(report: &ReadinessReport, selected: &[&EndpointReadiness], wind
     let host_selected = selected.iter().any(|e| e.kind == EndpointKind::Host);
     if host_selected && (!report.lockout.risk.is_empty() || !report.lockout.in_progress.is_empty()) {
         writeln!(out)?;
-        for (title, list) in [("Host lockout risk (audited critical flows)", &report.lockout.risk), ("Host lockout IN PROGRESS (denied critical flows)", &report.lockout.in_progress)] {
+        for (title, list) in [
+            ("Host lockout risk (audited critical flows)", &report.lockout.risk),
+            ("Host lockout IN PROGRESS (denied critical flows)", &report.lockout.in_progress),
+        ] {
             if list.is_empty() {
                 continue;
             }
             writeln!(out, "{title}:")?;
             for r in list {
-                writeln!(out, "  {} {} {} {}/{} ({} notifications, last {})", r.service, r.direction.as_str(), r.remote, r.port, r.protocol, r.notifications, format_rfc3339(r.last_seen))?;
+                writeln!(
+                    out,
+                    "  {} {} {} {}/{} ({} notifications, last {})",
+                    r.service,
+                    r.direction.as_str(),
+                    r.remote,
+                    r.port,
+                    r.protocol,
+                    r.notifications,
+                    format_rfc3339(r.last_seen)
+                )?;
             }
         }
     }
@@ -296,7 +344,15 @@ fn print_outcome(report: &ReadinessReport, selected: &[&EndpointReadiness], wind
                 (GateStatus::Unknown, false) => "unknown",
             };
             let dir = g.direction.map(|d| format!(" ({})", d.as_str())).unwrap_or_default();
-            let src = g.source.map(|s| format!(" [{}]", serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default())).unwrap_or_default();
+            let src = g
+                .source
+                .map(|s| {
+                    format!(
+                        " [{}]",
+                        serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
             writeln!(out, "  [{status}] {}{dir}{src}: {}", g.name, g.detail)?;
         }
     }
@@ -311,8 +367,15 @@ fn print_outcome(report: &ReadinessReport, selected: &[&EndpointReadiness], wind
     match worst {
         ReadinessState::WouldBreak => {
             let n: usize = selected.iter().filter(|e| e.state == ReadinessState::WouldBreak).count();
-            writeln!(out, "NOT SAFE: switching PolicyAuditMode off would break traffic on {n} endpoint(s) listed above.")?;
-            writeln!(out, "Allow the flows you need (`verdict-agent suggest{}`), then check again.", selected_arg(selected))?;
+            writeln!(
+                out,
+                "NOT SAFE: switching PolicyAuditMode off would break traffic on {n} endpoint(s) listed above."
+            )?;
+            writeln!(
+                out,
+                "Allow the flows you need (`verdict-agent suggest{}`), then check again.",
+                selected_arg(selected)
+            )?;
             Ok(EXIT_WOULD_BREAK)
         }
         ReadinessState::NoEvidence => {
@@ -322,7 +385,9 @@ fn print_outcome(report: &ReadinessReport, selected: &[&EndpointReadiness], wind
                     .gates
                     .iter()
                     .filter(|g| g.holds_back() && g.cause == Some(e.reason))
-                    .map(|g| format!("{}{}", g.name, g.direction.map(|d| format!(" ({})", d.as_str())).unwrap_or_default()))
+                    .map(|g| {
+                        format!("{}{}", g.name, g.direction.map(|d| format!(" ({})", d.as_str())).unwrap_or_default())
+                    })
                     .collect();
                 writeln!(
                     out,
@@ -360,7 +425,11 @@ fn selected_arg(selected: &[&EndpointReadiness]) -> String {
 /// The commands that switch audit mode off and back on. Endpoint IDs are
 /// local to a node, so they must run in the Cilium pod of that node:
 /// `ds/cilium` would pick any node's pod.
-fn print_switch_commands(report: &ReadinessReport, selected: &[&EndpointReadiness], out: &mut dyn Write) -> std::io::Result<()> {
+fn print_switch_commands(
+    report: &ReadinessReport,
+    selected: &[&EndpointReadiness],
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let exec = match &report.node {
         Some(node) => format!(
             "kubectl -n kube-system exec $(kubectl -n kube-system get pod -l k8s-app=cilium --field-selector spec.nodeName={node} -o name) --"
@@ -384,12 +453,22 @@ fn print_switch_commands(report: &ReadinessReport, selected: &[&EndpointReadines
     writeln!(out)?;
     writeln!(out, "Switch PolicyAuditMode off:")?;
     for e in &targets {
-        writeln!(out, "  {exec} cilium-dbg endpoint config {} PolicyAuditMode=Disabled   # {}", e.endpoint_id, e.display_name())?;
+        writeln!(
+            out,
+            "  {exec} cilium-dbg endpoint config {} PolicyAuditMode=Disabled   # {}",
+            e.endpoint_id,
+            e.display_name()
+        )?;
     }
     writeln!(out)?;
     writeln!(out, "Switch it back on (if anything breaks; the agent's lockout alarm watches the first minutes):")?;
     for e in &targets {
-        writeln!(out, "  {exec} cilium-dbg endpoint config {} PolicyAuditMode=Enabled   # {}", e.endpoint_id, e.display_name())?;
+        writeln!(
+            out,
+            "  {exec} cilium-dbg endpoint config {} PolicyAuditMode=Enabled   # {}",
+            e.endpoint_id,
+            e.display_name()
+        )?;
     }
     writeln!(out)?;
     writeln!(
@@ -400,7 +479,6 @@ fn print_switch_commands(report: &ReadinessReport, selected: &[&EndpointReadines
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -410,10 +488,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{Direction, FlowRecord, Verdict},
-        readiness::{
-            self, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig, ReadinessInput,
-            testkit::*,
-        },
+        readiness::{self, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig, ReadinessInput, testkit::*},
     };
 
     /// Serves one fixed answer to every request; records the request lines.
@@ -537,7 +612,12 @@ mod tests {
         let (url, _) = serve(200, quiet_json(None)).await;
         let (code, out, _) = run_capture(args(&url, Some("shop/quiet-0"), Some("2h"))).await;
         assert_eq!(code, EXIT_SAFE, "{out}");
-        assert!(out.contains("kubectl -n kube-system exec ds/cilium -- cilium-dbg endpoint config 1003 PolicyAuditMode=Disabled"), "{out}");
+        assert!(
+            out.contains(
+                "kubectl -n kube-system exec ds/cilium -- cilium-dbg endpoint config 1003 PolicyAuditMode=Disabled"
+            ),
+            "{out}"
+        );
         assert!(out.contains("picks the Cilium pod of an arbitrary node"), "{out}");
     }
 
@@ -560,6 +640,11 @@ mod tests {
         let (code, _, err) = run_capture(args(&url, None, None)).await;
         assert_eq!(code, EXIT_ERROR);
         assert!(err.contains("cannot read"), "{err}");
+        // The agent has not evaluated yet.
+        let (url, _) = serve(200, r#"{"error":"readiness not evaluated yet; retry in a few seconds"}"#.into()).await;
+        let (code, _, err) = run_capture(args(&url, None, None)).await;
+        assert_eq!(code, EXIT_ERROR);
+        assert!(err.contains("has no readiness report: readiness not evaluated yet"), "{err}");
         // No such endpoint.
         let (url, _) = serve(200, scenario_json()).await;
         let (code, _, err) = run_capture(args(&url, Some("shop/nope"), None)).await;

@@ -28,9 +28,10 @@ use k8s_crds_cilium::{
     CiliumClusterwideNetworkPolicyNodeSelector, CiliumClusterwideNetworkPolicySpec, CiliumNetworkPolicy,
     CiliumNetworkPolicyEgress, CiliumNetworkPolicyEgressIcmps, CiliumNetworkPolicyEgressIcmpsFields,
     CiliumNetworkPolicyEgressIcmpsFieldsFamily, CiliumNetworkPolicyEgressToEndpoints, CiliumNetworkPolicyEgressToPorts,
-    CiliumNetworkPolicyEgressToPortsPorts, CiliumNetworkPolicyEgressToPortsPortsProtocol, CiliumNetworkPolicyEndpointSelector,
-    CiliumNetworkPolicyIngress, CiliumNetworkPolicyIngressFromEndpoints, CiliumNetworkPolicyIngressIcmps,
-    CiliumNetworkPolicyIngressIcmpsFields, CiliumNetworkPolicyIngressIcmpsFieldsFamily, CiliumNetworkPolicyIngressToPorts,
+    CiliumNetworkPolicyEgressToPortsPorts, CiliumNetworkPolicyEgressToPortsPortsProtocol,
+    CiliumNetworkPolicyEndpointSelector, CiliumNetworkPolicyIngress, CiliumNetworkPolicyIngressFromEndpoints,
+    CiliumNetworkPolicyIngressIcmps, CiliumNetworkPolicyIngressIcmpsFields,
+    CiliumNetworkPolicyIngressIcmpsFieldsFamily, CiliumNetworkPolicyIngressToPorts,
     CiliumNetworkPolicyIngressToPortsPorts, CiliumNetworkPolicyIngressToPortsPortsProtocol, CiliumNetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString};
@@ -39,9 +40,9 @@ use thiserror::Error;
 use crate::{
     model::{Direction, EndpointKind},
     readiness::{
+        RemoteSide,
         report::{EndpointReadiness, FlowEntry, ReadinessReport},
         timefmt::format_rfc3339,
-        RemoteSide,
     },
 };
 
@@ -57,17 +58,28 @@ pub struct SuggestOptions {
     pub node_selector: Option<BTreeMap<String, String>>,
     /// Prefix of suggested policy names.
     pub name_prefix: String,
+    /// The flows' times are stand-ins (a capture without timestamps):
+    /// comments then leave first/last seen out.
+    pub times_unknown: bool,
 }
 
 impl Default for SuggestOptions {
     fn default() -> Self {
-        SuggestOptions { max_cidrs: 8, node: None, node_selector: None, name_prefix: "allow-observed".into() }
+        SuggestOptions {
+            max_cidrs: 8,
+            node: None,
+            node_selector: None,
+            name_prefix: "allow-observed".into(),
+            times_unknown: false,
+        }
     }
 }
 
 #[derive(Debug, Error)]
 pub enum SuggestError {
-    #[error("no endpoint in the report matches {selector:?}; use `host`, an endpoint ID, or NAMESPACE/POD as `preflight` lists them")]
+    #[error(
+        "no endpoint in the report matches {selector:?}; use `host`, an endpoint ID, or NAMESPACE/POD as `preflight` lists them"
+    )]
     NoSuchEndpoint { selector: String },
     #[error("cannot serialize the suggested policy {name}: {source}")]
     Yaml { name: String, source: serde_yaml::Error },
@@ -149,11 +161,12 @@ fn annotate_rules(yaml: &str, comments: &[String]) -> String {
         } else if in_rules && !line.starts_with("  - ") && !line.starts_with("    ") {
             in_rules = false;
         }
-        if in_rules && line.starts_with("  - ") {
-            if let Some(c) = next.next() {
-                for l in wrap(c, 100) {
-                    out.push_str(&format!("  # {l}\n"));
-                }
+        if in_rules
+            && line.starts_with("  - ")
+            && let Some(c) = next.next()
+        {
+            for l in wrap(c, 100) {
+                out.push_str(&format!("  # {l}\n"));
             }
         }
         out.push_str(line);
@@ -378,7 +391,12 @@ fn compress(ports: &BTreeSet<(L4Proto, u16)>) -> Vec<PortItem> {
     out
 }
 
-fn rules_for(e: &EndpointReadiness, scanners: &BTreeSet<IpAddr>, opts: &SuggestOptions, notes: &mut Vec<String>) -> Vec<RuleSpec> {
+fn rules_for(
+    e: &EndpointReadiness,
+    scanners: &BTreeSet<IpAddr>,
+    opts: &SuggestOptions,
+    notes: &mut Vec<String>,
+) -> Vec<RuleSpec> {
     let mut groups: BTreeMap<(Direction, Peer, L4Kind), Group> = BTreeMap::new();
     for f in &e.would_deny {
         // A scanner that also knocked on a critical port (22) is in the
@@ -406,7 +424,10 @@ fn rules_for(e: &EndpointReadiness, scanners: &BTreeSet<IpAddr>, opts: &SuggestO
                 f.protocol,
                 addrs.join(", ")
             ));
-            kept = FlowEntry { remote_addrs: f.remote_addrs.iter().filter(|a| !scanners.contains(a)).copied().collect(), ..f.clone() };
+            kept = FlowEntry {
+                remote_addrs: f.remote_addrs.iter().filter(|a| !scanners.contains(a)).copied().collect(),
+                ..f.clone()
+            };
             &kept
         };
         let (peer, widened) = match peer_for(f, opts) {
@@ -469,13 +490,17 @@ fn rules_for(e: &EndpointReadiness, scanners: &BTreeSet<IpAddr>, opts: &SuggestO
         if g.flows == 0 {
             continue;
         }
-        let mut comment = format!(
-            "{} flow(s), {} notification(s), first seen {}, last seen {}",
-            g.flows,
-            g.notifications,
-            g.first.map(format_rfc3339).unwrap_or_default(),
-            g.last.map(format_rfc3339).unwrap_or_default()
-        );
+        let mut comment = if opts.times_unknown {
+            format!("{} flow(s), {} notification(s) in the capture", g.flows, g.notifications)
+        } else {
+            format!(
+                "{} flow(s), {} notification(s), first seen {}, last seen {}",
+                g.flows,
+                g.notifications,
+                g.first.map(format_rfc3339).unwrap_or_default(),
+                g.last.map(format_rfc3339).unwrap_or_default()
+            )
+        };
         if g.icmp_assumed {
             comment.push_str("; ICMP type not in the notification: echo request assumed");
         }
@@ -558,28 +583,72 @@ macro_rules! rule_builder {
     };
 }
 
-rule_builder!(cnp_ingress, CiliumNetworkPolicyIngress, CiliumNetworkPolicyIngressFromEndpoints, CiliumNetworkPolicyIngressToPorts,
-    CiliumNetworkPolicyIngressToPortsPorts, CiliumNetworkPolicyIngressToPortsPortsProtocol, CiliumNetworkPolicyIngressIcmps,
-    CiliumNetworkPolicyIngressIcmpsFields, CiliumNetworkPolicyIngressIcmpsFieldsFamily, from_entities, from_endpoints, from_cidr);
-rule_builder!(cnp_egress, CiliumNetworkPolicyEgress, CiliumNetworkPolicyEgressToEndpoints, CiliumNetworkPolicyEgressToPorts,
-    CiliumNetworkPolicyEgressToPortsPorts, CiliumNetworkPolicyEgressToPortsPortsProtocol, CiliumNetworkPolicyEgressIcmps,
-    CiliumNetworkPolicyEgressIcmpsFields, CiliumNetworkPolicyEgressIcmpsFieldsFamily, to_entities, to_endpoints, to_cidr);
-rule_builder!(ccnp_ingress, CiliumClusterwideNetworkPolicyIngress, CiliumClusterwideNetworkPolicyIngressFromEndpoints,
-    CiliumClusterwideNetworkPolicyIngressToPorts, CiliumClusterwideNetworkPolicyIngressToPortsPorts,
-    CiliumClusterwideNetworkPolicyIngressToPortsPortsProtocol, CiliumClusterwideNetworkPolicyIngressIcmps,
-    CiliumClusterwideNetworkPolicyIngressIcmpsFields, CiliumClusterwideNetworkPolicyIngressIcmpsFieldsFamily, from_entities,
-    from_endpoints, from_cidr);
-rule_builder!(ccnp_egress, CiliumClusterwideNetworkPolicyEgress, CiliumClusterwideNetworkPolicyEgressToEndpoints,
-    CiliumClusterwideNetworkPolicyEgressToPorts, CiliumClusterwideNetworkPolicyEgressToPortsPorts,
-    CiliumClusterwideNetworkPolicyEgressToPortsPortsProtocol, CiliumClusterwideNetworkPolicyEgressIcmps,
-    CiliumClusterwideNetworkPolicyEgressIcmpsFields, CiliumClusterwideNetworkPolicyEgressIcmpsFieldsFamily, to_entities,
-    to_endpoints, to_cidr);
+rule_builder!(
+    cnp_ingress,
+    CiliumNetworkPolicyIngress,
+    CiliumNetworkPolicyIngressFromEndpoints,
+    CiliumNetworkPolicyIngressToPorts,
+    CiliumNetworkPolicyIngressToPortsPorts,
+    CiliumNetworkPolicyIngressToPortsPortsProtocol,
+    CiliumNetworkPolicyIngressIcmps,
+    CiliumNetworkPolicyIngressIcmpsFields,
+    CiliumNetworkPolicyIngressIcmpsFieldsFamily,
+    from_entities,
+    from_endpoints,
+    from_cidr
+);
+rule_builder!(
+    cnp_egress,
+    CiliumNetworkPolicyEgress,
+    CiliumNetworkPolicyEgressToEndpoints,
+    CiliumNetworkPolicyEgressToPorts,
+    CiliumNetworkPolicyEgressToPortsPorts,
+    CiliumNetworkPolicyEgressToPortsPortsProtocol,
+    CiliumNetworkPolicyEgressIcmps,
+    CiliumNetworkPolicyEgressIcmpsFields,
+    CiliumNetworkPolicyEgressIcmpsFieldsFamily,
+    to_entities,
+    to_endpoints,
+    to_cidr
+);
+rule_builder!(
+    ccnp_ingress,
+    CiliumClusterwideNetworkPolicyIngress,
+    CiliumClusterwideNetworkPolicyIngressFromEndpoints,
+    CiliumClusterwideNetworkPolicyIngressToPorts,
+    CiliumClusterwideNetworkPolicyIngressToPortsPorts,
+    CiliumClusterwideNetworkPolicyIngressToPortsPortsProtocol,
+    CiliumClusterwideNetworkPolicyIngressIcmps,
+    CiliumClusterwideNetworkPolicyIngressIcmpsFields,
+    CiliumClusterwideNetworkPolicyIngressIcmpsFieldsFamily,
+    from_entities,
+    from_endpoints,
+    from_cidr
+);
+rule_builder!(
+    ccnp_egress,
+    CiliumClusterwideNetworkPolicyEgress,
+    CiliumClusterwideNetworkPolicyEgressToEndpoints,
+    CiliumClusterwideNetworkPolicyEgressToPorts,
+    CiliumClusterwideNetworkPolicyEgressToPortsPorts,
+    CiliumClusterwideNetworkPolicyEgressToPortsPortsProtocol,
+    CiliumClusterwideNetworkPolicyEgressIcmps,
+    CiliumClusterwideNetworkPolicyEgressIcmpsFields,
+    CiliumClusterwideNetworkPolicyEgressIcmpsFieldsFamily,
+    to_entities,
+    to_endpoints,
+    to_cidr
+);
 
 fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
     (!v.is_empty()).then_some(v)
 }
 
-fn node_selector(e: &EndpointReadiness, report: &ReadinessReport, opts: &SuggestOptions) -> Option<(BTreeMap<String, String>, String)> {
+fn node_selector(
+    e: &EndpointReadiness,
+    report: &ReadinessReport,
+    opts: &SuggestOptions,
+) -> Option<(BTreeMap<String, String>, String)> {
     if let Some(sel) = &opts.node_selector {
         return Some((sel.clone(), "given with --node-selector".into()));
     }
@@ -595,7 +664,11 @@ fn node_selector(e: &EndpointReadiness, report: &ReadinessReport, opts: &Suggest
 
 /// One suggestion per endpoint with would-deny flows (or only the ones
 /// `selector` names: `host`, an ID, `NAMESPACE/POD`).
-pub fn suggest(report: &ReadinessReport, selector: Option<&str>, opts: &SuggestOptions) -> Result<Vec<Suggestion>, SuggestError> {
+pub fn suggest(
+    report: &ReadinessReport,
+    selector: Option<&str>,
+    opts: &SuggestOptions,
+) -> Result<Vec<Suggestion>, SuggestError> {
     let endpoints: Vec<&EndpointReadiness> = match selector {
         Some(s) => {
             let v = report.select(s);
@@ -618,28 +691,38 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
     let name_of = |e: &EndpointReadiness| e.display_name();
     if e.would_deny.is_empty() {
         notes.push("no would-deny flow: nothing to allow".into());
-        return Suggestion { endpoint_id: e.endpoint_id, endpoint: name_of(e), policy: None, rule_comments: vec![], notes };
+        return Suggestion {
+            endpoint_id: e.endpoint_id,
+            endpoint: name_of(e),
+            policy: None,
+            rule_comments: vec![],
+            notes,
+        };
     }
     let first = e.would_deny.iter().map(|f| f.first_seen).min().unwrap_or(report.generated_at);
     let last = e.would_deny.iter().map(|f| f.last_seen).max().unwrap_or(report.generated_at);
-    let scanners: BTreeSet<IpAddr> =
-        report.noise.iter().filter(|n| n.endpoint_id == e.endpoint_id).flat_map(|n| n.sources.iter().copied()).collect();
+    let scanners: BTreeSet<IpAddr> = report
+        .noise
+        .iter()
+        .filter(|n| n.endpoint_id == e.endpoint_id)
+        .flat_map(|n| n.sources.iter().copied())
+        .collect();
     let mut skipped = Vec::new();
     let rules = rules_for(e, &scanners, opts, &mut skipped);
     let covered: usize = rules.iter().map(|r| r.flows).sum();
+    let when = if opts.times_unknown {
+        "in the capture".to_owned()
+    } else {
+        format!("observed between {} and {}", format_rfc3339(first), format_rfc3339(last))
+    };
     notes.push(format!(
-        "Allows exactly {covered} of the {} would-deny flow(s) observed between {} and {}; scan noise is left out. Review before applying.",
+        "Allows exactly {covered} of the {} would-deny flow(s) {when}; scan noise is left out. Review before applying.",
         e.would_deny.len(),
-        format_rfc3339(first),
-        format_rfc3339(last)
     ));
     notes.extend(skipped);
     let rule_comments: Vec<String> = rules.iter().map(|r| r.comment.clone()).collect();
-    let description = format!(
-        "Suggested by verdict-agent from audited flows of {} ({} rule(s))",
-        name_of(e),
-        rules.len()
-    );
+    let description =
+        format!("Suggested by verdict-agent from audited flows of {} ({} rule(s))", name_of(e), rules.len());
     let policy = if rules.is_empty() {
         None
     } else if e.kind == EndpointKind::Host {
@@ -650,9 +733,16 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
                 let name = dns_name(&format!("{}-host-{node}", opts.name_prefix));
                 let spec = CiliumClusterwideNetworkPolicySpec {
                     description: Some(description),
-                    node_selector: Some(CiliumClusterwideNetworkPolicyNodeSelector { match_labels: Some(sel), match_expressions: None }),
-                    ingress: non_empty(rules.iter().filter(|r| r.direction == Direction::Ingress).map(ccnp_ingress).collect()),
-                    egress: non_empty(rules.iter().filter(|r| r.direction == Direction::Egress).map(ccnp_egress).collect()),
+                    node_selector: Some(CiliumClusterwideNetworkPolicyNodeSelector {
+                        match_labels: Some(sel),
+                        match_expressions: None,
+                    }),
+                    ingress: non_empty(
+                        rules.iter().filter(|r| r.direction == Direction::Ingress).map(ccnp_ingress).collect(),
+                    ),
+                    egress: non_empty(
+                        rules.iter().filter(|r| r.direction == Direction::Egress).map(ccnp_egress).collect(),
+                    ),
                     ..Default::default()
                 };
                 Some(SuggestedPolicy::Clusterwide(CiliumClusterwideNetworkPolicy {
@@ -674,13 +764,22 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
         let selector = subject_labels(&e.labels);
         match (&e.namespace, selector.is_empty()) {
             (Some(ns), false) => {
-                let base = e.workload.as_deref().map(|w| w.rsplit('/').next().unwrap_or(w).to_owned()).or(e.pod.clone());
-                let name = dns_name(&format!("{}-{}", opts.name_prefix, base.unwrap_or_else(|| e.endpoint_id.to_string())));
+                let base =
+                    e.workload.as_deref().map(|w| w.rsplit('/').next().unwrap_or(w).to_owned()).or(e.pod.clone());
+                let name =
+                    dns_name(&format!("{}-{}", opts.name_prefix, base.unwrap_or_else(|| e.endpoint_id.to_string())));
                 let spec = CiliumNetworkPolicySpec {
                     description: Some(description),
-                    endpoint_selector: Some(CiliumNetworkPolicyEndpointSelector { match_labels: Some(selector), match_expressions: None }),
-                    ingress: non_empty(rules.iter().filter(|r| r.direction == Direction::Ingress).map(cnp_ingress).collect()),
-                    egress: non_empty(rules.iter().filter(|r| r.direction == Direction::Egress).map(cnp_egress).collect()),
+                    endpoint_selector: Some(CiliumNetworkPolicyEndpointSelector {
+                        match_labels: Some(selector),
+                        match_expressions: None,
+                    }),
+                    ingress: non_empty(
+                        rules.iter().filter(|r| r.direction == Direction::Ingress).map(cnp_ingress).collect(),
+                    ),
+                    egress: non_empty(
+                        rules.iter().filter(|r| r.direction == Direction::Egress).map(cnp_egress).collect(),
+                    ),
                     ..Default::default()
                 };
                 Some(SuggestedPolicy::Namespaced(CiliumNetworkPolicy {
@@ -778,6 +877,7 @@ pub async fn run_with(args: SuggestArgs, out: &mut dyn Write, err: &mut dyn Writ
 }
 
 async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
+    let mut times_unknown = false;
     let report = match &args.input {
         Some(path) => {
             let opts = crate::analyze::CaptureOptions {
@@ -787,7 +887,9 @@ async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
                 window: args.window,
                 ..crate::analyze::CaptureOptions::default()
             };
-            crate::analyze::analyze_file(path, &opts)?.report
+            let analysis = crate::analyze::analyze_file(path, &opts)?;
+            times_unknown = !analysis.capture.timestamps;
+            analysis.report
         }
         None => {
             let report = crate::preflight::fetch_report(&args.agent, args.endpoint.as_deref(), args.window).await?;
@@ -801,6 +903,7 @@ async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
         max_cidrs: args.max_cidrs,
         node: args.node.clone(),
         node_selector: (!args.node_selector.is_empty()).then(|| args.node_selector.iter().cloned().collect()),
+        times_unknown,
         ..SuggestOptions::default()
     };
     let suggestions = suggest(&report, args.endpoint.as_deref(), &opts)?;
@@ -834,7 +937,8 @@ mod tests {
     fn report(sc: &Scenario, flows: &[FlowRecord]) -> ReadinessReport {
         let obs = Observation::since_start(sc.observed_since);
         let mut input = ReadinessInput::new(flows, &sc.directory, &obs, now());
-        input.environment = EvidenceEnvironment { cilium_version: Some("1.16.3".parse().unwrap()), ..EvidenceEnvironment::default() };
+        input.environment =
+            EvidenceEnvironment { cilium_version: Some("1.16.3".parse().unwrap()), ..EvidenceEnvironment::default() };
         input.node = Some(NODE.into());
         readiness::evaluate(&input, &ReadinessConfig::default())
     }
@@ -878,7 +982,11 @@ mod tests {
         let scanner: Option<std::net::IpAddr> = with_addrs.then(|| "198.51.100.66".parse().unwrap());
         let is_scanner = |f: &FlowEntry| scanner.is_some_and(|s| f.remote_addrs == vec![s]);
         if with_addrs {
-            assert!(suggestions[0].notes.iter().any(|n| n.contains("from 198.51.100.66") && n.contains("scan noise")), "{:?}", suggestions[0].notes);
+            assert!(
+                suggestions[0].notes.iter().any(|n| n.contains("from 198.51.100.66") && n.contains("scan noise")),
+                "{:?}",
+                suggestions[0].notes
+            );
         }
         let yaml = render(&suggestions).unwrap();
         let suggested = Policy::parse_stream(&yaml);
@@ -914,7 +1022,9 @@ mod tests {
                     } else {
                         vec![None]
                     };
-                    addrs.into_iter().map(move |a| (e.endpoint_id, f.direction, remote_key(f.remote_identity, a), f.proto, f.port))
+                    addrs
+                        .into_iter()
+                        .map(move |a| (e.endpoint_id, f.direction, remote_key(f.remote_identity, a), f.proto, f.port))
                 })
             })
             .collect();
@@ -927,12 +1037,26 @@ mod tests {
             vec![None]
         };
         let identities = [1u32, 2, 4, 6, 7, 9, FRONTEND_ID, KUBE_DNS_ID];
-        let l4: Vec<(u8, u16)> = vec![(6, 22), (6, 4240), (6, 10250), (6, 6443), (6, 5432), (6, 5433), (6, 8080), (6, 23), (17, 8472), (17, 4240), (17, 53), (1, 0)];
+        let l4: Vec<(u8, u16)> = vec![
+            (6, 22),
+            (6, 4240),
+            (6, 10250),
+            (6, 6443),
+            (6, 5432),
+            (6, 5433),
+            (6, 8080),
+            (6, 23),
+            (17, 8472),
+            (17, 4240),
+            (17, 53),
+            (1, 0),
+        ];
         let mut checked = 0;
         for ep in [HOST, WEB, API] {
             for dir in [Direction::Ingress, Direction::Egress] {
                 for &id in &identities {
-                    let addrs = if RemoteSide::of_identity(id) == RemoteSide::World { world_addrs.clone() } else { vec![None] };
+                    let addrs =
+                        if RemoteSide::of_identity(id) == RemoteSide::World { world_addrs.clone() } else { vec![None] };
                     for addr in addrs {
                         for &(proto, port) in &l4 {
                             for icmp in if proto == 1 { vec![Some(8), Some(13)] } else { vec![None] } {
@@ -942,7 +1066,15 @@ mod tests {
                                     addrs: addr.into_iter().collect(),
                                 };
                                 let allowed = suggested.iter().any(|p| {
-                                    policy_model::rule_allows(std::slice::from_ref(p), &sc.subject(ep), dir, &peer, proto, port, icmp)
+                                    policy_model::rule_allows(
+                                        std::slice::from_ref(p),
+                                        &sc.subject(ep),
+                                        dir,
+                                        &peer,
+                                        proto,
+                                        port,
+                                        icmp,
+                                    )
                                 });
                                 // Observed ICMP had no type in the notification: echo assumed.
                                 let key = (ep, dir, remote_key(id, addr), proto, port);
@@ -996,7 +1128,10 @@ mod tests {
         assert_eq!(policy["metadata"]["name"], "allow-observed-web");
         assert_eq!(policy["spec"]["endpointSelector"]["matchLabels"], serde_json::json!({"k8s:app": "web"}));
         assert!(policy["spec"].get("ingress").is_none());
-        assert!(matches!(suggest(&r, Some("shop/nope"), &SuggestOptions::default()), Err(SuggestError::NoSuchEndpoint { .. })));
+        assert!(matches!(
+            suggest(&r, Some("shop/nope"), &SuggestOptions::default()),
+            Err(SuggestError::NoSuchEndpoint { .. })
+        ));
     }
 
     #[test]
@@ -1021,10 +1156,15 @@ mod tests {
         assert!(host.policy.is_none());
         assert!(host.notes.iter().any(|n| n.contains("pass --node NAME")), "{:?}", host.notes);
         let web = s.iter().find(|s| s.endpoint_id == WEB).unwrap();
-        assert!(web.notes.iter().any(|n| n.starts_with("not suggested") && n.contains("identity 48213")), "{:?}", web.notes);
+        assert!(
+            web.notes.iter().any(|n| n.starts_with("not suggested") && n.contains("identity 48213")),
+            "{:?}",
+            web.notes
+        );
         let Some(SuggestedPolicy::Namespaced(p)) = &web.policy else { panic!("web policy") };
         let v = serde_json::to_value(&p.spec).unwrap();
-        let ranges: Vec<&Value> = v["egress"].as_array().unwrap().iter().flat_map(|r| r["toPorts"][0]["ports"].as_array().unwrap()).collect();
+        let ranges: Vec<&Value> =
+            v["egress"].as_array().unwrap().iter().flat_map(|r| r["toPorts"][0]["ports"].as_array().unwrap()).collect();
         assert!(ranges.iter().any(|p| p["port"] == "7000" && p["endPort"] == 7002), "{ranges:?}");
         assert_eq!(schema_errors(&[Policy::Namespaced(p.clone())]), Vec::<String>::new());
 
@@ -1037,7 +1177,10 @@ mod tests {
 
     #[test]
     fn cidr_labels_and_many_addresses() {
-        assert_eq!(cidr_from_labels(&["reserved:world".into(), "cidr:10.0.0.0/8".into(), "cidr:10.1.0.0/16".into()]), Some("10.1.0.0/16".into()));
+        assert_eq!(
+            cidr_from_labels(&["reserved:world".into(), "cidr:10.0.0.0/8".into(), "cidr:10.1.0.0/16".into()]),
+            Some("10.1.0.0/16".into())
+        );
         assert_eq!(cidr_from_labels(&["cidr:2001-db8--/32".into()]), Some("2001:db8::/32".into()));
         let mut f = FlowEntry {
             direction: Direction::Egress,

@@ -74,7 +74,9 @@ pub struct AlarmEvent {
 
 #[derive(Debug, Error)]
 pub enum AlarmError {
-    #[error("cannot publish the {reason} event on {target}: {source}; check the agent's RBAC (create/patch events.k8s.io events)")]
+    #[error(
+        "cannot publish the {reason} event on {target}: {source}; check the agent's RBAC (create/patch events.k8s.io events)"
+    )]
     Kube { target: String, reason: String, source: kube::Error },
 }
 
@@ -364,7 +366,12 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
             target: node_target.clone(),
             message: format!(
                 "host lockout risk: {} {} {} {}/{} is audited ({} notifications, last {}); enforcement would drop it",
-                r.service, r.direction.as_str(), r.remote, r.port, r.protocol, r.notifications,
+                r.service,
+                r.direction.as_str(),
+                r.remote,
+                r.port,
+                r.protocol,
+                r.notifications,
                 super::timefmt::format_rfc3339(r.last_seen)
             ),
         });
@@ -376,7 +383,12 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
             target: node_target.clone(),
             message: format!(
                 "host lockout in progress: {} {} {} {}/{} is denied ({} notifications, last {}{}): {}",
-                r.service, r.direction.as_str(), r.remote, r.port, r.protocol, r.notifications,
+                r.service,
+                r.direction.as_str(),
+                r.remote,
+                r.port,
+                r.protocol,
+                r.notifications,
                 super::timefmt::format_rfc3339(r.last_seen),
                 if r.after_switch { ", right after audit mode went off" } else { "" },
                 r.why
@@ -413,12 +425,25 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
                 continue;
             }
             out.push(Alarm {
-                key: format!("would_break/{}/{}/{}/{}/{}", e.endpoint_id, f.direction.as_str(), f.remote_identity, f.port, f.protocol),
+                key: format!(
+                    "would_break/{}/{}/{}/{}/{}",
+                    e.endpoint_id,
+                    f.direction.as_str(),
+                    f.remote_identity,
+                    f.port,
+                    f.protocol
+                ),
                 kind: AlarmKind::AuditModeWouldBreak,
                 target: endpoint_target(e, node),
                 message: format!(
                     "{}: {} {} {} {}/{} would be denied once PolicyAuditMode is off ({} notifications)",
-                    e.display_name(), f.direction.as_str(), arrow(f.direction), f.remote_name, f.port, f.protocol, f.notifications
+                    e.display_name(),
+                    f.direction.as_str(),
+                    arrow(f.direction),
+                    f.remote_name,
+                    f.port,
+                    f.protocol,
+                    f.notifications
                 ),
             });
         }

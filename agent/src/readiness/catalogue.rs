@@ -181,7 +181,9 @@ fn proto_word(p: CatalogueProtocol) -> &'static str {
 pub enum CatalogueError {
     #[error("cannot read the critical-flow catalogue {path}: {source}; check the path given to --critical-flows")]
     Read { path: String, source: std::io::Error },
-    #[error("the critical-flow catalogue {path} is not valid YAML for verdict-agent: {source}; see the format in `verdict-agent --help` or docs")]
+    #[error(
+        "the critical-flow catalogue {path} is not valid YAML for verdict-agent: {source}; see the format in `verdict-agent --help` or docs"
+    )]
     Parse { path: String, source: serde_yaml::Error },
     #[error("critical flow {service:?} in {path}: {problem}")]
     Invalid { path: String, service: String, problem: String },
@@ -221,7 +223,12 @@ impl CriticalCatalogue {
         use RemoteSide::*;
         const IN: Direction = Direction::Ingress;
         const OUT: Direction = Direction::Egress;
-        let f = |service: &str, protocol, ports: Option<PortRange>, remotes: &[RemoteSide], dirs: &[Direction], desc: &str| CriticalFlow {
+        let f = |service: &str,
+                 protocol,
+                 ports: Option<PortRange>,
+                 remotes: &[RemoteSide],
+                 dirs: &[Direction],
+                 desc: &str| CriticalFlow {
             service: service.into(),
             protocol,
             ports,
@@ -232,42 +239,122 @@ impl CriticalCatalogue {
         };
         let both = &[IN, OUT];
         let flows = vec![
-            f("kube-apiserver", Tcp, Some(PortRange::one(6443)), &[RemoteNode, KubeApiserver, Host, World], both,
-              "Kubernetes API: kubelets and controllers reach it, operators reach it from outside"),
-            f("kubelet", Tcp, Some(PortRange::one(10250)), &[RemoteNode, KubeApiserver, Host], both,
-              "kubelet API: exec, logs, metrics from the control plane"),
-            f("etcd", Tcp, Some(PortRange::range(2379, 2380)), &[RemoteNode, KubeApiserver, Host], both,
-              "etcd client and peer traffic between control-plane nodes"),
-            f("talos-apid-trustd", Tcp, Some(PortRange::range(50000, 50001)), &[RemoteNode, KubeApiserver, Host, World], both,
-              "Talos apid (talosctl, from outside) and trustd (node certificates)"),
-            f("ssh", Tcp, Some(PortRange::one(22)), &[World, RemoteNode, Host], &[IN],
-              "SSH to the node: often the only way back in"),
-            f("cilium-health", Tcp, Some(PortRange::one(4240)), &[Health, RemoteNode, Host], both,
-              "Cilium health checks between nodes"),
-            f("cilium-health-icmp", Icmp, None, &[Health, RemoteNode, Host], both,
-              "Cilium health ICMP echo between nodes"),
-            f("hubble-peer", Tcp, Some(PortRange::one(4244)), &[RemoteNode, Host, Cluster], &[IN],
-              "Hubble server: hubble-relay collects flows from every node"),
-            f("vxlan", Udp, Some(PortRange::one(8472)), &[RemoteNode, Host], both,
-              "VXLAN overlay between nodes"),
-            f("geneve", Udp, Some(PortRange::one(6081)), &[RemoteNode, Host], both,
-              "Geneve overlay between nodes"),
-            f("wireguard", Udp, Some(PortRange::one(51871)), &[RemoteNode, Host], both,
-              "Cilium WireGuard encryption between nodes"),
-            f("dns-udp", Udp, Some(PortRange::one(53)), &[Cluster, World, RemoteNode, Host], &[OUT],
-              "Name resolution of the node (cluster DNS or upstream resolvers)"),
-            f("dns-tcp", Tcp, Some(PortRange::one(53)), &[Cluster, World, RemoteNode, Host], &[OUT],
-              "Name resolution over TCP (large answers)"),
-            f("bgp", Tcp, Some(PortRange::one(179)), &[World, RemoteNode, Host], both,
-              "BGP sessions with routers or other nodes"),
-            f("rke2-k3s-supervisor", Tcp, Some(PortRange::one(9345)), &[RemoteNode, KubeApiserver, Host, World], both,
-              "RKE2/k3s supervisor: nodes join and fetch certificates through it"),
+            f(
+                "kube-apiserver",
+                Tcp,
+                Some(PortRange::one(6443)),
+                &[RemoteNode, KubeApiserver, Host, World],
+                both,
+                "Kubernetes API: kubelets and controllers reach it, operators reach it from outside",
+            ),
+            f(
+                "kubelet",
+                Tcp,
+                Some(PortRange::one(10250)),
+                &[RemoteNode, KubeApiserver, Host],
+                both,
+                "kubelet API: exec, logs, metrics from the control plane",
+            ),
+            f(
+                "etcd",
+                Tcp,
+                Some(PortRange::range(2379, 2380)),
+                &[RemoteNode, KubeApiserver, Host],
+                both,
+                "etcd client and peer traffic between control-plane nodes",
+            ),
+            f(
+                "talos-apid-trustd",
+                Tcp,
+                Some(PortRange::range(50000, 50001)),
+                &[RemoteNode, KubeApiserver, Host, World],
+                both,
+                "Talos apid (talosctl, from outside) and trustd (node certificates)",
+            ),
+            f(
+                "ssh",
+                Tcp,
+                Some(PortRange::one(22)),
+                &[World, RemoteNode, Host],
+                &[IN],
+                "SSH to the node: often the only way back in",
+            ),
+            f(
+                "cilium-health",
+                Tcp,
+                Some(PortRange::one(4240)),
+                &[Health, RemoteNode, Host],
+                both,
+                "Cilium health checks between nodes",
+            ),
+            f(
+                "cilium-health-icmp",
+                Icmp,
+                None,
+                &[Health, RemoteNode, Host],
+                both,
+                "Cilium health ICMP echo between nodes",
+            ),
+            f(
+                "hubble-peer",
+                Tcp,
+                Some(PortRange::one(4244)),
+                &[RemoteNode, Host, Cluster],
+                &[IN],
+                "Hubble server: hubble-relay collects flows from every node",
+            ),
+            f("vxlan", Udp, Some(PortRange::one(8472)), &[RemoteNode, Host], both, "VXLAN overlay between nodes"),
+            f("geneve", Udp, Some(PortRange::one(6081)), &[RemoteNode, Host], both, "Geneve overlay between nodes"),
+            f(
+                "wireguard",
+                Udp,
+                Some(PortRange::one(51871)),
+                &[RemoteNode, Host],
+                both,
+                "Cilium WireGuard encryption between nodes",
+            ),
+            f(
+                "dns-udp",
+                Udp,
+                Some(PortRange::one(53)),
+                &[Cluster, World, RemoteNode, Host],
+                &[OUT],
+                "Name resolution of the node (cluster DNS or upstream resolvers)",
+            ),
+            f(
+                "dns-tcp",
+                Tcp,
+                Some(PortRange::one(53)),
+                &[Cluster, World, RemoteNode, Host],
+                &[OUT],
+                "Name resolution over TCP (large answers)",
+            ),
+            f(
+                "bgp",
+                Tcp,
+                Some(PortRange::one(179)),
+                &[World, RemoteNode, Host],
+                both,
+                "BGP sessions with routers or other nodes",
+            ),
+            f(
+                "rke2-k3s-supervisor",
+                Tcp,
+                Some(PortRange::one(9345)),
+                &[RemoteNode, KubeApiserver, Host, World],
+                both,
+                "RKE2/k3s supervisor: nodes join and fetch certificates through it",
+            ),
         ];
         CriticalCatalogue { flows, source: "built-in".into() }
     }
 
     /// Applies an override file's text to `base`.
-    pub fn with_overrides(base: CriticalCatalogue, yaml: &str, path: &str) -> Result<CriticalCatalogue, CatalogueError> {
+    pub fn with_overrides(
+        base: CriticalCatalogue,
+        yaml: &str,
+        path: &str,
+    ) -> Result<CriticalCatalogue, CatalogueError> {
         let file: CatalogueFile =
             serde_yaml::from_str(yaml).map_err(|source| CatalogueError::Parse { path: path.into(), source })?;
         for flow in &file.flows {
@@ -300,7 +387,8 @@ impl CriticalCatalogue {
     /// The built-in catalogue with the file's overrides applied.
     pub fn load(path: &Path) -> Result<CriticalCatalogue, CatalogueError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| CatalogueError::Read { path: shown.clone(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| CatalogueError::Read { path: shown.clone(), source })?;
         CriticalCatalogue::with_overrides(CriticalCatalogue::builtin(), &text, &shown)
     }
 
@@ -316,7 +404,11 @@ impl CriticalCatalogue {
 }
 
 fn validate(flow: &CriticalFlow, path: &str) -> Result<(), CatalogueError> {
-    let invalid = |problem: &str| CatalogueError::Invalid { path: path.into(), service: flow.service.clone(), problem: problem.into() };
+    let invalid = |problem: &str| CatalogueError::Invalid {
+        path: path.into(),
+        service: flow.service.clone(),
+        problem: problem.into(),
+    };
     if flow.service.trim().is_empty() {
         return Err(invalid("`service` is empty; give every flow a name"));
     }
@@ -327,7 +419,9 @@ fn validate(flow: &CriticalFlow, path: &str) -> Result<(), CatalogueError> {
         return Err(invalid("`icmp_types` only applies to protocol icmp"));
     }
     if flow.remotes.is_empty() {
-        return Err(invalid("`remotes` is empty: list the sides that matter (remote-node, kube-apiserver, host, health, world, cluster)"));
+        return Err(invalid(
+            "`remotes` is empty: list the sides that matter (remote-node, kube-apiserver, host, health, world, cluster)",
+        ));
     }
     if flow.directions.is_empty() {
         return Err(invalid("`directions` is empty: use ingress, egress or both"));
@@ -402,15 +496,28 @@ flows:
     #[test]
     fn override_errors_name_the_problem() {
         let base = CriticalCatalogue::builtin;
-        let e = CriticalCatalogue::with_overrides(base(), "flows:\n  - {service: a, protocol: tcp, remotes: [host]}\n", "f").unwrap_err();
+        let e = CriticalCatalogue::with_overrides(
+            base(),
+            "flows:\n  - {service: a, protocol: tcp, remotes: [host]}\n",
+            "f",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("`ports` is required"), "{e}");
         let e = CriticalCatalogue::with_overrides(base(), "disable: [shh]\n", "f").unwrap_err();
         assert!(e.to_string().contains("\"shh\""), "{e}");
-        let e = CriticalCatalogue::with_overrides(base(), "flows:\n  - {service: a, protocol: tcp, ports: 70000, remotes: [host]}\n", "f")
-            .unwrap_err();
+        let e = CriticalCatalogue::with_overrides(
+            base(),
+            "flows:\n  - {service: a, protocol: tcp, ports: 70000, remotes: [host]}\n",
+            "f",
+        )
+        .unwrap_err();
         assert!(matches!(e, CatalogueError::Parse { .. }), "{e}");
-        let e = CriticalCatalogue::with_overrides(base(), "flows:\n  - {service: a, protocol: tcp, ports: 1, remotes: [moon]}\n", "f")
-            .unwrap_err();
+        let e = CriticalCatalogue::with_overrides(
+            base(),
+            "flows:\n  - {service: a, protocol: tcp, ports: 1, remotes: [moon]}\n",
+            "f",
+        )
+        .unwrap_err();
         assert!(matches!(e, CatalogueError::Parse { .. }), "{e}");
         let e = CriticalCatalogue::with_overrides(base(), "flow: []\n", "f").unwrap_err();
         assert!(matches!(e, CatalogueError::Parse { .. }), "{e}");

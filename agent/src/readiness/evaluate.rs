@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     cilium::identity,
-    model::{proto_name, Direction, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict},
+    model::{Direction, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict, proto_name},
 };
 
 /// Cilium's printed names of policy match types.
@@ -55,18 +55,35 @@ pub(super) fn flow_entry(ctx: &Ctx<'_>, idx: usize) -> FlowEntry {
         first_seen: f.first_seen,
         last_seen: f.last_seen,
         remote_addrs: f.remote_addrs.iter().copied().collect(),
-        service: (Some(f.endpoint_id) == ctx.host).then(|| ctx.critical_service(f)).flatten().map(|c| c.service.clone()),
+        service: (Some(f.endpoint_id) == ctx.host)
+            .then(|| ctx.critical_service(f))
+            .flatten()
+            .map(|c| c.service.clone()),
     }
 }
 
 fn sort_entries(v: &mut [FlowEntry]) {
     v.sort_by(|a, b| {
-        (a.direction, &a.remote, a.remote_identity, a.proto, a.port, a.verdict)
-            .cmp(&(b.direction, &b.remote, b.remote_identity, b.proto, b.port, b.verdict))
+        (a.direction, &a.remote, a.remote_identity, a.proto, a.port, a.verdict).cmp(&(
+            b.direction,
+            &b.remote,
+            b.remote_identity,
+            b.proto,
+            b.port,
+            b.verdict,
+        ))
     });
 }
 
-fn gate(name: &str, direction: Option<Direction>, status: GateStatus, blocking: bool, cause: Option<Reason>, source: Option<FactSource>, detail: String) -> Gate {
+fn gate(
+    name: &str,
+    direction: Option<Direction>,
+    status: GateStatus,
+    blocking: bool,
+    cause: Option<Reason>,
+    source: Option<FactSource>,
+    detail: String,
+) -> Gate {
     Gate { name: name.into(), direction, status, blocking, cause, source, detail }
 }
 
@@ -152,36 +169,106 @@ pub(super) fn node_gates(ctx: &Ctx<'_>, endpoint_has_verdicts: bool) -> Vec<Gate
     let env = ctx.input.environment;
     let mut gates = Vec::new();
     gates.push(match env.verdict_notifications {
-        Some(true) => gate("verdict_notifications", None, GateStatus::Passed, true, Some(Reason::VerdictNotificationsOff), Some(FactSource::CiliumApi),
-            "policy verdict notifications are on".into()),
-        Some(false) => gate("verdict_notifications", None, GateStatus::Failed, true, Some(Reason::VerdictNotificationsOff), Some(FactSource::CiliumApi),
+        Some(true) => gate(
+            "verdict_notifications",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::VerdictNotificationsOff),
+            Some(FactSource::CiliumApi),
+            "policy verdict notifications are on".into(),
+        ),
+        Some(false) => gate(
+            "verdict_notifications",
+            None,
+            GateStatus::Failed,
+            true,
+            Some(Reason::VerdictNotificationsOff),
+            Some(FactSource::CiliumApi),
             "policy verdict notifications are off (--bpf-events-policy-verdict-enabled=false or the endpoint's \
-             PolicyVerdictNotification option): audited flows are invisible; turn them on and wait for evidence".into()),
-        None if endpoint_has_verdicts => gate("verdict_notifications", None, GateStatus::Passed, true, Some(Reason::VerdictNotificationsOff), Some(FactSource::Inferred),
-            "inferred on: this endpoint's policy verdicts are arriving".into()),
-        None => gate("verdict_notifications", None, GateStatus::Unknown, false, Some(Reason::VerdictNotificationsOff), None,
+             PolicyVerdictNotification option): audited flows are invisible; turn them on and wait for evidence"
+                .into(),
+        ),
+        None if endpoint_has_verdicts => gate(
+            "verdict_notifications",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::VerdictNotificationsOff),
+            Some(FactSource::Inferred),
+            "inferred on: this endpoint's policy verdicts are arriving".into(),
+        ),
+        None => gate(
+            "verdict_notifications",
+            None,
+            GateStatus::Unknown,
+            false,
+            Some(Reason::VerdictNotificationsOff),
+            None,
             if ctx.any_policy_verdicts {
                 "unknown for this endpoint: other endpoints' verdicts arrive, so the agent flag is on, but the \
-                 endpoint option PolicyVerdictNotification could not be read".into()
+                 endpoint option PolicyVerdictNotification could not be read"
+                    .into()
             } else {
-                "unknown: no policy verdict from any endpoint of this node yet, and the setting could not be read".into()
-            }),
+                "unknown: no policy verdict from any endpoint of this node yet, and the setting could not be read"
+                    .into()
+            },
+        ),
     });
     gates.push(match env.rate_limit {
-        None => gate("rate_limit", None, GateStatus::Unknown, false, Some(Reason::RateLimited), None,
-            "could not read Cilium's events rate limit; its default (v1.17+: --bpf-events-default-rate-limit=0) is off".into()),
-        Some(rl) if !rl.configured => gate("rate_limit", None, GateStatus::Passed, true, Some(Reason::RateLimited), Some(FactSource::CiliumApi),
-            "Cilium's events rate limit is off".into()),
+        None => gate(
+            "rate_limit",
+            None,
+            GateStatus::Unknown,
+            false,
+            Some(Reason::RateLimited),
+            None,
+            "could not read Cilium's events rate limit; its default (v1.17+: --bpf-events-default-rate-limit=0) is off"
+                .into(),
+        ),
+        Some(rl) if !rl.configured => gate(
+            "rate_limit",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::RateLimited),
+            Some(FactSource::CiliumApi),
+            "Cilium's events rate limit is off".into(),
+        ),
         Some(rl) => match rl.dropped {
-            Some(0) => gate("rate_limit", None, GateStatus::Passed, true, Some(Reason::RateLimited), Some(FactSource::CiliumApi),
-                "Cilium's events rate limit is on and dropped nothing in the window".into()),
-            Some(n) => gate("rate_limit", None, GateStatus::Failed, true, Some(Reason::RateLimited), Some(FactSource::CiliumApi),
-                format!("Cilium's events rate limit dropped {n} notifications in the window: audited flows may be \
+            Some(0) => gate(
+                "rate_limit",
+                None,
+                GateStatus::Passed,
+                true,
+                Some(Reason::RateLimited),
+                Some(FactSource::CiliumApi),
+                "Cilium's events rate limit is on and dropped nothing in the window".into(),
+            ),
+            Some(n) => gate(
+                "rate_limit",
+                None,
+                GateStatus::Failed,
+                true,
+                Some(Reason::RateLimited),
+                Some(FactSource::CiliumApi),
+                format!(
+                    "Cilium's events rate limit dropped {n} notifications in the window: audited flows may be \
                          missing; raise --bpf-events-default-rate-limit/--bpf-events-default-burst-limit or wait \
-                         for a quiet window")),
-            None => gate("rate_limit", None, GateStatus::Unknown, true, Some(Reason::RateLimited), Some(FactSource::CiliumApi),
+                         for a quiet window"
+                ),
+            ),
+            None => gate(
+                "rate_limit",
+                None,
+                GateStatus::Unknown,
+                true,
+                Some(Reason::RateLimited),
+                Some(FactSource::CiliumApi),
                 "Cilium's events rate limit is on and the agent cannot read how many notifications it dropped \
-                 (cilium_ratelimit_metrics): audited flows may be missing".into()),
+                 (cilium_ratelimit_metrics): audited flows may be missing"
+                    .into(),
+            ),
         },
     });
     gates
@@ -191,7 +278,8 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
     let info = ctx.endpoint_info(id);
     let is_host = Some(id) == ctx.host;
     let kind = if is_host { EndpointKind::Host } else { info.as_ref().map(|i| i.kind).unwrap_or_default() };
-    let flows: Vec<(usize, &FlowRecord)> = ctx.input.flows.iter().enumerate().filter(|(_, f)| f.endpoint_id == id).collect();
+    let flows: Vec<(usize, &FlowRecord)> =
+        ctx.input.flows.iter().enumerate().filter(|(_, f)| f.endpoint_id == id).collect();
     let has_verdicts = flows.iter().any(|(_, f)| f.source == NotifySource::PolicyVerdict);
 
     let mut endpoint_gates = node_gates(ctx, has_verdicts);
@@ -206,7 +294,8 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
         let dflows: Vec<(usize, &FlowRecord)> = flows.iter().copied().filter(|(_, f)| f.direction == dir).collect();
         let refs: Vec<&FlowRecord> = dflows.iter().map(|(_, f)| *f).collect();
         let fx = facts(info.as_ref(), dir, &refs, ctx.lookback_start);
-        let recent: Vec<(usize, &FlowRecord)> = dflows.iter().copied().filter(|(_, f)| f.last_seen >= ctx.lookback_start).collect();
+        let recent: Vec<(usize, &FlowRecord)> =
+            dflows.iter().copied().filter(|(_, f)| f.last_seen >= ctx.lookback_start).collect();
         let mut wd = 0usize;
         for &(idx, f) in &recent {
             if ctx.noise.contains(&idx) {
@@ -276,24 +365,75 @@ fn direction_gates(
     let host_ingress = is_host && dir == Direction::Ingress;
     let name = if host_ingress { "host_policy_enabled_ingress" } else { "policy_enabled" };
     gates.push(match fx.enabled {
-        Some(true) if fx.inferred_enabled => gate(name, d, GateStatus::Passed, true, Some(Reason::NoPolicy), Some(FactSource::Inferred),
-            format!("inferred: verdicts were seen in {} (Cilium emits them only where policy applies)", dir.as_str())),
-        Some(true) => gate(name, d, GateStatus::Passed, true, Some(Reason::NoPolicy), fx.source,
-            format!("a policy selects the endpoint in {}", dir.as_str())),
-        Some(false) if host_ingress => gate(name, d, GateStatus::Failed, true, Some(Reason::HostNotPolicyEnabled), fx.source,
+        Some(true) if fx.inferred_enabled => gate(
+            name,
+            d,
+            GateStatus::Passed,
+            true,
+            Some(Reason::NoPolicy),
+            Some(FactSource::Inferred),
+            format!("inferred: verdicts were seen in {} (Cilium emits them only where policy applies)", dir.as_str()),
+        ),
+        Some(true) => gate(
+            name,
+            d,
+            GateStatus::Passed,
+            true,
+            Some(Reason::NoPolicy),
+            fx.source,
+            format!("a policy selects the endpoint in {}", dir.as_str()),
+        ),
+        Some(false) if host_ingress => gate(
+            name,
+            d,
+            GateStatus::Failed,
+            true,
+            Some(Reason::HostNotPolicyEnabled),
+            fx.source,
             "the host endpoint is not policy-enabled for ingress: no host policy applies to it, so it emits no \
              verdicts; apply a CiliumClusterwideNetworkPolicy with a nodeSelector matching this node (in audit \
-             mode) and gather evidence".into()),
-        Some(false) => gate(name, d, GateStatus::Passed, false, Some(Reason::NoPolicy), fx.source,
-            format!("no policy selects the endpoint in {}: enforcement changes nothing there", dir.as_str())),
-        None => gate(name, d, GateStatus::Unknown, false, Some(Reason::NoPolicy), None,
-            format!("unknown: no enrichment source knows, and no verdict was seen in {}", dir.as_str())),
+             mode) and gather evidence"
+                .into(),
+        ),
+        Some(false) => gate(
+            name,
+            d,
+            GateStatus::Passed,
+            false,
+            Some(Reason::NoPolicy),
+            fx.source,
+            format!("no policy selects the endpoint in {}: enforcement changes nothing there", dir.as_str()),
+        ),
+        None => gate(
+            name,
+            d,
+            GateStatus::Unknown,
+            false,
+            Some(Reason::NoPolicy),
+            None,
+            format!("unknown: no enrichment source knows, and no verdict was seen in {}", dir.as_str()),
+        ),
     });
     gates.push(match fx.audit {
         Some(true) => gate("audit_mode", d, GateStatus::Passed, false, None, fx.source, "PolicyAuditMode is on".into()),
-        Some(false) => gate("audit_mode", d, GateStatus::Passed, false, None, fx.source,
-            "PolicyAuditMode is off: enforcement is on, denials are real".into()),
-        None => gate("audit_mode", d, GateStatus::Unknown, false, None, None, "unknown: no source knows and no verdict tells".into()),
+        Some(false) => gate(
+            "audit_mode",
+            d,
+            GateStatus::Passed,
+            false,
+            None,
+            fx.source,
+            "PolicyAuditMode is off: enforcement is on, denials are real".into(),
+        ),
+        None => gate(
+            "audit_mode",
+            d,
+            GateStatus::Unknown,
+            false,
+            None,
+            None,
+            "unknown: no source knows and no verdict tells".into(),
+        ),
     });
     if fx.enabled == Some(false) && !host_ingress {
         return gates;
@@ -302,22 +442,52 @@ fn direction_gates(
         Some(since) => {
             let watched = ctx.input.now.duration_since(since).unwrap_or_default();
             if watched >= ctx.config.min_evidence {
-                gates.push(gate("observation_period", d, GateStatus::Passed, true, Some(Reason::WindowTooShort), None,
-                    format!("observed for {} (at least {} required)", format_duration(watched), format_duration(ctx.config.min_evidence))));
+                gates.push(gate(
+                    "observation_period",
+                    d,
+                    GateStatus::Passed,
+                    true,
+                    Some(Reason::WindowTooShort),
+                    None,
+                    format!(
+                        "observed for {} (at least {} required)",
+                        format_duration(watched),
+                        format_duration(ctx.config.min_evidence)
+                    ),
+                ));
                 false
             } else {
                 let ready_at = since + ctx.config.min_evidence;
-                gates.push(gate("observation_period", d, GateStatus::Failed, true, Some(Reason::WindowTooShort), None,
-                    format!("observed for {} of the {} required: rare flows (nightly jobs, failovers) may not have \
+                gates.push(gate(
+                    "observation_period",
+                    d,
+                    GateStatus::Failed,
+                    true,
+                    Some(Reason::WindowTooShort),
+                    None,
+                    format!(
+                        "observed for {} of the {} required: rare flows (nightly jobs, failovers) may not have \
                              happened yet; evidence complete at {}",
-                        format_duration(watched), format_duration(ctx.config.min_evidence), format_rfc3339(ready_at))));
+                        format_duration(watched),
+                        format_duration(ctx.config.min_evidence),
+                        format_rfc3339(ready_at)
+                    ),
+                ));
                 true
             }
         }
         None => {
-            gates.push(gate("observation_period", d, GateStatus::Unknown, true, Some(Reason::WindowTooShort), None,
+            gates.push(gate(
+                "observation_period",
+                d,
+                GateStatus::Unknown,
+                true,
+                Some(Reason::WindowTooShort),
+                None,
                 "the agent does not know since when this endpoint has been watched (for a capture: pass \
-                 --capture-duration)".into()));
+                 --capture-duration)"
+                    .into(),
+            ));
             true
         }
     };
@@ -328,12 +498,29 @@ fn direction_gates(
         count(|v| v == Verdict::Denied),
     );
     if a + w + x > 0 {
-        gates.push(gate("verdicts_seen", d, GateStatus::Passed, true, Some(Reason::NoTraffic), None,
-            format!("{a} allowed, {w} audited, {x} denied flows in the last {}", format_duration(ctx.config.min_evidence))));
+        gates.push(gate(
+            "verdicts_seen",
+            d,
+            GateStatus::Passed,
+            true,
+            Some(Reason::NoTraffic),
+            None,
+            format!(
+                "{a} allowed, {w} audited, {x} denied flows in the last {}",
+                format_duration(ctx.config.min_evidence)
+            ),
+        ));
     } else {
         let (cause, why) = diagnose_silence(ctx, is_host, fx, short);
-        gates.push(gate("verdicts_seen", d, GateStatus::Failed, true, Some(cause),
-            None, format!("no verdict in {} in the last {}: {why}", dir.as_str(), format_duration(ctx.config.min_evidence))));
+        gates.push(gate(
+            "verdicts_seen",
+            d,
+            GateStatus::Failed,
+            true,
+            Some(cause),
+            None,
+            format!("no verdict in {} in the last {}: {why}", dir.as_str(), format_duration(ctx.config.min_evidence)),
+        ));
     }
     gates
 }
@@ -345,7 +532,10 @@ fn diagnose_silence(ctx: &Ctx<'_>, is_host: bool, fx: &Facts, short_observation:
         return (Reason::VerdictNotificationsOff, "policy verdict notifications are off".into());
     }
     if is_host && env.cilium_version.is_some_and(|v| !v.at_least(1, 16)) {
-        return (Reason::HostProgramPre116, "the host firewall of this Cilium (before 1.16) emits no policy verdicts".into());
+        return (
+            Reason::HostProgramPre116,
+            "the host firewall of this Cilium (before 1.16) emits no policy verdicts".into(),
+        );
     }
     if env.rate_limit.is_some_and(|r| r.configured && r.dropped.is_some_and(|n| n > 0)) {
         return (Reason::RateLimited, "Cilium's events rate limit dropped notifications".into());
@@ -354,35 +544,107 @@ fn diagnose_silence(ctx: &Ctx<'_>, is_host: bool, fx: &Facts, short_observation:
         return (Reason::WindowTooShort, "the observation is too short to call silence evidence".into());
     }
     if fx.enabled != Some(true) {
-        return (Reason::NoPolicy, "most likely no policy selects the endpoint in this direction (inferred: nothing was ever seen)".into());
+        return (
+            Reason::NoPolicy,
+            "most likely no policy selects the endpoint in this direction (inferred: nothing was ever seen)".into(),
+        );
     }
-    (Reason::NoTraffic, "policy applies and notifications are on, but no traffic was seen: nothing shows what the policy selects".into())
+    (
+        Reason::NoTraffic,
+        "policy applies and notifications are on, but no traffic was seen: nothing shows what the policy selects"
+            .into(),
+    )
 }
 
 fn host_endpoint_gates(ctx: &Ctx<'_>, flows: &[(usize, &FlowRecord)]) -> Vec<Gate> {
     let mut gates = Vec::new();
     let host_verdicts = flows.iter().filter(|(_, f)| f.source == NotifySource::PolicyVerdict).count();
     gates.push(match ctx.input.directory.host_policy_coverage() {
-        Some(c) if !c.selecting.is_empty() => gate("host_policy_selects_node", None, GateStatus::Passed, true, Some(Reason::NoHostPolicy), Some(c.source),
-            format!("selected by {}{}", c.selecting.join(", "), no_node_callout(&c.selecting_no_node))),
-        Some(c) => gate("host_policy_selects_node", None, GateStatus::Failed, true, Some(Reason::NoHostPolicy), Some(c.source),
-            format!("no CiliumClusterwideNetworkPolicy with a nodeSelector selects this node{}", no_node_callout(&c.selecting_no_node))),
-        None if !flows.is_empty() => gate("host_policy_selects_node", None, GateStatus::Passed, true, Some(Reason::NoHostPolicy), Some(FactSource::Inferred),
-            format!("inferred: the host endpoint emitted {} flows, which it only does under a host policy", flows.len())),
-        None => gate("host_policy_selects_node", None, GateStatus::Unknown, true, Some(Reason::NoHostPolicy), None,
+        Some(c) if !c.selecting.is_empty() => gate(
+            "host_policy_selects_node",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::NoHostPolicy),
+            Some(c.source),
+            format!("selected by {}{}", c.selecting.join(", "), no_node_callout(&c.selecting_no_node)),
+        ),
+        Some(c) => gate(
+            "host_policy_selects_node",
+            None,
+            GateStatus::Failed,
+            true,
+            Some(Reason::NoHostPolicy),
+            Some(c.source),
+            format!(
+                "no CiliumClusterwideNetworkPolicy with a nodeSelector selects this node{}",
+                no_node_callout(&c.selecting_no_node)
+            ),
+        ),
+        None if !flows.is_empty() => gate(
+            "host_policy_selects_node",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::NoHostPolicy),
+            Some(FactSource::Inferred),
+            format!(
+                "inferred: the host endpoint emitted {} flows, which it only does under a host policy",
+                flows.len()
+            ),
+        ),
+        None => gate(
+            "host_policy_selects_node",
+            None,
+            GateStatus::Unknown,
+            true,
+            Some(Reason::NoHostPolicy),
+            None,
             "unknown: no source could tell whether a host policy selects this node, and the host endpoint emitted \
-             nothing; check `kubectl get ccnp` for a nodeSelector matching this node".into()),
+             nothing; check `kubectl get ccnp` for a nodeSelector matching this node"
+                .into(),
+        ),
     });
     gates.push(match ctx.input.environment.cilium_version {
-        Some(v) if v.at_least(1, 16) => gate("host_program_version", None, GateStatus::Passed, true, Some(Reason::HostProgramPre116), Some(FactSource::CiliumApi),
-            format!("Cilium {v}: the host firewall emits policy verdicts")),
-        Some(v) => gate("host_program_version", None, GateStatus::Failed, true, Some(Reason::HostProgramPre116), Some(FactSource::CiliumApi),
-            format!("Cilium {v}: before 1.16 the host firewall emits no policy verdicts (only drops), so audited host \
-                     traffic is invisible; upgrade to 1.16 or later before trusting a host readiness")),
-        None if host_verdicts > 0 => gate("host_program_version", None, GateStatus::Passed, true, Some(Reason::HostProgramPre116), Some(FactSource::Inferred),
-            "inferred: the host endpoint emits policy verdicts (Cilium 1.16 or later)".into()),
-        None => gate("host_program_version", None, GateStatus::Unknown, false, Some(Reason::HostProgramPre116), None,
-            "unknown Cilium version and no host policy verdict seen; before 1.16 the host firewall emits none".into()),
+        Some(v) if v.at_least(1, 16) => gate(
+            "host_program_version",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::HostProgramPre116),
+            Some(FactSource::CiliumApi),
+            format!("Cilium {v}: the host firewall emits policy verdicts"),
+        ),
+        Some(v) => gate(
+            "host_program_version",
+            None,
+            GateStatus::Failed,
+            true,
+            Some(Reason::HostProgramPre116),
+            Some(FactSource::CiliumApi),
+            format!(
+                "Cilium {v}: before 1.16 the host firewall emits no policy verdicts (only drops), so audited host \
+                     traffic is invisible; upgrade to 1.16 or later before trusting a host readiness"
+            ),
+        ),
+        None if host_verdicts > 0 => gate(
+            "host_program_version",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::HostProgramPre116),
+            Some(FactSource::Inferred),
+            "inferred: the host endpoint emits policy verdicts (Cilium 1.16 or later)".into(),
+        ),
+        None => gate(
+            "host_program_version",
+            None,
+            GateStatus::Unknown,
+            false,
+            Some(Reason::HostProgramPre116),
+            None,
+            "unknown Cilium version and no host policy verdict seen; before 1.16 the host firewall emits none".into(),
+        ),
     });
     gates
 }
@@ -404,14 +666,42 @@ pub(super) fn host_checks(ctx: &Ctx<'_>, host_entry: Option<&EndpointReadiness>)
     let mut gates = Vec::new();
     let directory_knows_endpoints = !ctx.input.directory.endpoints().is_empty();
     gates.push(match (ctx.host, ctx.host_by) {
-        (Some(id), HostIdentifiedBy::Directory) => gate("host_endpoint_exists", None, GateStatus::Passed, true, Some(Reason::HostEndpointMissing), ctx.host_source,
-            format!("host endpoint {id}")),
-        (Some(id), _) => gate("host_endpoint_exists", None, GateStatus::Passed, true, Some(Reason::HostEndpointMissing), None,
-            format!("host endpoint {id}, as given by the operator (not confirmed by an enrichment source)")),
-        (None, _) if directory_knows_endpoints => gate("host_endpoint_exists", None, GateStatus::Failed, true, Some(Reason::HostEndpointMissing), Some(FactSource::CiliumApi),
-            "no host endpoint among this node's endpoints: the host firewall is off (enable-host-firewall)".into()),
-        (None, _) => gate("host_endpoint_exists", None, GateStatus::Unknown, true, Some(Reason::HostEndpointMissing), None,
-            "unknown: no enrichment source lists endpoints; pass --host-endpoint or --endpoints".into()),
+        (Some(id), HostIdentifiedBy::Directory) => gate(
+            "host_endpoint_exists",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::HostEndpointMissing),
+            ctx.host_source,
+            format!("host endpoint {id}"),
+        ),
+        (Some(id), _) => gate(
+            "host_endpoint_exists",
+            None,
+            GateStatus::Passed,
+            true,
+            Some(Reason::HostEndpointMissing),
+            None,
+            format!("host endpoint {id}, as given by the operator (not confirmed by an enrichment source)"),
+        ),
+        (None, _) if directory_knows_endpoints => gate(
+            "host_endpoint_exists",
+            None,
+            GateStatus::Failed,
+            true,
+            Some(Reason::HostEndpointMissing),
+            Some(FactSource::CiliumApi),
+            "no host endpoint among this node's endpoints: the host firewall is off (enable-host-firewall)".into(),
+        ),
+        (None, _) => gate(
+            "host_endpoint_exists",
+            None,
+            GateStatus::Unknown,
+            true,
+            Some(Reason::HostEndpointMissing),
+            None,
+            "unknown: no enrichment source lists endpoints; pass --host-endpoint or --endpoints".into(),
+        ),
     });
     let (policy_selected, policy_selected_source) = match host_entry {
         Some(h) => {
@@ -497,11 +787,16 @@ pub fn rejudge(ep: &EndpointReadiness, generated_at: SystemTime, lookback: Durat
                 match watched {
                     Some(w) if w >= lookback => {
                         g.status = GateStatus::Passed;
-                        g.detail = format!("observed for {} (at least {} asked)", format_duration(w), format_duration(lookback));
+                        g.detail = format!(
+                            "observed for {} (at least {} asked)",
+                            format_duration(w),
+                            format_duration(lookback)
+                        );
                     }
                     Some(w) => {
                         g.status = GateStatus::Failed;
-                        g.detail = format!("observed for {} of the {} asked", format_duration(w), format_duration(lookback));
+                        g.detail =
+                            format!("observed for {} of the {} asked", format_duration(w), format_duration(lookback));
                     }
                     None => g.status = GateStatus::Unknown,
                 }
@@ -512,7 +807,8 @@ pub fn rejudge(ep: &EndpointReadiness, generated_at: SystemTime, lookback: Durat
                 if a + w + x > 0 {
                     g.status = GateStatus::Passed;
                     g.cause = Some(Reason::NoTraffic);
-                    g.detail = format!("{a} allowed, {w} audited, {x} denied flows in the last {}", format_duration(lookback));
+                    g.detail =
+                        format!("{a} allowed, {w} audited, {x} denied flows in the last {}", format_duration(lookback));
                 } else if g.status == GateStatus::Passed {
                     g.status = GateStatus::Failed;
                     g.cause = Some(Reason::NoTraffic);
@@ -525,7 +821,8 @@ pub fn rejudge(ep: &EndpointReadiness, generated_at: SystemTime, lookback: Durat
     }
     let mut directions = ep.directions.clone();
     for d in &mut directions {
-        let refs: Vec<&Gate> = gates.iter().filter(|g| g.direction.is_none() || g.direction == Some(d.direction)).collect();
+        let refs: Vec<&Gate> =
+            gates.iter().filter(|g| g.direction.is_none() || g.direction == Some(d.direction)).collect();
         let wd = out.would_deny.iter().filter(|f| f.direction == d.direction).count();
         (d.state, d.reason) = decide_direction(is_host, d.direction, d.policy_enabled, d.audit_mode, wd, &refs);
     }

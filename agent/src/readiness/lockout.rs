@@ -10,11 +10,9 @@ use std::{
 use super::{
     Ctx,
     remote::RemoteSide,
-    report::{
-        EnforcementSwitch, LockoutEntry, LockoutReport, SuspectedReplyDrop, SwitchSource, UnattributedDrop,
-    },
+    report::{EnforcementSwitch, LockoutEntry, LockoutReport, SuspectedReplyDrop, SwitchSource, UnattributedDrop},
 };
-use crate::model::{proto_name, Direction, FlowRecord, NotifySource, Verdict};
+use crate::model::{Direction, FlowRecord, NotifySource, Verdict, proto_name};
 
 /// What the kernel notification can and cannot tell about replies of
 /// connections opened before enforcement. Shown in every lockout report.
@@ -174,7 +172,9 @@ impl HostLockoutDetector {
                     });
                 host_flows
                     .iter()
-                    .filter(|(_, f)| f.direction == dir && f.verdict == Verdict::Denied && f.source == NotifySource::PolicyVerdict)
+                    .filter(|(_, f)| {
+                        f.direction == dir && f.verdict == Verdict::Denied && f.source == NotifySource::PolicyVerdict
+                    })
                     .filter(|(_, f)| {
                         audited.get(&(f.remote_identity, f.proto, f.dst_port)).is_some_and(|&a| f.first_seen >= a)
                     })
@@ -183,7 +183,12 @@ impl HostLockoutDetector {
                     .map(|at| (at, SwitchSource::Counts))
             };
             if let Some((at, source)) = from_directory.or_else(from_counts) {
-                out.push(EnforcementSwitch { direction: dir, at, source, watch_until: at + ctx.config.watch_after_switch });
+                out.push(EnforcementSwitch {
+                    direction: dir,
+                    at,
+                    source,
+                    watch_until: at + ctx.config.watch_after_switch,
+                });
             }
         }
         out
@@ -208,8 +213,12 @@ impl HostLockoutDetector {
                 continue;
             }
             let side = RemoteSide::of_identity(f.remote_identity);
-            let remote_ports: Vec<u16> =
-                ctx.input.source_ports.and_then(|m| m.get(&super::FlowKey::from(f))).map(|s| s.iter().copied().collect()).unwrap_or_default();
+            let remote_ports: Vec<u16> = ctx
+                .input
+                .source_ports
+                .and_then(|m| m.get(&super::FlowKey::from(f)))
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
             // World replies are indistinguishable from scans of high ports
             // unless a capture shows a critical source port.
             if !(side.is_infrastructure() || side == RemoteSide::Cluster) && remote_ports.is_empty() {
@@ -232,7 +241,11 @@ impl HostLockoutDetector {
                     .catalogue
                     .flows
                     .iter()
-                    .filter(|c| c.protocol.matches(f.proto) && c.remotes.contains(&side) && c.directions.contains(&Direction::Egress))
+                    .filter(|c| {
+                        c.protocol.matches(f.proto)
+                            && c.remotes.contains(&side)
+                            && c.directions.contains(&Direction::Egress)
+                    })
                     .map(|c| c.service.clone())
                     .collect::<BTreeSet<_>>()
                     .into_iter()
@@ -275,7 +288,8 @@ fn merge(entries: Vec<LockoutEntry>) -> Vec<LockoutEntry> {
                 m.remote_identities.sort_unstable();
                 m.remote_identities.dedup();
                 m.notifications += e.notifications;
-                m.notifications_in_window = m.notifications_in_window.zip(e.notifications_in_window).map(|(a, b)| a + b);
+                m.notifications_in_window =
+                    m.notifications_in_window.zip(e.notifications_in_window).map(|(a, b)| a + b);
                 m.first_seen = m.first_seen.min(e.first_seen);
                 m.last_seen = m.last_seen.max(e.last_seen);
                 m.after_switch |= e.after_switch;
@@ -295,10 +309,16 @@ fn report_switch(switches: &[EnforcementSwitch], dir: Direction) -> Option<&Enfo
     switches.iter().find(|s| s.direction == dir)
 }
 
-fn unattributed(ctx: &Ctx<'_>, host_flows: &[(usize, &FlowRecord)], switches: &[EnforcementSwitch]) -> Vec<UnattributedDrop> {
+fn unattributed(
+    ctx: &Ctx<'_>,
+    host_flows: &[(usize, &FlowRecord)],
+    switches: &[EnforcementSwitch],
+) -> Vec<UnattributedDrop> {
     let explained: HashSet<(Direction, u32)> = host_flows
         .iter()
-        .filter(|(_, f)| f.verdict == Verdict::Denied && f.source == NotifySource::PolicyVerdict && f.last_seen >= ctx.window_start)
+        .filter(|(_, f)| {
+            f.verdict == Verdict::Denied && f.source == NotifySource::PolicyVerdict && f.last_seen >= ctx.window_start
+        })
         .map(|(_, f)| (f.direction, f.remote_identity))
         .collect();
     let mut out: Vec<UnattributedDrop> = host_flows

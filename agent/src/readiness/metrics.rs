@@ -92,8 +92,12 @@ pub fn encode_metrics(report: &ReadinessReport, encoder: &mut DescriptorEncoder)
                 } else {
                     "reply_to_pre_existing_connection".to_owned()
                 };
-                let labels: Labels =
-                    vec![("port", String::new()), ("protocol", r.protocol.clone()), ("remote", r.remote.clone()), ("service", service)];
+                let labels: Labels = vec![
+                    ("port", String::new()),
+                    ("protocol", r.protocol.clone()),
+                    ("remote", r.remote.clone()),
+                    ("service", service),
+                ];
                 if seen.insert(labels.clone()) {
                     m.encode_family(&labels)?.encode_gauge(&1i64)?;
                 }
@@ -130,7 +134,8 @@ pub fn encode_metrics(report: &ReadinessReport, encoder: &mut DescriptorEncoder)
             MetricType::Counter,
         )?;
         for e in &report.endpoints {
-            m.encode_family(&endpoint_labels(e))?.encode_counter::<Labels, u64, f64>(&e.noise_notifications_total, None)?;
+            m.encode_family(&endpoint_labels(e))?
+                .encode_counter::<Labels, u64, f64>(&e.noise_notifications_total, None)?;
         }
     }
     Ok(())

@@ -37,7 +37,9 @@ pub use noise::NoiseConfig;
 pub use remote::RemoteSide;
 pub use report::*;
 
-use crate::model::{Direction, EndpointDirectory, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict};
+use crate::model::{
+    Direction, EndpointDirectory, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict,
+};
 
 /// Tunables of the readiness engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,7 +196,12 @@ pub struct ReadinessInput<'a> {
 }
 
 impl<'a> ReadinessInput<'a> {
-    pub fn new(flows: &'a [FlowRecord], directory: &'a dyn EndpointDirectory, observation: &'a Observation, now: SystemTime) -> Self {
+    pub fn new(
+        flows: &'a [FlowRecord],
+        directory: &'a dyn EndpointDirectory,
+        observation: &'a Observation,
+        now: SystemTime,
+    ) -> Self {
         ReadinessInput {
             flows,
             directory,
@@ -276,7 +283,8 @@ impl ReadinessEngine {
         let lookback_start = now.checked_sub(self.config.min_evidence).unwrap_or(SystemTime::UNIX_EPOCH);
         let window_counts = self.window_counts(input.flows, window_start, now);
 
-        let endpoints: HashMap<u16, EndpointInfo> = input.directory.endpoints().into_iter().map(|e| (e.id, e)).collect();
+        let endpoints: HashMap<u16, EndpointInfo> =
+            input.directory.endpoints().into_iter().map(|e| (e.id, e)).collect();
         let (host, host_by, host_source) = match endpoints.values().find(|e| e.kind == EndpointKind::Host) {
             Some(e) => (Some(e.id), HostIdentifiedBy::Directory, e.policy_source),
             None => match input.host_endpoint {

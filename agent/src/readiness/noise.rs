@@ -14,10 +14,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{report::NoiseSummary, Ctx};
+use super::{Ctx, report::NoiseSummary};
 use crate::{
     cilium::identity,
-    model::{proto_name, Direction, NotifySource, Verdict},
+    model::{Direction, NotifySource, Verdict, proto_name},
 };
 
 /// Tunables of the classifier.
@@ -84,10 +84,13 @@ pub(super) fn classify(ctx: &Ctx<'_>, horizon_start: SystemTime, use_window_coun
     let mut noise = HashSet::new();
     let mut summaries = Vec::new();
     for (endpoint_id, cands) in per_endpoint {
-        let distinct: BTreeSet<(u8, u16)> = cands.iter().map(|c| {
-            let f = &ctx.input.flows[c.idx];
-            (f.proto, f.dst_port)
-        }).collect();
+        let distinct: BTreeSet<(u8, u16)> = cands
+            .iter()
+            .map(|c| {
+                let f = &ctx.input.flows[c.idx];
+                (f.proto, f.dst_port)
+            })
+            .collect();
         if distinct.len() < cfg.min_ports {
             continue;
         }

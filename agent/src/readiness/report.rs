@@ -22,7 +22,8 @@ pub enum ReadinessState {
 }
 
 impl ReadinessState {
-    pub const ALL: [ReadinessState; 3] = [ReadinessState::Ready, ReadinessState::WouldBreak, ReadinessState::NoEvidence];
+    pub const ALL: [ReadinessState; 3] =
+        [ReadinessState::Ready, ReadinessState::WouldBreak, ReadinessState::NoEvidence];
     pub fn as_str(self) -> &'static str {
         match self {
             ReadinessState::Ready => "ready",

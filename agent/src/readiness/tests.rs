@@ -8,7 +8,9 @@ use super::{
     testkit::*,
     *,
 };
-use crate::model::{Direction, EndpointInfo, EndpointKind, FactSource, FlowRecord, HostPolicyCoverage, NotifySource, Verdict};
+use crate::model::{
+    Direction, EndpointInfo, EndpointKind, FactSource, FlowRecord, HostPolicyCoverage, NotifySource, Verdict,
+};
 
 fn env_ok() -> EvidenceEnvironment {
     EvidenceEnvironment {
@@ -18,7 +20,12 @@ fn env_ok() -> EvidenceEnvironment {
     }
 }
 
-fn report_for(dir: &FakeDirectory, flows: &[FlowRecord], since: std::time::SystemTime, env: EvidenceEnvironment) -> ReadinessReport {
+fn report_for(
+    dir: &FakeDirectory,
+    flows: &[FlowRecord],
+    since: std::time::SystemTime,
+    env: EvidenceEnvironment,
+) -> ReadinessReport {
     let obs = Observation::since_start(since);
     let mut input = ReadinessInput::new(flows, dir, &obs, now());
     input.environment = env;
@@ -48,7 +55,8 @@ fn s(v: &str) -> String {
 #[test]
 fn lockout_scenario_states_per_endpoint() {
     let (_, r) = scenario_report();
-    let states: Vec<(u16, ReadinessState, Reason)> = r.endpoints.iter().map(|e| (e.endpoint_id, e.state, e.reason)).collect();
+    let states: Vec<(u16, ReadinessState, Reason)> =
+        r.endpoints.iter().map(|e| (e.endpoint_id, e.state, e.reason)).collect();
     assert_eq!(
         states,
         vec![
@@ -77,7 +85,10 @@ fn lockout_scenario_would_deny_sets() {
             (Ingress, 9, 22, s("tcp")),
         ])
     );
-    assert_eq!(flow_set(&ep(&r, HOST).allowed), BTreeSet::from([(Ingress, 6, 8472, s("udp")), (Ingress, 7, 6443, s("tcp"))]));
+    assert_eq!(
+        flow_set(&ep(&r, HOST).allowed),
+        BTreeSet::from([(Ingress, 6, 8472, s("udp")), (Ingress, 7, 6443, s("tcp"))])
+    );
     assert_eq!(flow_set(&ep(&r, WEB).would_deny), BTreeSet::from([(Egress, 2, 5432, s("tcp"))]));
     assert_eq!(
         flow_set(&ep(&r, WEB).allowed),
@@ -135,7 +146,10 @@ fn lockout_scenario_host_checks() {
     assert_eq!(r.host.policy_selected, Some(true));
     assert_eq!(r.host.policy_selected_source, Some(FactSource::Kubernetes));
     let names: Vec<&str> = r.host.gates.iter().map(|g| g.name.as_str()).collect();
-    assert_eq!(names, ["host_endpoint_exists", "host_policy_selects_node", "host_program_version", "host_policy_enabled_ingress"]);
+    assert_eq!(
+        names,
+        ["host_endpoint_exists", "host_policy_selects_node", "host_program_version", "host_policy_enabled_ingress"]
+    );
     let sel = r.host.gates.iter().find(|g| g.name == "host_policy_selects_node").unwrap();
     assert!(sel.detail.contains("host-baseline") && sel.detail.contains("host-control-plane"), "{}", sel.detail);
     assert!(r.host.gates.iter().all(|g| g.status == GateStatus::Passed));
@@ -156,11 +170,22 @@ fn the_report_round_trips_through_json() {
     assert!(v["noise"][0]["ports"].is_number());
 }
 
-fn quiet_dir(ingress: Option<crate::model::DirectionPolicy>, egress: Option<crate::model::DirectionPolicy>) -> FakeDirectory {
-    FakeDirectory { endpoints: vec![pod_info(QUIET, "shop", "quiet-0", "quiet", 51_003, ingress, egress)], ..FakeDirectory::default() }
+fn quiet_dir(
+    ingress: Option<crate::model::DirectionPolicy>,
+    egress: Option<crate::model::DirectionPolicy>,
+) -> FakeDirectory {
+    FakeDirectory {
+        endpoints: vec![pod_info(QUIET, "shop", "quiet-0", "quiet", 51_003, ingress, egress)],
+        ..FakeDirectory::default()
+    }
 }
 
-fn quiet_reason(dir: &FakeDirectory, flows: &[FlowRecord], since_secs: u64, env: EvidenceEnvironment) -> (ReadinessState, Reason) {
+fn quiet_reason(
+    dir: &FakeDirectory,
+    flows: &[FlowRecord],
+    since_secs: u64,
+    env: EvidenceEnvironment,
+) -> (ReadinessState, Reason) {
     let r = report_for(dir, flows, ago(since_secs), env);
     let e = ep(&r, QUIET);
     (e.state, e.reason)
@@ -174,14 +199,18 @@ fn silence_is_never_ready_each_cause_has_its_reason() {
     // Policy, notifications, no rate limit, long enough: just no traffic.
     assert_eq!(quiet_reason(&enabled, &[], long, env_ok()), (NoEvidence, Reason::NoTraffic));
     // No policy in any direction (known).
-    assert_eq!(quiet_reason(&quiet_dir(dp(false, true), dp(false, true)), &[], long, env_ok()), (NoEvidence, Reason::NoPolicy));
+    assert_eq!(
+        quiet_reason(&quiet_dir(dp(false, true), dp(false, true)), &[], long, env_ok()),
+        (NoEvidence, Reason::NoPolicy)
+    );
     // Nothing known and nothing seen: most likely no policy (inferred).
     assert_eq!(quiet_reason(&quiet_dir(None, None), &[], long, env_ok()), (NoEvidence, Reason::NoPolicy));
     // Verdict notifications off.
     let off = EvidenceEnvironment { verdict_notifications: Some(false), ..env_ok() };
     assert_eq!(quiet_reason(&enabled, &[], long, off), (NoEvidence, Reason::VerdictNotificationsOff));
     // Rate limited.
-    let limited = EvidenceEnvironment { rate_limit: Some(RateLimit { configured: true, dropped: Some(12) }), ..env_ok() };
+    let limited =
+        EvidenceEnvironment { rate_limit: Some(RateLimit { configured: true, dropped: Some(12) }), ..env_ok() };
     assert_eq!(quiet_reason(&enabled, &[], long, limited), (NoEvidence, Reason::RateLimited));
     // Window too short.
     assert_eq!(quiet_reason(&enabled, &[], 2 * 3600, env_ok()), (NoEvidence, Reason::WindowTooShort));
@@ -198,13 +227,18 @@ fn silence_causes_also_hold_back_endpoints_with_traffic() {
     let flows = [flow(QUIET, Direction::Ingress, FRONTEND_ID, 6, 80, Verdict::Allowed, 50, ago(40 * 3600), ago(60))];
     let long = 48 * 3600;
     assert_eq!(quiet_reason(&dir, &flows, long, env_ok()), (ReadinessState::Ready, Reason::NoWouldDeny));
-    let limited = EvidenceEnvironment { rate_limit: Some(RateLimit { configured: true, dropped: Some(3) }), ..env_ok() };
+    let limited =
+        EvidenceEnvironment { rate_limit: Some(RateLimit { configured: true, dropped: Some(3) }), ..env_ok() };
     assert_eq!(quiet_reason(&dir, &flows, long, limited), (ReadinessState::NoEvidence, Reason::RateLimited));
-    let unknown_drops = EvidenceEnvironment { rate_limit: Some(RateLimit { configured: true, dropped: None }), ..env_ok() };
+    let unknown_drops =
+        EvidenceEnvironment { rate_limit: Some(RateLimit { configured: true, dropped: None }), ..env_ok() };
     assert_eq!(quiet_reason(&dir, &flows, long, unknown_drops), (ReadinessState::NoEvidence, Reason::RateLimited));
     assert_eq!(quiet_reason(&dir, &flows, 3600, env_ok()), (ReadinessState::NoEvidence, Reason::WindowTooShort));
     // What the agent cannot read does not block when verdicts arrive.
-    assert_eq!(quiet_reason(&dir, &flows, long, EvidenceEnvironment::default()), (ReadinessState::Ready, Reason::NoWouldDeny));
+    assert_eq!(
+        quiet_reason(&dir, &flows, long, EvidenceEnvironment::default()),
+        (ReadinessState::Ready, Reason::NoWouldDeny)
+    );
 }
 
 fn host_only(host: EndpointInfo, coverage: Option<HostPolicyCoverage>) -> FakeDirectory {
@@ -214,7 +248,11 @@ fn host_only(host: EndpointInfo, coverage: Option<HostPolicyCoverage>) -> FakeDi
 #[test]
 fn host_silence_causes() {
     let long = ago(48 * 3600);
-    let covered = Some(HostPolicyCoverage { selecting: vec!["hp".into()], selecting_no_node: vec![], source: FactSource::Kubernetes });
+    let covered = Some(HostPolicyCoverage {
+        selecting: vec!["hp".into()],
+        selecting_no_node: vec![],
+        source: FactSource::Kubernetes,
+    });
     // Before 1.16 the host firewall emits no verdicts.
     let old = EvidenceEnvironment { cilium_version: Some("v1.15.7".parse().unwrap()), ..env_ok() };
     let r = report_for(&host_only(host_info(true), covered.clone()), &[], long, old);
@@ -225,7 +263,11 @@ fn host_silence_causes() {
     let r = report_for(&host_only(host_info(true), covered.clone()), &[drop], long, old);
     assert_eq!(ep(&r, HOST).reason, Reason::HostProgramPre116);
     // No host policy selects the node; a policy selecting no node is named.
-    let none = Some(HostPolicyCoverage { selecting: vec![], selecting_no_node: vec!["cp-only".into()], source: FactSource::Kubernetes });
+    let none = Some(HostPolicyCoverage {
+        selecting: vec![],
+        selecting_no_node: vec!["cp-only".into()],
+        source: FactSource::Kubernetes,
+    });
     let allowed = [flow(HOST, Direction::Ingress, 7, 6, 6443, Verdict::Allowed, 10, ago(40 * 3600), ago(10))];
     let r = report_for(&host_only(host_info(true), none), &allowed, long, env_ok());
     assert_eq!((ep(&r, HOST).state, ep(&r, HOST).reason), (ReadinessState::NoEvidence, Reason::NoHostPolicy));
@@ -258,7 +300,10 @@ fn host_facts_inferred_without_a_directory() {
     assert_eq!(r.host.identified_by, HostIdentifiedBy::Operator);
     assert_eq!((r.host.policy_selected, r.host.policy_selected_source), (Some(true), Some(FactSource::Inferred)));
     let ingress = &h.directions[0];
-    assert_eq!((ingress.policy_enabled, ingress.audit_mode, ingress.facts_source), (Some(true), Some(true), Some(FactSource::Inferred)));
+    assert_eq!(
+        (ingress.policy_enabled, ingress.audit_mode, ingress.facts_source),
+        (Some(true), Some(true), Some(FactSource::Inferred))
+    );
     assert_eq!(r.lockout.risk.len(), 1);
 }
 
@@ -362,7 +407,10 @@ fn lockout_switch_inferred_from_counts_and_replies_confirmed_by_ports() {
     let sw = &r.lockout.enforcement_switch;
     assert_eq!((sw.len(), sw[0].source, sw[0].at), (1, SwitchSource::Counts, ago(500)));
     let reply = &r.lockout.suspected_reply_drops[0];
-    assert_eq!((reply.confirmed, reply.remote_ports.clone(), reply.possible_services.clone()), (true, vec![6443], vec![s("kube-apiserver")]));
+    assert_eq!(
+        (reply.confirmed, reply.remote_ports.clone(), reply.possible_services.clone()),
+        (true, vec![6443], vec![s("kube-apiserver")])
+    );
 }
 
 #[test]

@@ -60,7 +60,13 @@ pub enum TimeParseError {
 pub fn parse_rfc3339(input: &str) -> Result<SystemTime, TimeParseError> {
     let err = || TimeParseError::Timestamp { input: input.to_owned() };
     let b = input.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(err());
     }
     let num = |r: std::ops::Range<usize>| input.get(r).and_then(|s| s.parse::<i64>().ok()).ok_or_else(err);

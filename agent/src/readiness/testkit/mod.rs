@@ -17,8 +17,8 @@ use k8s_crds_cilium::{CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy};
 
 use self::policy_model::{Peer, Policy, Subject};
 use crate::model::{
-    DirectionPolicy, Direction, EndpointDirectory, EndpointInfo, EndpointKind, FactSource, FlowRecord, HostPolicyCoverage,
-    NotifySource, Verdict,
+    Direction, DirectionPolicy, EndpointDirectory, EndpointInfo, EndpointKind, FactSource, FlowRecord,
+    HostPolicyCoverage, NotifySource, Verdict,
 };
 
 /// 2026-11-22T12:00:00Z: "now" in every scenario.
@@ -88,7 +88,15 @@ pub fn host_info(audit: bool) -> EndpointInfo {
     }
 }
 
-pub fn pod_info(id: u16, ns: &str, pod: &str, app: &str, identity: u32, ingress: Option<DirectionPolicy>, egress: Option<DirectionPolicy>) -> EndpointInfo {
+pub fn pod_info(
+    id: u16,
+    ns: &str,
+    pod: &str,
+    app: &str,
+    identity: u32,
+    ingress: Option<DirectionPolicy>,
+    egress: Option<DirectionPolicy>,
+) -> EndpointInfo {
     EndpointInfo {
         id,
         kind: EndpointKind::Pod,
@@ -105,7 +113,17 @@ pub fn pod_info(id: u16, ns: &str, pod: &str, app: &str, identity: u32, ingress:
 
 /// A flow record as the kernel path produces it (no addresses).
 #[allow(clippy::too_many_arguments)]
-pub fn flow(endpoint: u16, dir: Direction, remote: u32, proto: u8, port: u16, verdict: Verdict, n: u64, first: SystemTime, last: SystemTime) -> FlowRecord {
+pub fn flow(
+    endpoint: u16,
+    dir: Direction,
+    remote: u32,
+    proto: u8,
+    port: u16,
+    verdict: Verdict,
+    n: u64,
+    first: SystemTime,
+    last: SystemTime,
+) -> FlowRecord {
     FlowRecord {
         endpoint_id: endpoint,
         direction: dir,
@@ -145,7 +163,17 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    pub fn new(endpoint: u16, direction: Direction, remote_identity: u32, proto: u8, port: u16, n: u64, first: SystemTime, last: SystemTime) -> Traffic {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        endpoint: u16,
+        direction: Direction,
+        remote_identity: u32,
+        proto: u8,
+        port: u16,
+        n: u64,
+        first: SystemTime,
+        last: SystemTime,
+    ) -> Traffic {
         Traffic {
             endpoint,
             direction,
@@ -286,7 +314,10 @@ impl Scenario {
             Traffic::new(HOST, Ingress, 4, 6, 4240, 120, ago(30 * 3600), ago(30)),
             Traffic { icmp_type: Some(8), ..Traffic::new(HOST, Ingress, 4, 1, 0, 118, ago(30 * 3600), ago(30)) },
             // The operator's SSH sessions (the scan adds one probe below).
-            Traffic { addrs: vec!["203.0.113.10".parse().unwrap()], ..Traffic::new(HOST, Ingress, 2, 6, 22, 6, ago(6 * 3600), ago(300)) },
+            Traffic {
+                addrs: vec!["203.0.113.10".parse().unwrap()],
+                ..Traffic::new(HOST, Ingress, 2, 6, 22, 6, ago(6 * 3600), ago(300))
+            },
             // web: frontend calls it (allowed), it resolves names (allowed),
             // and it talks to a database in a private range outside the
             // cluster, which its policy forgot.
@@ -342,7 +373,15 @@ impl Scenario {
 
     /// Whether `policies` let this traffic through.
     pub fn allowed(&self, t: &Traffic, policies: &[Policy]) -> bool {
-        policy_model::allows(policies, &self.subject(t.endpoint), t.direction, &self.peer(t), t.proto, t.port, t.icmp_type)
+        policy_model::allows(
+            policies,
+            &self.subject(t.endpoint),
+            t.direction,
+            &self.peer(t),
+            t.proto,
+            t.port,
+            t.icmp_type,
+        )
     }
 
     /// The flows the kernel path would count: allowed where the model
@@ -364,7 +403,17 @@ impl Scenario {
             } else {
                 Verdict::Denied
             };
-            let mut f = flow(t.endpoint, t.direction, t.remote_identity, t.proto, t.port, verdict, t.notifications, t.first, t.last);
+            let mut f = flow(
+                t.endpoint,
+                t.direction,
+                t.remote_identity,
+                t.proto,
+                t.port,
+                verdict,
+                t.notifications,
+                t.first,
+                t.last,
+            );
             if with_addrs {
                 f.remote_addrs = t.addrs.iter().copied().collect();
             }

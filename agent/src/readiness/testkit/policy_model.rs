@@ -26,7 +26,9 @@ pub enum Policy {
 impl Policy {
     fn parts(&self) -> (Option<String>, Value) {
         match self {
-            Policy::Namespaced(p) => (p.metadata.namespace.clone(), serde_json::to_value(&p.spec).expect("spec to JSON")),
+            Policy::Namespaced(p) => {
+                (p.metadata.namespace.clone(), serde_json::to_value(&p.spec).expect("spec to JSON"))
+            }
             Policy::Clusterwide(p) => (None, serde_json::to_value(&p.spec).expect("spec to JSON")),
         }
     }
@@ -37,7 +39,9 @@ impl Policy {
         for doc in serde_yaml::Deserializer::from_str(yaml) {
             let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("YAML document");
             match v.get("kind").and_then(|k| k.as_str()) {
-                Some("CiliumNetworkPolicy") => out.push(Policy::Namespaced(serde_yaml::from_value(v).expect("typed CNP"))),
+                Some("CiliumNetworkPolicy") => {
+                    out.push(Policy::Namespaced(serde_yaml::from_value(v).expect("typed CNP")))
+                }
                 Some("CiliumClusterwideNetworkPolicy") => {
                     out.push(Policy::Clusterwide(serde_yaml::from_value(v).expect("typed CCNP")))
                 }
@@ -97,7 +101,11 @@ fn selector_matches(sel: &Value, labels: &[String]) -> bool {
     if let Some(exprs) = sel.get("matchExpressions").and_then(Value::as_array) {
         for e in exprs {
             let key = e["key"].as_str().unwrap_or_default();
-            let values: Vec<&str> = e.get("values").and_then(Value::as_array).map(|v| v.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            let values: Vec<&str> = e
+                .get("values")
+                .and_then(Value::as_array)
+                .map(|v| v.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
             let have = label_value(labels, key);
             let ok = match e["operator"].as_str().unwrap_or_default() {
                 "In" => have.is_some_and(|h| values.contains(&h)),
@@ -199,7 +207,11 @@ fn peer_matches(rule: &Value, dir: Direction, policy_ns: &Option<String>, peer: 
             }
         }
     }
-    let mut cidrs: Vec<String> = rule.get(cidr).and_then(Value::as_array).map(|v| v.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
+    let mut cidrs: Vec<String> = rule
+        .get(cidr)
+        .and_then(Value::as_array)
+        .map(|v| v.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
     if let Some(set) = rule.get(cidrset).and_then(Value::as_array) {
         cidrs.extend(set.iter().filter_map(|c| c.get("cidr").and_then(Value::as_str)).map(str::to_owned));
     }
@@ -246,10 +258,11 @@ fn l4_matches(rule: &Value, proto: u8, port: u16, icmp_type: Option<u8>) -> bool
                 }
                 let first: u16 = p.get("port").and_then(Value::as_str).and_then(|s| s.parse().ok()).unwrap_or(0);
                 let end = p.get("endPort").and_then(Value::as_u64).map(|e| e as u16);
-                let port_ok = first == 0 || match end {
-                    Some(e) => (first..=e).contains(&port),
-                    None => port == first,
-                };
+                let port_ok = first == 0
+                    || match end {
+                        Some(e) => (first..=e).contains(&port),
+                        None => port == first,
+                    };
                 if port_ok {
                     return true;
                 }
@@ -282,18 +295,42 @@ fn l4_matches(rule: &Value, proto: u8, port: u16, icmp_type: Option<u8>) -> bool
 
 /// Whether the policies allow the traffic: a rule allows it, or no policy
 /// with rules in that direction selects the endpoint (no default deny).
-pub fn allows(policies: &[Policy], s: &Subject, dir: Direction, peer: &Peer, proto: u8, port: u16, icmp_type: Option<u8>) -> bool {
+pub fn allows(
+    policies: &[Policy],
+    s: &Subject,
+    dir: Direction,
+    peer: &Peer,
+    proto: u8,
+    port: u16,
+    icmp_type: Option<u8>,
+) -> bool {
     let (allowed, enforced) = evaluate(policies, s, dir, peer, proto, port, icmp_type);
     allowed || !enforced
 }
 
 /// Whether some rule of the policies allows the traffic (what a policy
 /// adds, regardless of default deny).
-pub fn rule_allows(policies: &[Policy], s: &Subject, dir: Direction, peer: &Peer, proto: u8, port: u16, icmp_type: Option<u8>) -> bool {
+pub fn rule_allows(
+    policies: &[Policy],
+    s: &Subject,
+    dir: Direction,
+    peer: &Peer,
+    proto: u8,
+    port: u16,
+    icmp_type: Option<u8>,
+) -> bool {
     evaluate(policies, s, dir, peer, proto, port, icmp_type).0
 }
 
-fn evaluate(policies: &[Policy], s: &Subject, dir: Direction, peer: &Peer, proto: u8, port: u16, icmp_type: Option<u8>) -> (bool, bool) {
+fn evaluate(
+    policies: &[Policy],
+    s: &Subject,
+    dir: Direction,
+    peer: &Peer,
+    proto: u8,
+    port: u16,
+    icmp_type: Option<u8>,
+) -> (bool, bool) {
     let key = match dir {
         Direction::Ingress => "ingress",
         Direction::Egress => "egress",

@@ -242,7 +242,15 @@ fn concat(items: &[Node], s: &[char], pos: usize, k: &mut dyn FnMut(usize) -> bo
     }
 }
 
-fn repeat(node: &Node, min: usize, max: Option<usize>, count: usize, s: &[char], pos: usize, k: &mut dyn FnMut(usize) -> bool) -> bool {
+fn repeat(
+    node: &Node,
+    min: usize,
+    max: Option<usize>,
+    count: usize,
+    s: &[char],
+    pos: usize,
+    k: &mut dyn FnMut(usize) -> bool,
+) -> bool {
     // Greedy: one more first, then stop. An empty iteration ends the loop
     // (otherwise `(a*)*` would never terminate).
     if max.is_none_or(|mx| count < mx)
@@ -286,13 +294,21 @@ mod tests {
 
     #[test]
     fn cilium_schema_patterns() {
-        full(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$", &["", "web", "kube-dns", "a.b_c-d"], &["-web", "web-", "a b"]);
+        full(
+            r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+            &["", "web", "kube-dns", "a.b_c-d"],
+            &["-web", "web-", "a b"],
+        );
         full(
             r"^(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})|([a-zA-Z0-9]-?)*[a-zA-Z](-?[a-zA-Z0-9])*$",
             &["22", "6443", "65535", "http", "http-8080"],
             &["-", "--"],
         );
-        full(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$", &["node-a", "a.b.c"], &["Node", "a..b", "-a"]);
+        full(
+            r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+            &["node-a", "a.b.c"],
+            &["Node", "a..b", "-a"],
+        );
         full(r"^\PC*$", &["any text", ""], &["bell\u{7}"]);
         full(r"^([-a-zA-Z0-9_*]+[.]?)+$", &["*.example.com", "a"], &["a b"]);
         full(r"^(\*?\*\.)?([-a-zA-Z0-9_]+\.?)+$", &["**.example.com", "example.com."], &["..", "a b"]);

@@ -238,8 +238,10 @@ mod tests {
     #[test]
     fn the_validator_catches_what_the_api_server_would_reject() {
         let s = cnp();
-        let base = |rule: Value| json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
-            "metadata": {"name": "x"}, "spec": {"endpointSelector": {}, "ingress": [rule]}});
+        let base = |rule: Value| {
+            json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "x"}, "spec": {"endpointSelector": {}, "ingress": [rule]}})
+        };
         let bad_entity = s.validate(&base(json!({"fromEntities": ["world-ipv4"]})));
         assert!(bad_entity.iter().any(|e| e.contains("is not one of")), "{bad_entity:?}");
         let typo = s.validate(&base(json!({"fromEntity": ["world"]})));
@@ -250,7 +252,8 @@ mod tests {
         assert!(bad_proto.iter().any(|e| e.contains("is not one of")), "{bad_proto:?}");
         let bad_cidr = s.validate(&base(json!({"fromCIDR": ["10.0.0.1"]})));
         assert!(bad_cidr.iter().any(|e| e.contains("not a CIDR")), "{bad_cidr:?}");
-        let both = s.validate(&json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "x"},
+        let both = s
+            .validate(&json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "x"},
             "spec": {"endpointSelector": {}, "nodeSelector": {}, "ingress": [{}]}}));
         assert!(both.iter().any(|e| e.contains("oneOf")), "{both:?}");
     }
