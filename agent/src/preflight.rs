@@ -332,7 +332,10 @@ fn print_outcome(
             }
         }
     }
-    for e in selected {
+    // Named endpoints show all their gates; a whole node shows the gates
+    // of the endpoints that are not ready (a node has many pods).
+    let gated = selected.iter().filter(|e| selected.len() == 1 || e.state != ReadinessState::Ready);
+    for e in gated {
         writeln!(out)?;
         writeln!(out, "Evidence gates for {} (endpoint {}):", e.display_name(), e.endpoint_id)?;
         for g in &e.gates {
@@ -481,44 +484,11 @@ fn print_switch_commands(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     use super::*;
     use crate::{
         model::{Direction, FlowRecord, Verdict},
         readiness::{self, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig, ReadinessInput, testkit::*},
     };
-
-    /// Serves one fixed answer to every request; records the request lines.
-    async fn serve(status: u16, body: String) -> (String, Arc<Mutex<Vec<String>>>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let mut buf = vec![0u8; 8192];
-                let mut n = 0;
-                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
-                let req = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned();
-                log.lock().unwrap().push(req);
-                let resp = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            }
-        });
-        (url, seen)
-    }
 
     fn env() -> EvidenceEnvironment {
         EvidenceEnvironment {

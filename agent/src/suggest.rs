@@ -1175,6 +1175,51 @@ mod tests {
         assert_eq!(s[0].policy.as_ref().unwrap().name(), "allow-observed-host-node-b");
     }
 
+    fn cli(agent: &str, endpoint: Option<&str>) -> SuggestArgs {
+        SuggestArgs {
+            endpoint: endpoint.map(str::to_owned),
+            agent: agent.into(),
+            input: None,
+            format: None,
+            endpoints: None,
+            host_endpoint: None,
+            window: None,
+            node: None,
+            node_selector: vec![],
+            max_cidrs: 8,
+            output: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn cli_against_a_running_agent() {
+        let sc = Scenario::lockout();
+        let body = serde_json::to_string(&report(&sc, &sc.flows(&sc.policies, false))).unwrap();
+        let (url, seen) = serve(200, body).await;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(run_with(cli(&url, Some("host")), &mut out, &mut err).await, 0, "{}", String::from_utf8_lossy(&err));
+        let yaml = String::from_utf8(out).unwrap();
+        assert_eq!(Policy::parse_stream(&yaml).len(), 1);
+        assert!(yaml.contains("kind: CiliumClusterwideNetworkPolicy"));
+        assert_eq!(seen.lock().unwrap()[0], "GET /api/v1/readiness?endpoint=host HTTP/1.1");
+
+        // The node selector given on the command line wins; the output goes to a file.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("host.yaml");
+        let mut a = cli(&url, Some("host"));
+        a.node_selector = vec![("node-role.kubernetes.io/control-plane".into(), "".into())];
+        a.output = Some(file.clone());
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(run_with(a, &mut out, &mut err).await, 0);
+        assert!(out.is_empty());
+        let written = std::fs::read_to_string(&file).unwrap();
+        assert!(written.contains("node-role.kubernetes.io/control-plane: ''"), "{written}");
+
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(run_with(cli(&url, Some("shop/nope")), &mut out, &mut err).await, 2);
+        assert!(String::from_utf8_lossy(&err).contains("no endpoint in the report matches \"shop/nope\""));
+    }
+
     #[test]
     fn cidr_labels_and_many_addresses() {
         assert_eq!(

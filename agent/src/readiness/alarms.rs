@@ -415,6 +415,21 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
             ),
         });
     }
+    for d in &report.lockout.unattributed_drops {
+        out.push(Alarm {
+            key: format!("drop/{}/{}", d.direction.as_str(), d.remote),
+            kind: AlarmKind::HostLockoutInProgress,
+            target: node_target.clone(),
+            message: format!(
+                "host firewall dropped {} packet(s) {} {} (reason {}; drop notifications carry no port){}",
+                d.notifications,
+                arrow(d.direction),
+                d.remote,
+                d.reason,
+                if d.after_switch { ", right after audit mode went off" } else { "" }
+            ),
+        });
+    }
     for e in &report.endpoints {
         if e.state != ReadinessState::WouldBreak {
             continue;

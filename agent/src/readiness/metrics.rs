@@ -102,6 +102,19 @@ pub fn encode_metrics(report: &ReadinessReport, encoder: &mut DescriptorEncoder)
                     m.encode_family(&labels)?.encode_gauge(&1i64)?;
                 }
             }
+            // Policy drops carry no port (before Cilium 1.16 the host's only
+            // denial signal): the infrastructure is being denied something.
+            for d in &report.lockout.unattributed_drops {
+                let labels: Labels = vec![
+                    ("port", String::new()),
+                    ("protocol", String::new()),
+                    ("remote", d.remote.clone()),
+                    ("service", "unattributed_policy_drop".to_owned()),
+                ];
+                if seen.insert(labels.clone()) {
+                    m.encode_family(&labels)?.encode_gauge(&1i64)?;
+                }
+            }
         }
     }
     if let Some(selected) = report.host.policy_selected {

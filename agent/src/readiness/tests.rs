@@ -392,6 +392,32 @@ fn lockout_in_progress_after_the_switch_from_the_directory() {
     assert_eq!(r.noise.len(), 1);
     assert_eq!(r.noise[0].denied, 19);
     assert_eq!(ep(&r, HOST).reason, Reason::Enforcing);
+
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let collector = metrics::ReadinessCollector::default();
+    *collector.report.write().unwrap() = Some(r.clone());
+    registry.register_collector(Box::new(collector));
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let in_progress: BTreeSet<&str> =
+        text.lines().filter(|l| l.starts_with("verdict_agent_host_lockout_in_progress{")).collect();
+    assert_eq!(
+        in_progress,
+        BTreeSet::from([
+            r#"verdict_agent_host_lockout_in_progress{port="10250",protocol="tcp",remote="remote-node",service="kubelet"} 1"#,
+            r#"verdict_agent_host_lockout_in_progress{port="",protocol="tcp",remote="kube-apiserver",service="reply_to_pre_existing_connection"} 1"#,
+            r#"verdict_agent_host_lockout_in_progress{port="",protocol="",remote="health",service="unattributed_policy_drop"} 1"#,
+        ])
+    );
+    let keys: BTreeSet<String> = alarms::alarms_from(&r).into_iter().map(|a| a.key).collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            s("in_progress/kubelet/ingress/remote-node/10250/tcp"),
+            s("reply/kube-apiserver"),
+            s("drop/ingress/health")
+        ])
+    );
 }
 
 #[test]
