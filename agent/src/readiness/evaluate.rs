@@ -279,7 +279,7 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
     let is_host = Some(id) == ctx.host;
     let kind = if is_host { EndpointKind::Host } else { info.as_ref().map(|i| i.kind).unwrap_or_default() };
     let flows: Vec<(usize, &FlowRecord)> =
-        ctx.input.flows.iter().enumerate().filter(|(_, f)| f.endpoint_id == id).collect();
+        ctx.by_endpoint.get(&id).into_iter().flatten().map(|&i| (i, &ctx.input.flows[i])).collect();
     let has_verdicts = flows.iter().any(|(_, f)| f.source == NotifySource::PolicyVerdict);
 
     let mut endpoint_gates = node_gates(ctx, has_verdicts);

@@ -231,6 +231,8 @@ pub(crate) struct Ctx<'a> {
     pub would_deny_totals: BTreeMap<(u16, Direction), u64>,
     pub noise_totals: BTreeMap<u16, u64>,
     endpoints: HashMap<u16, EndpointInfo>,
+    /// Flow indices per endpoint, so each endpoint looks at its own flows only.
+    pub by_endpoint: HashMap<u16, Vec<usize>>,
 }
 
 impl Ctx<'_> {
@@ -309,6 +311,10 @@ impl ReadinessEngine {
             would_deny_totals: BTreeMap::new(),
             noise_totals: BTreeMap::new(),
             endpoints,
+            by_endpoint: input.flows.iter().enumerate().fold(HashMap::new(), |mut m, (i, f)| {
+                m.entry(f.endpoint_id).or_insert_with(Vec::new).push(i);
+                m
+            }),
         };
 
         // Noise over the evidence period keeps old scans out of would_deny;

@@ -537,3 +537,69 @@ async fn alarms_log_once_publish_deduplicated_and_rate_limited() {
     let out = mgr.process(&r, now() + Duration::from_secs(4 * 3600 + 60)).await;
     assert_eq!(out.new, vec![s("risk/kubelet/ingress/remote-node/10250/tcp")]);
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn arb_flow() -> impl Strategy<Value = FlowRecord> {
+        let endpoints = prop::sample::select(vec![HOST, WEB, QUIET]);
+        let remotes = prop::sample::select(vec![1u32, 2, 4, 6, 7, 9, FRONTEND_ID, 16_777_300]);
+        let verdicts =
+            prop::sample::select(vec![Verdict::Allowed, Verdict::Audited, Verdict::Denied, Verdict::Redirected]);
+        (
+            endpoints,
+            any::<bool>(),
+            remotes,
+            prop::sample::select(vec![1u8, 6, 17]),
+            0u16..12000,
+            verdicts,
+            1u64..50,
+            0u64..(72 * 3600),
+            0u64..(72 * 3600),
+        )
+            .prop_map(|(ep, ingress, remote, proto, port, verdict, n, a, b)| {
+                let dir = if ingress { Direction::Ingress } else { Direction::Egress };
+                flow(ep, dir, remote, proto, port, verdict, n, ago(a.max(b)), ago(a.min(b)))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// For endpoints the directory says are in audit mode with policy in
+        /// both directions: would_break exactly when audited, non-noise
+        /// flows are in the evidence period; silence is never ready; ready
+        /// needs the minimum evidence; the would-deny counter counts every
+        /// audited notification; the report survives JSON.
+        #[test]
+        fn states_follow_the_evidence(flows in prop::collection::vec(arb_flow(), 0..60), hours in 1u64..72) {
+            let dir = FakeDirectory {
+                endpoints: vec![
+                    EndpointInfo { ingress: dp(true, true), egress: dp(true, true), ..host_info(true) },
+                    pod_info(WEB, "shop", "web-1", "web", WEB_ID, dp(true, true), dp(true, true)),
+                    pod_info(QUIET, "shop", "quiet-0", "quiet", 51_003, dp(true, true), dp(true, true)),
+                ],
+                ..FakeDirectory::default()
+            };
+            let r = report_for(&dir, &flows, ago(hours * 3600), env_ok());
+            let lookback = ago(24 * 3600);
+            for e in &r.endpoints {
+                prop_assert!(e.would_deny.iter().all(|f| f.verdict == Verdict::Audited && f.last_seen >= lookback));
+                prop_assert_eq!(e.state == ReadinessState::WouldBreak, !e.would_deny.is_empty());
+                let seen = flows.iter().any(|f| f.endpoint_id == e.endpoint_id && f.last_seen >= lookback);
+                if !seen {
+                    prop_assert_ne!(e.state, ReadinessState::Ready, "silent endpoint {} called ready", e.endpoint_id);
+                }
+                if e.state == ReadinessState::Ready {
+                    prop_assert!(hours >= 24, "ready after {} hours of evidence", hours);
+                }
+                let audited_total: u64 = flows.iter().filter(|f| f.endpoint_id == e.endpoint_id && f.verdict == Verdict::Audited).map(|f| f.notifications).sum();
+                prop_assert_eq!(e.directions.iter().map(|d| d.would_deny_total).sum::<u64>(), audited_total);
+            }
+            let back: ReadinessReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+            prop_assert_eq!(back, r);
+        }
+    }
+}
