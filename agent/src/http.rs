@@ -24,7 +24,8 @@ use crate::{
 };
 
 /// Builds the readiness report on request (`/api/v1/readiness`).
-pub type ReadinessFn = Arc<dyn Fn(Option<&str>) -> serde_json::Value + Send + Sync>;
+/// None until the first evaluation.
+pub type ReadinessFn = Arc<dyn Fn(Option<&str>) -> Option<serde_json::Value> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -137,7 +138,10 @@ struct ReadinessQuery {
 
 async fn readiness(State(s): State<HttpState>, Query(q): Query<ReadinessQuery>) -> Response {
     match &s.readiness {
-        Some(build) => Json(build(q.endpoint.as_deref())).into_response(),
+        Some(build) => match build(q.endpoint.as_deref()) {
+            Some(report) => Json(report).into_response(),
+            None => (StatusCode::SERVICE_UNAVAILABLE, "readiness not evaluated yet; retry in a few seconds\n").into_response(),
+        },
         None => (StatusCode::NOT_FOUND, "readiness is not enabled in this agent\n").into_response(),
     }
 }

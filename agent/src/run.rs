@@ -33,7 +33,7 @@ use crate::{
     metrics::{self, VerdictCollector},
     model::EndpointDirectory,
     readiness::{
-        self, CiliumVersion, CriticalCatalogue, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig,
+        self, CiliumVersion, CriticalCatalogue, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig, ReadinessEngine,
         ReadinessInput, ReadinessReport,
         alarms::{AlarmLimits, AlarmManager, AlarmSink, KubeEventSink, MemorySink},
     },
@@ -262,7 +262,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         view: view.clone(),
         enrichment: enrichment.clone(),
         report: report.clone(),
-        config: readiness_config,
+        engine: ReadinessEngine::new(readiness_config),
         observation: Observation::since_start(observed_since),
         cilium_version: args.cilium_version.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
         host_endpoint: args.host_endpoint,
@@ -336,7 +336,8 @@ struct ReadinessLoop {
     view: SharedView,
     enrichment: Enrichment,
     report: SharedReport,
-    config: ReadinessConfig,
+    /// Keeps state between evaluations: window counts, audit-mode switches.
+    engine: ReadinessEngine,
     observation: Observation,
     cilium_version: Option<CiliumVersion>,
     host_endpoint: Option<u16>,
@@ -366,24 +367,23 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         input.environment = environment;
         input.host_endpoint = l.host_endpoint;
         input.node = l.node.clone();
-        let report = readiness::evaluate(&input, &l.config);
+        let report = l.engine.evaluate(&input);
         l.alarms.process(&report, now).await;
         silence_log.update(&report);
         *l.report.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
     }
 }
 
-fn readiness_json(report: &SharedReport, selector: Option<&str>) -> serde_json::Value {
+/// The latest report, narrowed to `selector`; None before the first evaluation.
+fn readiness_json(report: &SharedReport, selector: Option<&str>) -> Option<serde_json::Value> {
     let guard = report.read().unwrap_or_else(|e| e.into_inner());
-    let Some(report) = guard.as_ref() else {
-        return serde_json::json!({ "error": "readiness not evaluated yet; retry in a few seconds" });
-    };
+    let report = guard.as_ref()?;
     match selector {
-        None => serde_json::to_value(report).unwrap_or_default(),
+        None => serde_json::to_value(report).ok(),
         Some(sel) => {
             let mut filtered = report.clone();
             filtered.endpoints.retain(|e| readiness::endpoint_matches(e, sel));
-            serde_json::to_value(&filtered).unwrap_or_default()
+            serde_json::to_value(&filtered).ok()
         }
     }
 }

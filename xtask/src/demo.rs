@@ -40,10 +40,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(PIN_DIR);
     let _ = std::fs::remove_file(EVENTS);
 
+    // The scenario's endpoints, as `cilium endpoint list -o json` prints them:
+    // no Cilium and no Kubernetes API are needed to name them.
+    let endpoints = target_dir().join("demo-endpoints.json");
+    let out = Command::new(&bin).args(["scenario", "--print-endpoints"]).output().context("verdict-agent scenario")?;
+    std::fs::write(&endpoints, &out.stdout)?;
+
     let start = |tap: &str| -> Result<Child> {
         Command::new(&bin)
             .args(["run", "--tap", tap, "--listen", &args.listen, "--pin-dir", PIN_DIR, "--cilium-events-map", EVENTS])
-            .args(["--poll-interval", "1s", "--flow-metrics"])
+            .args(["--poll-interval", "1s", "--flow-metrics", "--no-events", "--endpoints-file"])
+            .arg(&endpoints)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -65,7 +72,20 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let metrics = get(&args.listen, "/metrics")?;
     print_table(&metrics);
-    println!("\nServing http://{0}/metrics and http://{0}/api/v1/flows", args.listen);
+    println!("\n== host lockout and readiness (from /metrics)");
+    for line in metrics.lines().filter(|l| {
+        (l.starts_with("verdict_agent_host_lockout") || l.starts_with("verdict_agent_audit_readiness{") || l.starts_with("verdict_agent_scan_noise"))
+            && !l.ends_with(" 0")
+    }) {
+        println!("{line}");
+    }
+    let agent_url = format!("http://{}", args.listen);
+    println!("\n== verdict-agent preflight --endpoint host   (may audit mode be switched off on the host?)");
+    let status = Command::new(&bin).args(["preflight", "--endpoint", "host", "--agent", &agent_url]).status()?;
+    println!("(exit code {}: 0 safe, 1 would break, 2 error, 3 not enough evidence)", status.code().unwrap_or(-1));
+    println!("\n== verdict-agent suggest --endpoint host   (the host policy rules the scenario forgot)");
+    Command::new(&bin).args(["suggest", "--endpoint", "host", "--node", "demo-node", "--agent", &agent_url]).status()?;
+    println!("\nServing http://{0}/metrics, http://{0}/api/v1/flows and http://{0}/api/v1/readiness", args.listen);
     match args.seconds {
         Some(s) => std::thread::sleep(Duration::from_secs(s)),
         None => {
