@@ -570,12 +570,8 @@ fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
         for r in list {
             writeln!(
                 out,
-                "  {} {} {} {}/{}: {} notifications{}",
-                r.service,
-                r.direction.as_str(),
-                r.remote,
-                r.port,
-                r.protocol,
+                "  {}: {} notifications{}",
+                r.describe(),
                 r.notifications,
                 if r.why.is_empty() { String::new() } else { format!(" ({})", r.why) }
             )?;

@@ -320,12 +320,8 @@ fn print_outcome(
             for r in list {
                 writeln!(
                     out,
-                    "  {} {} {} {}/{} ({} notifications, last {})",
-                    r.service,
-                    r.direction.as_str(),
-                    r.remote,
-                    r.port,
-                    r.protocol,
+                    "  {} ({} notifications, last {})",
+                r.describe(),
                     r.notifications,
                     format_rfc3339(r.last_seen)
                 )?;

@@ -21,19 +21,7 @@ use crate::{
     model::{Direction, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict, proto_name},
 };
 
-/// Cilium's printed names of policy match types.
-pub fn match_type_name(m: u8) -> &'static str {
-    match m {
-        0 => "none",
-        1 => "L3-Only",
-        2 => "L3-L4",
-        3 => "L4-Only",
-        4 => "all",
-        5 => "L3-Proto",
-        6 => "Proto-Only",
-        _ => "unknown",
-    }
-}
+pub use crate::cilium::monitor::api::match_type_name;
 
 pub(super) fn flow_entry(ctx: &Ctx<'_>, idx: usize) -> FlowEntry {
     let f = &ctx.input.flows[idx];

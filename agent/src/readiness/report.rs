@@ -276,6 +276,13 @@ pub struct LockoutEntry {
     pub remote_addrs: Vec<IpAddr>,
 }
 
+impl LockoutEntry {
+    /// "service direction remote port/protocol", as logs, alarms and the CLI print it.
+    pub fn describe(&self) -> String {
+        format!("{} {} {} {}/{}", self.service, self.direction.as_str(), self.remote, self.port, self.protocol)
+    }
+}
+
 /// Denied ingress to an ephemeral port from the cluster's infrastructure:
 /// most likely the reply of a connection the node opened before enforcement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
