@@ -277,7 +277,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             directory: directory.clone(),
             flow_metrics: args.flow_metrics.then_some(args.flow_metrics_limit),
         }),
-        Box::new(EnrichmentCollector(enrichment)),
+        Box::new(EnrichmentCollector { enrichment, view: view.clone() }),
         Box::new(ReadinessCollector(report.clone())),
     ];
     let readiness_report = report.clone();
@@ -388,12 +388,36 @@ fn readiness_json(report: &SharedReport, selector: Option<&str>) -> Option<serde
     }
 }
 
-#[derive(Debug)]
-struct EnrichmentCollector(Enrichment);
+/// Enrichment metrics, with audit mode inferred from audited verdicts
+/// where no source knows it.
+struct EnrichmentCollector {
+    enrichment: Enrichment,
+    view: SharedView,
+}
+
+impl std::fmt::Debug for EnrichmentCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EnrichmentCollector")
+    }
+}
 
 impl Collector for EnrichmentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        self.0.encode_metrics(&mut encoder)
+        let audited: Vec<(u16, crate::model::Direction)> = {
+            let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+            let audited_slot = verdict_common::maps::VerdictClass::Audited as usize;
+            view.snapshot
+                .iter()
+                .flat_map(|s| &s.endpoints)
+                .flat_map(|e| {
+                    [(0, crate::model::Direction::Ingress), (1, crate::model::Direction::Egress)]
+                        .into_iter()
+                        .filter(move |(slot, _)| e.verdicts[*slot][audited_slot] > 0)
+                        .map(move |(_, d)| (e.id, d))
+                })
+                .collect()
+        };
+        self.enrichment.encode_metrics_inferring(&mut encoder, &audited)
     }
 }
 

@@ -10,7 +10,7 @@ use prometheus_client::{
 };
 
 use super::Enrichment;
-use crate::model::{EndpointDirectory, EndpointInfo, FactSource};
+use crate::model::{Direction, EndpointDirectory, EndpointInfo, FactSource};
 
 /// The per-endpoint label set (`ENDPOINT` in docs/metrics.md): always all
 /// four labels, empty when unknown.
@@ -84,6 +84,18 @@ impl Enrichment {
     /// _endpoint_audit_mode, _enrichment_source_up and
     /// _enrichment_errors_total.
     pub fn encode_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), fmt::Error> {
+        self.encode_metrics_inferring(encoder, &[])
+    }
+
+    /// [`Self::encode_metrics`], plus audit mode inferred (`source="inferred"`)
+    /// for endpoint directions that sent audited verdicts while no source
+    /// tells their audit state: only an endpoint in PolicyAuditMode marks
+    /// verdicts audited.
+    pub fn encode_metrics_inferring(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        audited: &[(u16, Direction)],
+    ) -> Result<(), fmt::Error> {
         let endpoints = self.endpoints();
 
         let info = endpoints.iter().map(|ep| {
@@ -119,6 +131,21 @@ impl Enrichment {
             MetricType::Gauge,
             enforced,
         )?;
+        let known: std::collections::HashSet<(u16, &str)> = endpoints
+            .iter()
+            .filter(|ep| ep.policy_source.is_some_and(|s| s != FactSource::Kubernetes))
+            .flat_map(|ep| [(ep.id, "ingress"), (ep.id, "egress")])
+            .collect();
+        for &(id, direction) in audited {
+            if known.contains(&(id, direction.as_str())) {
+                continue;
+            }
+            let ep = endpoints.iter().find(|e| e.id == id);
+            let mut l = EndpointLabels::new(id, ep).to_vec();
+            l.push(("direction", direction.as_str().to_owned()));
+            l.push(("source", "inferred".to_owned()));
+            audit.push((l, ConstGauge::new(1)));
+        }
         family(
             encoder,
             "verdict_agent_endpoint_audit_mode",
