@@ -137,14 +137,14 @@ impl KernelBtf {
             let raw = self.u32_at(at + 8);
             let bits = base_bits + if t.kind_flag { raw & 0x00ff_ffff } else { raw };
             if self.name(m_name) == member {
-                return (bits % 8 == 0).then_some(bits / 8);
+                return bits.is_multiple_of(8).then_some(bits / 8);
             }
             if m_name == 0 {
                 let inner = types.get((m_type as usize).checked_sub(1)?)?;
-                if inner.kind == KIND_STRUCT || inner.kind == KIND_UNION {
-                    if let Some(off) = self.find_member(types, inner, member, bits, depth + 1) {
-                        return Some(off);
-                    }
+                if (inner.kind == KIND_STRUCT || inner.kind == KIND_UNION)
+                    && let Some(off) = self.find_member(types, inner, member, bits, depth + 1)
+                {
+                    return Some(off);
                 }
             }
         }

@@ -17,9 +17,9 @@ use super::objects::EMITTER_OBJECT;
 #[derive(Debug, Error)]
 pub enum EmitterError {
     #[error("loading the emitter with cilium_events pinned at {path}: {source}")]
-    Load { path: String, source: aya::EbpfError },
+    Load { path: String, source: Box<aya::EbpfError> },
     #[error("emitter program {program}: {source}")]
-    Program { program: &'static str, source: aya::programs::ProgramError },
+    Program { program: &'static str, source: Box<aya::programs::ProgramError> },
     #[error("emitter map EMITTED: {0}")]
     Map(#[from] aya::maps::MapError),
 }
@@ -58,10 +58,10 @@ impl Emitter {
         let ebpf = EbpfLoader::new()
             .map_pin_path("cilium_events", events_path)
             .load(EMITTER_OBJECT)
-            .map_err(|source| EmitterError::Load { path: events_path.display().to_string(), source })?;
+            .map_err(|source| EmitterError::Load { path: events_path.display().to_string(), source: Box::new(source) })?;
         let mut emitter = Emitter { ebpf };
         for program in ["emit_cilium_events", "emit_other_events"] {
-            emitter.program_mut(program)?.load().map_err(|source| EmitterError::Program { program, source })?;
+            emitter.program_mut(program)?.load().map_err(|source| EmitterError::Program { program, source: Box::new(source) })?;
         }
         Ok(emitter)
     }
@@ -69,9 +69,9 @@ impl Emitter {
     fn program_mut(&mut self, program: &'static str) -> Result<&mut SchedClassifier, EmitterError> {
         let p = self.ebpf.program_mut(program).ok_or(EmitterError::Program {
             program,
-            source: aya::programs::ProgramError::UnexpectedProgramType,
+            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
         })?;
-        p.try_into().map_err(|source| EmitterError::Program { program, source })
+        p.try_into().map_err(|source| EmitterError::Program { program, source: Box::new(source) })
     }
 
     /// Emits `notification` `repeat` times (one BPF_PROG_TEST_RUN).
@@ -83,11 +83,11 @@ impl Emitter {
         let prog: &SchedClassifier = self
             .ebpf
             .program(program)
-            .ok_or(EmitterError::Program { program, source: aya::programs::ProgramError::UnexpectedProgramType })?
+            .ok_or(EmitterError::Program { program, source: Box::new(aya::programs::ProgramError::UnexpectedProgramType) })?
             .try_into()
-            .map_err(|source| EmitterError::Program { program, source })?;
+            .map_err(|source| EmitterError::Program { program, source: Box::new(source) })?;
         prog.test_run(TestRunOptions { data_in: Some(notification), repeat, ..Default::default() })
-            .map_err(|source| EmitterError::Program { program, source })?;
+            .map_err(|source| EmitterError::Program { program, source: Box::new(source) })?;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ const K: u32 = 250;
 
 fn notification(i: u32) -> Vec<u8> {
     PolicyVerdict {
-        layout: if i % 2 == 0 { Layout::V1_19 } else { Layout::V1_18 },
+        layout: if i.is_multiple_of(2) { Layout::V1_19 } else { Layout::V1_18 },
         endpoint: 100 + (i % 7) as u16,
         remote_identity: 2,
         verdict: 0,
