@@ -67,6 +67,7 @@ pub struct RunArgs {
     /// Export per-flow series (remote identity, port), at most --flow-metrics-limit of them.
     #[arg(long)]
     pub flow_metrics: bool,
+    /// Cap on per-flow series; flows past it are summed into remote="overflow".
     #[arg(long, default_value_t = 2000)]
     pub flow_metrics_limit: usize,
     /// Evicted flows remembered individually before folding into aggregates.

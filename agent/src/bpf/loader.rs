@@ -32,7 +32,9 @@ pub const HOOKED_FUNCTION: &str = "bpf_skb_event_output";
 pub enum TapChoice {
     /// fentry if the kernel can, else kprobe.
     Auto,
+    /// BPF trampoline on the function's entry: cheapest (x86-64 kernel >= 5.5 with BTF).
     Fentry,
+    /// kprobe on the function: kernels without trampolines (CONFIG_KPROBES).
     Kprobe,
     /// No hook: notifications arrive only through the replay program
     /// (tests, demo, and kernels that allow neither hook).
