@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod deploy;
 mod e2e;
@@ -26,6 +27,8 @@ enum Command {
     Setup,
     /// Boot a Debian kernel in QEMU and run a command inside it.
     Vm(vm::VmArgs),
+    /// Measure: in-kernel cost per verdict (more in docs); writes target/bench/summary.json.
+    Bench(bench::BenchArgs),
     /// Run the agent on the built-in rollout scenario and serve /metrics on localhost.
     Demo(demo::DemoArgs),
     /// Run the whole suite: host tests, the tap on real kernels in QEMU, deploy checks.
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Deploy(args) => deploy::run_cli(args),
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -171,6 +171,11 @@ impl Pipeline {
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
     }
+
+    /// For the benchmark, which loads `bench_empty` beside the replay entry.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
 }
 
 /// Runs the replay program of `ebpf` `repeat` times on one notification.
