@@ -66,6 +66,7 @@ pub fn run(args: TestArgs) -> Result<()> {
         }
         Err(e) => step("vm kernels", &mut || Err(anyhow::anyhow!("{e:#}"))),
     }
+    step("bench smoke (runs, reports every key; no timing asserted)", &mut bench_smoke);
     step("deploy checks", &mut crate::deploy::check);
     step("agent + real Prometheus", &mut crate::e2e::run);
 
@@ -116,6 +117,18 @@ fn cargo() -> Command {
 
 fn build() -> Result<()> {
     tools::run(cargo().args(["build", "-p", "verdict-agent", "-p", "verdict-agent-tests", "--bins"]))
+}
+
+fn bench_smoke() -> Result<()> {
+    let bin = target_dir().join("debug").join("kernel-cost");
+    let out = Command::new(&bin).arg("--quick").output().with_context(|| format!("running {}", bin.display()))?;
+    ensure!(out.status.success(), "kernel-cost --quick failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
+    for key in ["empty_program_ns", "hot_flow_ns_per_verdict", "new_flow_ns_per_verdict", "new_flow_at_capacity_ns_per_verdict"] {
+        ensure!(json["kernel"][key].is_number(), "summary lacks kernel.{key}: {json}");
+    }
+    Ok(())
 }
 
 fn host_tests() -> Result<()> {
