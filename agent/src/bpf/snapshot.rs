@@ -75,11 +75,13 @@ pub struct CountingMaps<'a> {
 impl MapSnapshot {
     pub fn read(maps: CountingMaps<'_>) -> Result<MapSnapshot, MapError> {
         let started = std::time::Instant::now();
-        // Flows first, then totals: a flow is then never ahead of its
-        // endpoint's total in the same snapshot.
+        // The kernel adds to the endpoint total, then the flow, then the
+        // outcome counter. Reading in the reverse order means that in one
+        // snapshot endpoint totals >= flows >= `counted`: nothing read
+        // later lags behind something read earlier.
+        let stats = read_stats(maps.stats)?;
         let flows = read_flows(maps.flows)?;
         let endpoints = read_endpoints(maps.endpoints)?;
-        let stats = read_stats(maps.stats)?;
         Ok(MapSnapshot { clock: KernelClock::now(), endpoints, flows, stats, read_duration: started.elapsed() })
     }
 
