@@ -14,8 +14,8 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use verdict_common::{
     cilium::{capture_hdr, direction, drop_notify, drop_reason, notify_type, policy_verdict},
     maps::{
-        EndpointCounters, FLOW_FLAG_IPV6, FlowCounters, FlowKey, MAX_ENDPOINTS,
-        MAX_NOTIFICATION_SIZE, Stat, VerdictClass,
+        EndpointCounters, FLOW_FLAG_IPV6, FlowCounters, FlowKey, MAX_ENDPOINTS, MAX_NOTIFICATION_SIZE, Stat,
+        VerdictClass,
     },
 };
 
@@ -127,8 +127,7 @@ fn classify_policy_verdict(buf: &Notification, len: usize) -> Result<Decision, S
             proto: buf[policy_verdict::PROTO],
             direction: dir,
             class: class as u8,
-            match_type: (flags & policy_verdict::FLAG_MATCH_TYPE_MASK)
-                >> policy_verdict::FLAG_MATCH_TYPE_SHIFT,
+            match_type: (flags & policy_verdict::FLAG_MATCH_TYPE_MASK) >> policy_verdict::FLAG_MATCH_TYPE_SHIFT,
             notify_type: notify_type::POLICY_VERDICT,
             reason,
             flags: if flags & policy_verdict::FLAG_IPV6 != 0 { FLOW_FLAG_IPV6 } else { 0 },
@@ -231,12 +230,7 @@ fn record(decision: &Decision) {
         add(unsafe { &mut *flow }, decision.bytes, now);
         return;
     }
-    let fresh = FlowCounters {
-        notifications: 1,
-        bytes: decision.bytes,
-        first_seen_ns: now,
-        last_seen_ns: now,
-    };
+    let fresh = FlowCounters { notifications: 1, bytes: decision.bytes, first_seen_ns: now, last_seen_ns: now };
     match FLOWS.insert(key, &fresh, BPF_NOEXIST) {
         Ok(()) => count(Stat::FlowsCreated),
         // Another CPU created it between our lookup and insert.

@@ -6,8 +6,7 @@ use aya_ebpf::{
     maps::{Array, LruPerCpuHashMap, PerCpuArray},
 };
 use verdict_common::maps::{
-    DEFAULT_FLOW_TABLE_SIZE, EndpointCounters, FlowCounters, FlowKey, MAX_ENDPOINTS, Stat,
-    TapConfig,
+    DEFAULT_FLOW_TABLE_SIZE, EndpointCounters, FlowCounters, FlowKey, MAX_ENDPOINTS, Stat, TapConfig,
 };
 
 /// Which map is Cilium's and where `struct bpf_map` keeps its ID.
@@ -16,8 +15,7 @@ pub static TAP_CONFIG: Array<TapConfig> = Array::with_max_entries(1, 0);
 
 /// Exact per-endpoint totals; indexed by endpoint ID, never evicts.
 #[map(name = "ENDPOINT_COUNTERS")]
-pub static ENDPOINT_COUNTERS: PerCpuArray<EndpointCounters> =
-    PerCpuArray::with_max_entries(MAX_ENDPOINTS, 0);
+pub static ENDPOINT_COUNTERS: PerCpuArray<EndpointCounters> = PerCpuArray::with_max_entries(MAX_ENDPOINTS, 0);
 
 /// Flow table; bounded, least recently used flows are evicted. Userspace
 /// resizes it at load time.

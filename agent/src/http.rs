@@ -140,7 +140,8 @@ async fn readiness(State(s): State<HttpState>, Query(q): Query<ReadinessQuery>) 
     match &s.readiness {
         Some(build) => match build(q.endpoint.as_deref()) {
             Some(report) => Json(report).into_response(),
-            None => (StatusCode::SERVICE_UNAVAILABLE, "readiness not evaluated yet; retry in a few seconds\n").into_response(),
+            None => (StatusCode::SERVICE_UNAVAILABLE, "readiness not evaluated yet; retry in a few seconds\n")
+                .into_response(),
         },
         None => (StatusCode::NOT_FOUND, "readiness is not enabled in this agent\n").into_response(),
     }

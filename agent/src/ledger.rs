@@ -149,14 +149,14 @@ impl FlowLedger {
 
     /// Records to persist and keys to delete since the last call.
     pub fn take_changes(&mut self) -> (Vec<(FlowKey, LedgerRecord)>, Vec<FlowKey>) {
-        let mut out: Vec<(FlowKey, LedgerRecord)> = self
-            .changed
-            .drain()
-            .filter_map(|k| self.entries.get(&k).map(|e| (k, record_of(e))))
-            .collect();
+        let mut out: Vec<(FlowKey, LedgerRecord)> =
+            self.changed.drain().filter_map(|k| self.entries.get(&k).map(|e| (k, record_of(e)))).collect();
         for agg in self.changed_aggregates.drain() {
             if let Some(t) = self.retired.get(&agg) {
-                out.push((aggregate_key(&agg), LedgerRecord { base_notifications: t.notifications, base_bytes: t.bytes, ..Default::default() }));
+                out.push((
+                    aggregate_key(&agg),
+                    LedgerRecord { base_notifications: t.notifications, base_bytes: t.bytes, ..Default::default() },
+                ));
             }
         }
         (out, std::mem::take(&mut self.removed))
@@ -175,7 +175,13 @@ impl FlowLedger {
                     self.changed.insert(*key);
                     self.entries.insert(
                         *key,
-                        Entry { base: Totals::default(), observed: *cur, live: true, first_seen: first, last_seen: last },
+                        Entry {
+                            base: Totals::default(),
+                            observed: *cur,
+                            live: true,
+                            first_seen: first,
+                            last_seen: last,
+                        },
                     );
                 }
                 Some(e) => {
@@ -252,8 +258,14 @@ impl FlowLedger {
     pub fn records(&self) -> Vec<FlowRecord> {
         let mut out: Vec<FlowRecord> = self.entries.iter().filter_map(|(k, e)| to_record(k, e)).collect();
         out.sort_by(|a, b| {
-            (a.endpoint_id, a.direction, a.remote_identity, a.proto, a.dst_port, a.verdict)
-                .cmp(&(b.endpoint_id, b.direction, b.remote_identity, b.proto, b.dst_port, b.verdict))
+            (a.endpoint_id, a.direction, a.remote_identity, a.proto, a.dst_port, a.verdict).cmp(&(
+                b.endpoint_id,
+                b.direction,
+                b.remote_identity,
+                b.proto,
+                b.dst_port,
+                b.verdict,
+            ))
         });
         out
     }
@@ -330,7 +342,16 @@ mod tests {
     use crate::bpf::snapshot::KernelClock;
 
     fn key(port: u16) -> FlowKey {
-        FlowKey { endpoint_id: 7, dst_port: port, remote_identity: 2, proto: 6, direction: 1, class: 2, notify_type: 5, ..Default::default() }
+        FlowKey {
+            endpoint_id: 7,
+            dst_port: port,
+            remote_identity: 2,
+            proto: 6,
+            direction: 1,
+            class: 2,
+            notify_type: 5,
+            ..Default::default()
+        }
     }
 
     fn snap(flows: &[(u16, u64, u64)]) -> MapSnapshot {
@@ -340,7 +361,10 @@ mod tests {
             flows: flows
                 .iter()
                 .map(|&(port, n, first)| {
-                    (key(port), FlowTotals { notifications: n, bytes: n * 60, first_seen_ns: first, last_seen_ns: first + n })
+                    (
+                        key(port),
+                        FlowTotals { notifications: n, bytes: n * 60, first_seen_ns: first, last_seen_ns: first + n },
+                    )
                 })
                 .collect(),
             stats: Default::default(),
@@ -405,7 +429,10 @@ mod tests {
     fn l_all(l: &FlowLedger) -> Vec<(FlowKey, LedgerRecord)> {
         let mut v: Vec<_> = l.entries.iter().map(|(k, e)| (*k, record_of(e))).collect();
         v.extend(l.retired.iter().map(|(a, t)| {
-            (aggregate_key(a), LedgerRecord { base_notifications: t.notifications, base_bytes: t.bytes, ..Default::default() })
+            (
+                aggregate_key(a),
+                LedgerRecord { base_notifications: t.notifications, base_bytes: t.bytes, ..Default::default() },
+            )
         }));
         v
     }

@@ -98,15 +98,23 @@ fn play_scenario(args: ScenarioArgs) -> anyhow::Result<()> {
                 }
             }
             let c = emitter.counts()?;
-            println!("scenario {}: {} notifications emitted into {}", sc.name, c.cilium_events, args.cilium_events_map.display());
+            println!(
+                "scenario {}: {} notifications emitted into {}",
+                sc.name,
+                c.cilium_events,
+                args.cilium_events_map.display()
+            );
         }
         Via::Replay => {
             // Join the running agent's maps as they are: same flow table size.
-            let pinned_flows = args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(verdict_common::maps::FLOWS);
+            let pinned_flows =
+                args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(verdict_common::maps::FLOWS);
             let flow_table_size = aya::maps::MapData::from_pin(&pinned_flows)
                 .and_then(|m| m.info())
                 .map(|i| i.max_entries())
-                .with_context(|| format!("no agent maps pinned at {}: start `verdict-agent run` first", pinned_flows.display()))?;
+                .with_context(|| {
+                    format!("no agent maps pinned at {}: start `verdict-agent run` first", pinned_flows.display())
+                })?;
             let pipeline = Pipeline::load(&LoaderConfig {
                 pin_dir: args.pin_dir.clone(),
                 flow_table_size,
@@ -118,7 +126,12 @@ fn play_scenario(args: ScenarioArgs) -> anyhow::Result<()> {
                     verdict_agent::bpf::loader::replay_with(pipeline.ebpf(), &step.notification, step.repeat)?;
                 }
             }
-            println!("scenario {}: {} notifications replayed into {}", sc.name, sc.total_notifications() * args.rounds as u64, args.pin_dir.display());
+            println!(
+                "scenario {}: {} notifications replayed into {}",
+                sc.name,
+                sc.total_notifications() * args.rounds as u64,
+                args.pin_dir.display()
+            );
         }
     }
     Ok(())

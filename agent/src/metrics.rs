@@ -23,7 +23,6 @@ use crate::{
 
 type Labels = Vec<(&'static str, String)>;
 
-
 /// Writes one metric family from (labels, value) rows.
 fn family<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
@@ -100,8 +99,13 @@ impl Collector for VerdictCollector {
                     }
                 }
             }
-            family(&mut encoder, "verdict_agent_endpoint_verdicts",
-                &format!("{VERDICT_HELP} Exact per-endpoint totals."), MetricType::Counter, rows)?;
+            family(
+                &mut encoder,
+                "verdict_agent_endpoint_verdicts",
+                &format!("{VERDICT_HELP} Exact per-endpoint totals."),
+                MetricType::Counter,
+                rows,
+            )?;
 
             let mut rows = Vec::new();
             let mut aggs: Vec<_> = view.aggregates.iter().collect();
@@ -121,10 +125,20 @@ impl Collector for VerdictCollector {
                 l.push(("proto", proto_name(k.proto)));
                 rows.push((l, counter(t.notifications)));
             }
-            family(&mut encoder, "verdict_agent_policy_verdicts",
-                &format!("{VERDICT_HELP} By match type and protocol, from the flow table."), MetricType::Counter, rows)?;
-            family(&mut encoder, "verdict_agent_policy_drops",
-                "Drop notifications with a policy reason, one per dropped packet.", MetricType::Counter, drops)?;
+            family(
+                &mut encoder,
+                "verdict_agent_policy_verdicts",
+                &format!("{VERDICT_HELP} By match type and protocol, from the flow table."),
+                MetricType::Counter,
+                rows,
+            )?;
+            family(
+                &mut encoder,
+                "verdict_agent_policy_drops",
+                "Drop notifications with a policy reason, one per dropped packet.",
+                MetricType::Counter,
+                drops,
+            )?;
 
             if let Some(limit) = self.flow_metrics {
                 self.encode_flows(&mut encoder, &view.flows, limit)?;
@@ -133,66 +147,150 @@ impl Collector for VerdictCollector {
             let events = [
                 ("counted", snap.stat(Stat::Counted)),
                 ("filtered", snap.stat(Stat::Filtered)),
-                ("malformed", snap.stat(Stat::MalformedTruncated) + snap.stat(Stat::MalformedVersion)
-                    + snap.stat(Stat::MalformedField) + snap.stat(Stat::ReadFailed)),
+                (
+                    "malformed",
+                    snap.stat(Stat::MalformedTruncated)
+                        + snap.stat(Stat::MalformedVersion)
+                        + snap.stat(Stat::MalformedField)
+                        + snap.stat(Stat::ReadFailed),
+                ),
             ];
-            family(&mut encoder, "verdict_agent_events",
-                "Notifications written to cilium_events, by what the tap did with them.", MetricType::Counter,
-                events.map(|(o, v)| (vec![("outcome", o.to_string())], counter(v))))?;
+            family(
+                &mut encoder,
+                "verdict_agent_events",
+                "Notifications written to cilium_events, by what the tap did with them.",
+                MetricType::Counter,
+                events.map(|(o, v)| (vec![("outcome", o.to_string())], counter(v))),
+            )?;
             let malformed = [
                 ("truncated", Stat::MalformedTruncated),
                 ("unknown_version", Stat::MalformedVersion),
                 ("bad_field", Stat::MalformedField),
                 ("read_failed", Stat::ReadFailed),
             ];
-            family(&mut encoder, "verdict_agent_malformed_events",
-                "Notifications the tap could not account, by reason.", MetricType::Counter,
-                malformed.map(|(r, s)| (vec![("reason", r.to_string())], counter(snap.stat(s)))))?;
-            family(&mut encoder, "verdict_agent_tap_other_map_writes",
-                "Perf outputs to maps other than Cilium's cilium_events, ignored by the tap.", MetricType::Counter,
-                [(vec![], counter(snap.stat(Stat::OtherMap)))])?;
+            family(
+                &mut encoder,
+                "verdict_agent_malformed_events",
+                "Notifications the tap could not account, by reason.",
+                MetricType::Counter,
+                malformed.map(|(r, s)| (vec![("reason", r.to_string())], counter(snap.stat(s)))),
+            )?;
+            family(
+                &mut encoder,
+                "verdict_agent_tap_other_map_writes",
+                "Perf outputs to maps other than Cilium's cilium_events, ignored by the tap.",
+                MetricType::Counter,
+                [(vec![], counter(snap.stat(Stat::OtherMap)))],
+            )?;
 
             let live = snap.flows.len() as u64;
-            family(&mut encoder, "verdict_agent_flow_table_entries", "Live flows in the kernel flow table.",
-                MetricType::Gauge, [(vec![], gauge(live as i64))])?;
-            family(&mut encoder, "verdict_agent_flow_table_evictions",
-                "Flows evicted from the kernel flow table (created minus live).", MetricType::Counter,
-                [(vec![], counter(snap.stat(Stat::FlowsCreated).saturating_sub(live)))])?;
-            family(&mut encoder, "verdict_agent_flow_table_insert_failures",
+            family(
+                &mut encoder,
+                "verdict_agent_flow_table_entries",
+                "Live flows in the kernel flow table.",
+                MetricType::Gauge,
+                [(vec![], gauge(live as i64))],
+            )?;
+            family(
+                &mut encoder,
+                "verdict_agent_flow_table_evictions",
+                "Flows evicted from the kernel flow table (created minus live).",
+                MetricType::Counter,
+                [(vec![], counter(snap.stat(Stat::FlowsCreated).saturating_sub(live)))],
+            )?;
+            family(
+                &mut encoder,
+                "verdict_agent_flow_table_insert_failures",
                 "Flows that could not be created; their notifications are in the endpoint totals only.",
-                MetricType::Counter, [(vec![], counter(snap.stat(Stat::FlowUpdateFailed)))])?;
-            family(&mut encoder, "verdict_agent_endpoint_id_out_of_range",
+                MetricType::Counter,
+                [(vec![], counter(snap.stat(Stat::FlowUpdateFailed)))],
+            )?;
+            family(
+                &mut encoder,
+                "verdict_agent_endpoint_id_out_of_range",
                 "Notifications from endpoint IDs of 4096 and above (in flows, not in endpoint totals).",
-                MetricType::Counter, [(vec![], counter(snap.stat(Stat::EndpointOutOfRange)))])?;
-            family(&mut encoder, "verdict_agent_map_read_duration_seconds", "Duration of the latest read of the BPF maps.",
-                MetricType::Gauge, [(vec![], ConstGauge::new(snap.read_duration.as_secs_f64()))])?;
+                MetricType::Counter,
+                [(vec![], counter(snap.stat(Stat::EndpointOutOfRange)))],
+            )?;
+            family(
+                &mut encoder,
+                "verdict_agent_map_read_duration_seconds",
+                "Duration of the latest read of the BPF maps.",
+                MetricType::Gauge,
+                [(vec![], ConstGauge::new(snap.read_duration.as_secs_f64()))],
+            )?;
         }
 
-        family(&mut encoder, "verdict_agent_flow_table_capacity", "Size of the kernel flow table.",
-            MetricType::Gauge, [(vec![], gauge(view.flow_table_capacity as i64))])?;
-        family(&mut encoder, "verdict_agent_map_reads", "Reads of the BPF maps (per interval, never per event).",
-            MetricType::Counter, [(vec![], counter(view.map_reads))])?;
-        family(&mut encoder, "verdict_agent_tap_info", "The tap feeding the counters.", MetricType::Gauge,
-            [(vec![("tap", view.tap.as_str().to_string()), ("function", crate::bpf::loader::HOOKED_FUNCTION.to_string())], gauge(1))])?;
+        family(
+            &mut encoder,
+            "verdict_agent_flow_table_capacity",
+            "Size of the kernel flow table.",
+            MetricType::Gauge,
+            [(vec![], gauge(view.flow_table_capacity as i64))],
+        )?;
+        family(
+            &mut encoder,
+            "verdict_agent_map_reads",
+            "Reads of the BPF maps (per interval, never per event).",
+            MetricType::Counter,
+            [(vec![], counter(view.map_reads))],
+        )?;
+        family(
+            &mut encoder,
+            "verdict_agent_tap_info",
+            "The tap feeding the counters.",
+            MetricType::Gauge,
+            [(
+                vec![
+                    ("tap", view.tap.as_str().to_string()),
+                    ("function", crate::bpf::loader::HOOKED_FUNCTION.to_string()),
+                ],
+                gauge(1),
+            )],
+        )?;
         let attached = !matches!(view.tap, crate::bpf::loader::TapKind::Replay);
-        family(&mut encoder, "verdict_agent_tap_attached", "1 while a tap is attached to the kernel.",
-            MetricType::Gauge, [(vec![], gauge(attached as i64))])?;
+        family(
+            &mut encoder,
+            "verdict_agent_tap_attached",
+            "1 while a tap is attached to the kernel.",
+            MetricType::Gauge,
+            [(vec![], gauge(attached as i64))],
+        )?;
         let present = view.events_map.map_id.is_some();
-        family(&mut encoder, "verdict_agent_cilium_events_map_present", "1 when the pinned cilium_events map exists.",
-            MetricType::Gauge, [(vec![], gauge(present as i64))])?;
-        family(&mut encoder, "verdict_agent_cilium_events_map_info", "The cilium_events map the tap follows.",
+        family(
+            &mut encoder,
+            "verdict_agent_cilium_events_map_present",
+            "1 when the pinned cilium_events map exists.",
+            MetricType::Gauge,
+            [(vec![], gauge(present as i64))],
+        )?;
+        family(
+            &mut encoder,
+            "verdict_agent_cilium_events_map_info",
+            "The cilium_events map the tap follows.",
             MetricType::Gauge,
             view.events_map.map_id.map(|id| {
                 (vec![("path", view.events_map.path.display().to_string()), ("map_id", id.to_string())], gauge(1))
-            }))?;
-        family(&mut encoder, "verdict_agent_build_info", "Build information.", MetricType::Gauge,
-            [(vec![("version", env!("CARGO_PKG_VERSION").to_string())], gauge(1))])?;
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "verdict_agent_build_info",
+            "Build information.",
+            MetricType::Gauge,
+            [(vec![("version", env!("CARGO_PKG_VERSION").to_string())], gauge(1))],
+        )?;
         Ok(())
     }
 }
 
 impl VerdictCollector {
-    fn encode_flows(&self, encoder: &mut DescriptorEncoder, flows: &[crate::model::FlowRecord], limit: usize) -> fmt::Result {
+    fn encode_flows(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        flows: &[crate::model::FlowRecord],
+        limit: usize,
+    ) -> fmt::Result {
         let dir = &*self.directory;
         let mut rows = Vec::new();
         let mut overflow: std::collections::BTreeMap<(u16, &'static str, &'static str), u64> = Default::default();
@@ -207,7 +305,8 @@ impl VerdictCollector {
                 l.push(("port", f.dst_port.to_string()));
                 rows.push((l, counter(f.notifications)));
             } else {
-                *overflow.entry((f.endpoint_id, f.direction.as_str(), f.verdict.as_str())).or_default() += f.notifications;
+                *overflow.entry((f.endpoint_id, f.direction.as_str(), f.verdict.as_str())).or_default() +=
+                    f.notifications;
             }
         }
         for ((ep, direction, verdict), n) in overflow {
@@ -222,8 +321,13 @@ impl VerdictCollector {
             ]);
             rows.push((l, counter(n)));
         }
-        family(encoder, "verdict_agent_flow_verdicts",
-            &format!("{VERDICT_HELP} Per flow (opt-in, capped; the rest in remote=\"overflow\")."), MetricType::Counter, rows)
+        family(
+            encoder,
+            "verdict_agent_flow_verdicts",
+            &format!("{VERDICT_HELP} Per flow (opt-in, capped; the rest in remote=\"overflow\")."),
+            MetricType::Counter,
+            rows,
+        )
     }
 }
 

@@ -321,7 +321,7 @@ fn print_outcome(
                 writeln!(
                     out,
                     "  {} ({} notifications, last {})",
-                r.describe(),
+                    r.describe(),
                     r.notifications,
                     format_rfc3339(r.last_seen)
                 )?;

@@ -22,8 +22,8 @@ use verdict_common::maps::{DEFAULT_FLOW_TABLE_SIZE, ENDPOINT_COUNTERS, FLOWS, PI
 use crate::{
     bpf::{
         events_map::{self, EventsMapFollower},
-        loader::{LoaderConfig, Pipeline, TapChoice},
         ledger_store::LedgerStore,
+        loader::{LoaderConfig, Pipeline, TapChoice},
         snapshot::{CountingMaps, MapSnapshot},
     },
     cilium::endpoint_list::parse_endpoint_list,
@@ -33,8 +33,8 @@ use crate::{
     metrics::{self, VerdictCollector},
     model::EndpointDirectory,
     readiness::{
-        self, CiliumVersion, CriticalCatalogue, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig, ReadinessEngine,
-        ReadinessInput, ReadinessReport,
+        self, CiliumVersion, CriticalCatalogue, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig,
+        ReadinessEngine, ReadinessInput, ReadinessReport,
         alarms::{AlarmLimits, AlarmManager, AlarmSink, KubeEventSink, MemorySink},
     },
     state::{AgentView, SharedView},
@@ -129,24 +129,14 @@ pub fn start_pipeline(args: &RunArgs) -> anyhow::Result<(SharedView, ReaderHandl
     let pipeline = Pipeline::load(&loader).context("starting the in-kernel pipeline")?;
     info!(tap = pipeline.tap().as_str(), "tap in place");
     let follower = EventsMapFollower::new(args.cilium_events_map.clone());
-    let view: SharedView = Arc::new(RwLock::new(AgentView::new(
-        pipeline.tap(),
-        follower.state().clone(),
-        args.flow_table_size,
-    )));
+    let view: SharedView =
+        Arc::new(RwLock::new(AgentView::new(pipeline.tap(), follower.state().clone(), args.flow_table_size)));
     let stop = Arc::new(AtomicBool::new(false));
     // Room for every live flow, every remembered dead one, and aggregates.
     let ledger_capacity = args.flow_table_size.saturating_add(args.max_retained_flows as u32).saturating_add(4096);
     let store = LedgerStore::open(&loader.pin_path(), ledger_capacity).context("opening the pinned flow ledger")?;
     let ledger = FlowLedger::restore(args.max_retained_flows, store.load());
-    let reader = MapReader {
-        pipeline,
-        follower,
-        ledger,
-        store,
-        view: view.clone(),
-        interval: args.poll_interval,
-    };
+    let reader = MapReader { pipeline, follower, ledger, store, view: view.clone(), interval: args.poll_interval };
     let thread_stop = stop.clone();
     let join = thread::Builder::new()
         .name("map-reader".into())
@@ -293,7 +283,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {} (is another agent running? use --listen)", args.listen))?;
     info!(listen = %args.listen, "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
-    axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")?;
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("HTTP server")?;
     readiness_task.abort();
     drop(reader);
     info!("stopped");
@@ -305,14 +298,21 @@ fn readiness_config(args: &RunArgs) -> anyhow::Result<ReadinessConfig> {
         Some(path) => CriticalCatalogue::load(path)?,
         None => CriticalCatalogue::builtin(),
     };
-    Ok(ReadinessConfig { window: args.window, min_evidence: args.min_evidence, catalogue, ..ReadinessConfig::default() })
+    Ok(ReadinessConfig {
+        window: args.window,
+        min_evidence: args.min_evidence,
+        catalogue,
+        ..ReadinessConfig::default()
+    })
 }
 
 /// Enrichment from a fixed file, or from the Cilium API and Kubernetes.
 async fn start_enrichment(args: &RunArgs) -> anyhow::Result<(Enrichment, Option<kube::Client>)> {
     if let Some(path) = &args.endpoints_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading --endpoints-file {}", path.display()))?;
-        let endpoints = parse_endpoint_list(&text).with_context(|| format!("parsing {} as `cilium endpoint list -o json`", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading --endpoints-file {}", path.display()))?;
+        let endpoints = parse_endpoint_list(&text)
+            .with_context(|| format!("parsing {} as `cilium endpoint list -o json`", path.display()))?;
         info!(endpoints = endpoints.len(), file = %path.display(), "endpoints from file; Cilium API and Kubernetes not used");
         return Ok((Enrichment::from_endpoints(endpoints), None));
     }
@@ -358,7 +358,9 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         let facts = l.enrichment.daemon_facts();
         let environment = EvidenceEnvironment {
             cilium_version: l.cilium_version,
-            verdict_notifications: facts.as_ref().and_then(|f| f.bpf_events_policy_verdict.or(f.policy_verdict_notification)),
+            verdict_notifications: facts
+                .as_ref()
+                .and_then(|f| f.bpf_events_policy_verdict.or(f.policy_verdict_notification)),
             rate_limit: facts
                 .as_ref()
                 .and_then(|f| f.bpf_events_rate_limit)

@@ -31,7 +31,10 @@ pub struct Silence {
 
 /// The readiness reasons that mean "policy applies, yet nothing arrives".
 fn is_silence(reason: Reason) -> bool {
-    matches!(reason, Reason::VerdictNotificationsOff | Reason::HostProgramPre116 | Reason::RateLimited | Reason::NoTraffic)
+    matches!(
+        reason,
+        Reason::VerdictNotificationsOff | Reason::HostProgramPre116 | Reason::RateLimited | Reason::NoTraffic
+    )
 }
 
 pub fn silences(report: &ReadinessReport) -> Vec<Silence> {
@@ -39,7 +42,8 @@ pub fn silences(report: &ReadinessReport) -> Vec<Silence> {
     for e in &report.endpoints {
         for d in &e.directions {
             if d.policy_enabled == Some(true) && d.state == ReadinessState::NoEvidence && is_silence(d.reason) {
-                let cause = serde_json::to_value(d.reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let cause =
+                    serde_json::to_value(d.reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
                 out.push(Silence {
                     endpoint: e.endpoint_id,
                     kind: e.kind.as_str().to_string(),
@@ -87,8 +91,12 @@ impl SilenceLog {
         let now: BTreeSet<(u16, Direction, String)> =
             silences(report).into_iter().map(|s| (s.endpoint, s.direction, s.cause)).collect();
         for (endpoint, direction, cause) in now.difference(&self.known) {
-            warn!(endpoint, direction = direction.as_str(), cause = cause.as_str(),
-                "endpoint has policy but sends no verdicts: its silence proves nothing about what enforcement would drop");
+            warn!(
+                endpoint,
+                direction = direction.as_str(),
+                cause = cause.as_str(),
+                "endpoint has policy but sends no verdicts: its silence proves nothing about what enforcement would drop"
+            );
         }
         self.known = now;
     }

@@ -1,18 +1,41 @@
-use verdict_agent::bpf::{loader::{LoaderConfig, Pipeline, TapChoice}, snapshot::{CountingMaps, MapSnapshot}};
-use verdict_common::maps::{Stat, ENDPOINT_COUNTERS, FLOWS, STATS};
+use verdict_agent::bpf::{
+    loader::{LoaderConfig, Pipeline, TapChoice},
+    snapshot::{CountingMaps, MapSnapshot},
+};
+use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, STATS, Stat};
 
 #[test]
 fn smoke() {
     let dir = format!("/sys/fs/bpf/verdict-smoke-{}", std::process::id());
-    let cfg = LoaderConfig { pin_dir: dir.clone().into(), flow_table_size: 128, tap: TapChoice::Replay, btf_path: "/sys/kernel/btf/vmlinux".into() };
+    let cfg = LoaderConfig {
+        pin_dir: dir.clone().into(),
+        flow_table_size: 128,
+        tap: TapChoice::Replay,
+        btf_path: "/sys/kernel/btf/vmlinux".into(),
+    };
     let p = Pipeline::load(&cfg).expect("load");
     let mut n = [0u8; 40];
-    n[0] = 5; n[2..4].copy_from_slice(&7u16.to_ne_bytes()); n[8..12].copy_from_slice(&60u32.to_ne_bytes()); n[14] = 1;
-    n[16..20].copy_from_slice(&2u32.to_ne_bytes()); n[24..26].copy_from_slice(&6443u16.to_ne_bytes()); n[26] = 6; n[27] = 1 | 0x40;
-    for _ in 0..3 { p.replay(&n).unwrap(); }
+    n[0] = 5;
+    n[2..4].copy_from_slice(&7u16.to_ne_bytes());
+    n[8..12].copy_from_slice(&60u32.to_ne_bytes());
+    n[14] = 1;
+    n[16..20].copy_from_slice(&2u32.to_ne_bytes());
+    n[24..26].copy_from_slice(&6443u16.to_ne_bytes());
+    n[26] = 6;
+    n[27] = 1 | 0x40;
+    for _ in 0..3 {
+        p.replay(&n).unwrap();
+    }
     let e = p.ebpf();
-    let s = MapSnapshot::read(CountingMaps { endpoints: e.map(ENDPOINT_COUNTERS).unwrap(), flows: e.map(FLOWS).unwrap(), stats: e.map(STATS).unwrap() }).unwrap();
-    println!("{:?}", s.endpoints); println!("{:?}", s.flows); println!("{:?}", s.stats);
+    let s = MapSnapshot::read(CountingMaps {
+        endpoints: e.map(ENDPOINT_COUNTERS).unwrap(),
+        flows: e.map(FLOWS).unwrap(),
+        stats: e.map(STATS).unwrap(),
+    })
+    .unwrap();
+    println!("{:?}", s.endpoints);
+    println!("{:?}", s.flows);
+    println!("{:?}", s.stats);
     assert_eq!(s.stat(Stat::Counted), 3);
     drop(p);
     std::fs::remove_dir_all(&dir).ok();

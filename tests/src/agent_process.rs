@@ -37,7 +37,10 @@ impl AgentProcess {
     pub fn start(addr: SocketAddr, args: &[&str], log: &Path) -> anyhow::Result<AgentProcess> {
         let bin = agent_binary();
         if !bin.exists() {
-            bail!("{} does not exist: build it first with `cargo build -p verdict-agent` (cargo xtask test does)", bin.display());
+            bail!(
+                "{} does not exist: build it first with `cargo build -p verdict-agent` (cargo xtask test does)",
+                bin.display()
+            );
         }
         let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(&bin)

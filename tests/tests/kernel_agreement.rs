@@ -64,7 +64,8 @@ impl Kernel {
         // Side counters that may move with an outcome: a new flow entry, and
         // an endpoint ID beyond the per-endpoint array.
         let side = [Stat::FlowsCreated as usize, Stat::EndpointOutOfRange as usize];
-        let only = |s: Stat| delta.iter().enumerate().all(|(i, d)| *d == u64::from(i == s as usize) || side.contains(&i));
+        let only =
+            |s: Stat| delta.iter().enumerate().all(|(i, d)| *d == u64::from(i == s as usize) || side.contains(&i));
         if only(Stat::Counted) {
             return match (expected_key, flow_before) {
                 (Some(k), Some(b)) if self.flow_count(k) == b + 1 => KernelOutcome::Counted(*k),
@@ -114,7 +115,13 @@ fn golden_vectors_kernel_and_userspace_agree() {
         let user = userspace(&v.bytes);
         assert_eq!(user, v.expected, "userspace decoder on golden vector {:?}", v.name);
         let k = kernel.outcome(&v.bytes, user.as_ref().ok().and_then(|o| o.as_ref()));
-        assert_eq!(k, expected_outcome(&v.expected), "in-kernel core on golden vector {:?} ({})", v.name, v.cilium_versions);
+        assert_eq!(
+            k,
+            expected_outcome(&v.expected),
+            "in-kernel core on golden vector {:?} ({})",
+            v.name,
+            v.cilium_versions
+        );
     }
 }
 

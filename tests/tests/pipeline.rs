@@ -101,15 +101,45 @@ fn every_layout_is_counted_exactly() {
         ("P1 v1.12 verdict", p1(10), 3),
         ("P2 v1.18 audited", verdict(Layout::V1_18, 11, 6443, 0, true).encode(), 5),
         ("P3 v1.19 denied", verdict(Layout::V1_19, 12, 22, -181, false).encode(), 7),
-        ("P3 + extension redirected", {
-            let mut b = p3_ext.clone();
-            b[20..24].copy_from_slice(&15001i32.to_ne_bytes());
-            b
-        }, 2),
+        (
+            "P3 + extension redirected",
+            {
+                let mut b = p3_ext.clone();
+                b[20..24].copy_from_slice(&15001i32.to_ne_bytes());
+                b
+            },
+            2,
+        ),
         ("D1 v1.12 drop ingress", drop_v1(32, 20, 20), 4),
         ("D2 v1.13 drop egress", drop_v1(36, 21, 0), 6),
-        ("D3 v1.18 drop", PolicyDrop { layout: Layout::V1_18, endpoint: 22, reason: 181, src_label: 2, dst_label: 5000, dst_id: 22, packet_len: 60 }.encode(), 8),
-        ("D4 v1.19 drop", PolicyDrop { layout: Layout::V1_19, endpoint: 23, reason: 189, src_label: 5000, dst_label: 2, dst_id: 0, packet_len: 60 }.encode(), 9),
+        (
+            "D3 v1.18 drop",
+            PolicyDrop {
+                layout: Layout::V1_18,
+                endpoint: 22,
+                reason: 181,
+                src_label: 2,
+                dst_label: 5000,
+                dst_id: 22,
+                packet_len: 60,
+            }
+            .encode(),
+            8,
+        ),
+        (
+            "D4 v1.19 drop",
+            PolicyDrop {
+                layout: Layout::V1_19,
+                endpoint: 23,
+                reason: 189,
+                src_label: 5000,
+                dst_label: 2,
+                dst_id: 0,
+                packet_len: 60,
+            }
+            .encode(),
+            9,
+        ),
     ];
     for (what, bytes, n) in &cases {
         replay_with(p.ebpf(), bytes, *n).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -117,7 +147,8 @@ fn every_layout_is_counted_exactly() {
     let s = snapshot(&p);
     let total: u64 = cases.iter().map(|c| c.2 as u64).sum();
     assert_eq!(s.stat(Stat::Counted), total, "stats: {:?}", s.stats);
-    let ep = |id: u16| s.endpoints.iter().find(|e| e.id == id).unwrap_or_else(|| panic!("endpoint {id} missing")).clone();
+    let ep =
+        |id: u16| s.endpoints.iter().find(|e| e.id == id).unwrap_or_else(|| panic!("endpoint {id} missing")).clone();
     assert_eq!(ep(10).verdicts[0], [3, 0, 0, 0], "P1 allowed ingress");
     assert_eq!(ep(11).verdicts[0], [0, 0, 5, 0], "P2 audited");
     assert_eq!(ep(12).verdicts[0], [0, 7, 0, 0], "P3 denied");
@@ -203,7 +234,17 @@ fn lru_eviction_never_makes_an_exported_counter_go_down() {
     let log = std::env::temp_dir().join("verdict-test-evict.log");
     let agent = AgentProcess::start(
         addr(19981),
-        &["--tap", "replay", "--pin-dir", pins.0.to_str().unwrap(), "--flow-table-size", "16", "--poll-interval", "100ms", "--flow-metrics"],
+        &[
+            "--tap",
+            "replay",
+            "--pin-dir",
+            pins.0.to_str().unwrap(),
+            "--flow-table-size",
+            "16",
+            "--poll-interval",
+            "100ms",
+            "--flow-metrics",
+        ],
         &log,
     )
     .unwrap();
@@ -222,8 +263,16 @@ fn lru_eviction_never_makes_an_exported_counter_go_down() {
         assert_monotonic(&last, &now);
         last = now;
     }
-    let s = agent.scrape_until(Duration::from_secs(5), |s| s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) == sent as f64).unwrap();
-    assert_eq!(s.sum("verdict_agent_endpoint_verdicts_total", &["endpoint=\"40\"", "verdict=\"audited\""]), sent as f64, "endpoint totals are exact");
+    let s = agent
+        .scrape_until(Duration::from_secs(5), |s| {
+            s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) == sent as f64
+        })
+        .unwrap();
+    assert_eq!(
+        s.sum("verdict_agent_endpoint_verdicts_total", &["endpoint=\"40\"", "verdict=\"audited\""]),
+        sent as f64,
+        "endpoint totals are exact"
+    );
     assert!(s.sum("verdict_agent_flow_table_evictions_total", &[]) > 0.0, "the 16-entry table must have evicted");
     let by_flow = s.sum("verdict_agent_policy_verdicts_total", &["endpoint=\"40\""]);
     assert!(by_flow <= sent as f64 && by_flow > 0.0, "flow-derived total {by_flow} vs {sent} sent");
@@ -265,12 +314,20 @@ fn restart_continues_the_counts() {
 fn flows_api_matches_the_maps() {
     let pins = Pins::new("api");
     let log = std::env::temp_dir().join("verdict-test-api.log");
-    let agent = AgentProcess::start(addr(19983), &["--tap", "replay", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "100ms"], &log).unwrap();
+    let agent = AgentProcess::start(
+        addr(19983),
+        &["--tap", "replay", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "100ms"],
+        &log,
+    )
+    .unwrap();
     let p = load(&pins.0, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE);
     replay_with(p.ebpf(), &verdict(Layout::V1_19, 60, 10250, 0, true).encode(), 11).unwrap();
     replay_with(p.ebpf(), &verdict(Layout::V1_19, 60, 4240, 0, false).encode(), 3).unwrap();
-    agent.scrape_until(Duration::from_secs(5), |s| s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) == 14.0).unwrap();
-    let (status, body) = verdict_agent_tests::scrape::http_get(addr(19983), "/api/v1/flows?endpoint=60&verdict=audited").unwrap();
+    agent
+        .scrape_until(Duration::from_secs(5), |s| s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) == 14.0)
+        .unwrap();
+    let (status, body) =
+        verdict_agent_tests::scrape::http_get(addr(19983), "/api/v1/flows?endpoint=60&verdict=audited").unwrap();
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let flows = v["flows"].as_array().unwrap();

@@ -135,9 +135,6 @@ pub mod drop_reason {
     /// reasons but not policy drops: their drop notification is not counted.
     #[inline(always)]
     pub const fn is_policy(reason: u8) -> bool {
-        matches!(
-            reason,
-            POLICY | POLICY_DENY | POLICY_AUTH_REQUIRED | NO_CONFIG | HOST_NOT_READY | EP_NOT_READY
-        )
+        matches!(reason, POLICY | POLICY_DENY | POLICY_AUTH_REQUIRED | NO_CONFIG | HOST_NOT_READY | EP_NOT_READY)
     }
 }

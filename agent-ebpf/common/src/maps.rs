@@ -56,12 +56,8 @@ pub enum VerdictClass {
 
 impl VerdictClass {
     pub const COUNT: usize = 4;
-    pub const ALL: [VerdictClass; 4] = [
-        VerdictClass::Allowed,
-        VerdictClass::Denied,
-        VerdictClass::Audited,
-        VerdictClass::Redirected,
-    ];
+    pub const ALL: [VerdictClass; 4] =
+        [VerdictClass::Allowed, VerdictClass::Denied, VerdictClass::Audited, VerdictClass::Redirected];
 
     pub const fn from_u8(v: u8) -> Option<VerdictClass> {
         match v {

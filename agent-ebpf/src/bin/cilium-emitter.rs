@@ -7,12 +7,12 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_F_CURRENT_CPU, TC_ACT_OK},
     helpers::generated::bpf_perf_event_output,
     macros::{classifier, map},
     maps::{PerCpuArray, PerfEventArray},
     programs::TcContext,
-    EbpfContext,
 };
 
 use verdict_agent_ebpf::packet::copy_packet;
@@ -49,15 +49,7 @@ fn emit(ctx: &TcContext, map: *const core::ffi::c_void) -> i64 {
         return -1;
     }
     // SAFETY: `n` <= size of `buf`; `map` is a perf event array of this object.
-    unsafe {
-        bpf_perf_event_output(
-            ctx.as_ptr(),
-            map as *mut _,
-            BPF_F_CURRENT_CPU,
-            buf.as_mut_ptr().cast(),
-            n as u64,
-        )
-    }
+    unsafe { bpf_perf_event_output(ctx.as_ptr(), map as *mut _, BPF_F_CURRENT_CPU, buf.as_mut_ptr().cast(), n as u64) }
 }
 
 #[classifier]

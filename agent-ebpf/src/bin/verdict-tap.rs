@@ -66,16 +66,10 @@ fn tap(map: u64, meta: u64, meta_size: u64) {
     }
 
     let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
-    let copy = if meta_size > MAX_NOTIFICATION_SIZE as u64 {
-        MAX_NOTIFICATION_SIZE as u32
-    } else {
-        meta_size as u32
-    };
+    let copy = if meta_size > MAX_NOTIFICATION_SIZE as u64 { MAX_NOTIFICATION_SIZE as u32 } else { meta_size as u32 };
     if copy > 0 {
         // SAFETY: `copy` <= size of `buf`; the source is read fault-tolerantly.
-        let rc = unsafe {
-            probe_read_raw(buf.as_mut_ptr().cast(), copy, meta as *const core::ffi::c_void)
-        };
+        let rc = unsafe { probe_read_raw(buf.as_mut_ptr().cast(), copy, meta as *const core::ffi::c_void) };
         if rc != 0 {
             count(Stat::ReadFailed);
             return;

@@ -61,14 +61,7 @@ impl KernelBtf {
         if base + type_off + type_len > data.len() || base + str_off + str_len > data.len() {
             return Err(malformed("sections outside the file"));
         }
-        Ok(KernelBtf {
-            type_off: base + type_off,
-            type_len,
-            str_off: base + str_off,
-            str_len,
-            data,
-            path,
-        })
+        Ok(KernelBtf { type_off: base + type_off, type_len, str_off: base + str_off, str_len, data, path })
     }
 
     fn u32_at(&self, o: usize) -> u32 {
@@ -96,11 +89,11 @@ impl KernelBtf {
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
             let extra = match kind {
-                1 | 14 | 17 => 4,                // INT, VAR, DECL_TAG
-                3 => 12,                         // ARRAY
-                4 | 5 | 15 | 19 => 12 * vlen,    // STRUCT, UNION, DATASEC, ENUM64
-                6 | 13 => 8 * vlen,              // ENUM, FUNC_PROTO
-                2 | 7..=12 | 16 | 18 => 0,       // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
+                1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+                3 => 12,                      // ARRAY
+                4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
+                6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
+                2 | 7..=12 | 16 | 18 => 0,    // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
                 _ => return Err(BtfError::Malformed { path: self.path.clone(), what: "unknown type kind" }),
             };
             out.push(TypeEntry { kind, name_off, vlen, kind_flag: info >> 31 == 1, members_at: at + 12 });

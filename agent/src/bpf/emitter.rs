@@ -55,13 +55,16 @@ impl Emitter {
         if let Some(dir) = events_path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let ebpf = EbpfLoader::new()
-            .map_pin_path("cilium_events", events_path)
-            .load(EMITTER_OBJECT)
-            .map_err(|source| EmitterError::Load { path: events_path.display().to_string(), source: Box::new(source) })?;
+        let ebpf =
+            EbpfLoader::new().map_pin_path("cilium_events", events_path).load(EMITTER_OBJECT).map_err(|source| {
+                EmitterError::Load { path: events_path.display().to_string(), source: Box::new(source) }
+            })?;
         let mut emitter = Emitter { ebpf };
         for program in ["emit_cilium_events", "emit_other_events"] {
-            emitter.program_mut(program)?.load().map_err(|source| EmitterError::Program { program, source: Box::new(source) })?;
+            emitter
+                .program_mut(program)?
+                .load()
+                .map_err(|source| EmitterError::Program { program, source: Box::new(source) })?;
         }
         Ok(emitter)
     }
@@ -83,7 +86,10 @@ impl Emitter {
         let prog: &SchedClassifier = self
             .ebpf
             .program(program)
-            .ok_or(EmitterError::Program { program, source: Box::new(aya::programs::ProgramError::UnexpectedProgramType) })?
+            .ok_or(EmitterError::Program {
+                program,
+                source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+            })?
             .try_into()
             .map_err(|source| EmitterError::Program { program, source: Box::new(source) })?;
         prog.test_run(TestRunOptions { data_in: Some(notification), repeat, ..Default::default() })

@@ -18,8 +18,8 @@ use aya::{
 use thiserror::Error;
 use tracing::{info, warn};
 use verdict_common::maps::{
-    ENDPOINT_COUNTERS, EndpointCounters, FLOWS, FlowCounters, FlowKey, LAYOUT_VERSION,
-    MAX_ENDPOINTS, STATS, Stat, TAP_CONFIG, TapConfig,
+    ENDPOINT_COUNTERS, EndpointCounters, FLOWS, FlowCounters, FlowKey, LAYOUT_VERSION, MAX_ENDPOINTS, STATS, Stat,
+    TAP_CONFIG, TapConfig,
 };
 
 use super::{btf::KernelBtf, objects::TAP_OBJECT};
@@ -61,11 +61,15 @@ impl TapKind {
 
 #[derive(Debug, Error)]
 pub enum LoadError {
-    #[error("bpffs is not mounted at {0}; mount it with `mount -t bpf bpf {0}` (in Kubernetes: a hostPath mount of /sys/fs/bpf)")]
+    #[error(
+        "bpffs is not mounted at {0}; mount it with `mount -t bpf bpf {0}` (in Kubernetes: a hostPath mount of /sys/fs/bpf)"
+    )]
     NoBpffs(String),
     #[error("cannot create pin directory {path}: {source}")]
     PinDir { path: String, source: io::Error },
-    #[error("loading the tap object failed: {0}; the agent needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN on kernels before 5.8)")]
+    #[error(
+        "loading the tap object failed: {0}; the agent needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN on kernels before 5.8)"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("the tap object has no {0}; the binary is broken, rebuild it")]
     MissingInObject(&'static str),
@@ -134,9 +138,7 @@ impl Pipeline {
             choice => {
                 let kernel_btf = KernelBtf::load(&config.btf_path)?;
                 if !kernel_btf.has_function(HOOKED_FUNCTION)? {
-                    return Err(LoadError::Attach(format!(
-                        "the kernel's BTF has no function {HOOKED_FUNCTION}"
-                    )));
+                    return Err(LoadError::Attach(format!("the kernel's BTF has no function {HOOKED_FUNCTION}")));
                 }
                 let offset = kernel_btf.member_offset("bpf_map", "id")?;
                 (attach(&mut ebpf, choice, &config.btf_path)?, offset)
@@ -294,12 +296,19 @@ fn check_pins(pins: &Path, flow_table_size: u32) {
         if !path.exists() {
             continue;
         }
-        let shape = MapData::from_pin(&path).and_then(|m| m.info()).map(|i| (i.key_size(), i.value_size(), i.max_entries()));
+        let shape =
+            MapData::from_pin(&path).and_then(|m| m.info()).map(|i| (i.key_size(), i.value_size(), i.max_entries()));
         match shape {
             Ok(s) if s == (key, value, entries) => {}
             Ok((k, v, e)) => {
-                warn!(map = name, pinned_entries = e, wanted_entries = entries, pinned_key = k, pinned_value = v,
-                      "pinned map has another shape (resized or upgraded); recreating it, its counts start over");
+                warn!(
+                    map = name,
+                    pinned_entries = e,
+                    wanted_entries = entries,
+                    pinned_key = k,
+                    pinned_value = v,
+                    "pinned map has another shape (resized or upgraded); recreating it, its counts start over"
+                );
                 let _ = std::fs::remove_file(&path);
             }
             Err(e) => {

@@ -66,7 +66,8 @@ fn check_tap(tap: &str, port: u16) -> anyhow::Result<()> {
         &["--tap", tap, "--pin-dir", &pins, "--cilium-events-map", EVENTS, "--poll-interval", "500ms"],
         Path::new(&log),
     )?;
-    let s = agent.scrape_until(Duration::from_secs(20), |s| s.sum("verdict_agent_cilium_events_map_present", &[]) == 1.0)?;
+    let s = agent
+        .scrape_until(Duration::from_secs(20), |s| s.sum("verdict_agent_cilium_events_map_present", &[]) == 1.0)?;
     ensure!(s.has("verdict_agent_tap_info", &[&format!("tap=\"{tap}\"")]), "tap_info does not say {tap}");
     let first_id = map_id(&s)?;
 
