@@ -25,9 +25,11 @@ struct Cli {
 enum Command {
     /// Install the toolchain pieces and system packages the project needs.
     Setup,
+    /// Build the agent (with its eBPF programs) and the test binaries, in release.
+    Build,
     /// Boot a Debian kernel in QEMU and run a command inside it.
     Vm(vm::VmArgs),
-    /// Measure: in-kernel cost per verdict (more in docs); writes target/bench/summary.json.
+    /// Measure the in-kernel cost per verdict against an empty program; writes target/bench/summary.json.
     Bench(bench::BenchArgs),
     /// Run the agent on the built-in rollout scenario and serve /metrics on localhost.
     Demo(demo::DemoArgs),
@@ -37,10 +39,26 @@ enum Command {
     Deploy(deploy::DeployArgs),
 }
 
+/// The eBPF crate is built by aya-build from agent/build.rs, so building
+/// the agent builds the programs too.
+fn build() -> anyhow::Result<()> {
+    tools::ensure_rust_src()?;
+    tools::ensure_bpf_linker()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    tools::run(
+        std::process::Command::new(cargo)
+            .current_dir(tools::workspace_root())
+            .args(["build", "--release", "-p", "verdict-agent", "-p", "verdict-agent-tests", "--bins"]),
+    )?;
+    println!("built {}", tools::target_dir().join("release").join("verdict-agent").display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => tools::setup_all(),
+        Command::Build => build(),
         Command::Vm(args) => vm::run_cli(args),
         Command::Deploy(args) => deploy::run_cli(args),
         Command::Test(args) => test::run(args),
