@@ -24,6 +24,8 @@ use crate::maps::{ENDPOINT_COUNTERS, FLOWS, STATS};
 /// `BPF_NOEXIST`: create the flow only if no other CPU just did.
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 /// Reserved identity `host`.
 const HOST_IDENTITY: u32 = 1;
 
@@ -119,12 +121,18 @@ fn classify_policy_verdict(buf: &Notification, len: usize) -> Result<Decision, S
     };
     let reason = if verdict < 0 && verdict >= -255 { (-verdict) as u8 } else { 0 };
 
+    // For ICMP echo Cilium's `dst_port` is the echo identifier
+    // (`ct_extract_ports4`): one flow per ping would fill the table.
+    let proto = buf[policy_verdict::PROTO];
+    let dst_port =
+        if proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6 { 0 } else { u16_at(buf, policy_verdict::DST_PORT) };
+
     Ok(Decision {
         key: FlowKey {
             endpoint_id: u16_at(buf, capture_hdr::SOURCE),
-            dst_port: u16_at(buf, policy_verdict::DST_PORT),
+            dst_port,
             remote_identity: u32_at(buf, policy_verdict::REMOTE_LABEL),
-            proto: buf[policy_verdict::PROTO],
+            proto,
             direction: dir,
             class: class as u8,
             match_type: (flags & policy_verdict::FLAG_MATCH_TYPE_MASK) >> policy_verdict::FLAG_MATCH_TYPE_SHIFT,

@@ -190,6 +190,12 @@ pub fn golden_notifications() -> Vec<GoldenNotification> {
             Ok(Some(pv_key(42, 8080, 70_000, 6, EGRESS, Denied, 2, 189, false))),
         ),
         g(
+            "p2_icmp_echo_identifier_is_not_a_port",
+            "v1.14-v1.18 (conntrack.h ct_extract_ports4: ICMP echo id in dport)",
+            Msg::hdr_u16(32, 5, 0, 9, 0, 84, 1).verdict(4, 0, 0x1234, 1, INGRESS, false, 2, false, false, 0),
+            Ok(Some(pv_key(9, 0, 4, 1, INGRESS, Allowed, 2, 0, false))),
+        ),
+        g(
             "p2_allow_l3_device",
             "v1.17.12+ (policy_log.h@v1.17.14, l3 bit)",
             Msg::hdr_u16(32, 5, 0, 9, 0, 84, 1).verdict(2, 0, 0, 1, EGRESS, false, 5, false, true, 0),

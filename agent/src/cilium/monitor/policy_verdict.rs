@@ -153,11 +153,12 @@ impl PolicyVerdictNotify {
         }
     }
 
-    /// The key `account.rs` counts this verdict under.
+    /// The key `account.rs` counts this verdict under. For ICMP and ICMPv6
+    /// the port is 0: Cilium puts the echo identifier there.
     pub fn flow_key(&self) -> FlowKey {
         FlowKey {
             endpoint_id: self.hdr.source,
-            dst_port: self.dst_port,
+            dst_port: if matches!(self.proto, 1 | 58) { 0 } else { self.dst_port },
             remote_identity: self.remote_label,
             proto: self.proto,
             direction: direction_code(self.dir),
