@@ -64,10 +64,28 @@ pub fn remote_name(directory: &dyn EndpointDirectory, id: u32) -> String {
 
 /// Verdict counters and pipeline health.
 pub struct VerdictCollector {
-    pub view: SharedView,
-    pub directory: Arc<dyn EndpointDirectory>,
+    view: SharedView,
+    directory: Arc<dyn EndpointDirectory>,
     /// Some(limit): export per-flow series, at most `limit` of them.
-    pub flow_metrics: Option<usize>,
+    flow_metrics: Option<usize>,
+    flow_series: std::sync::Mutex<FlowSeries>,
+}
+
+/// Which flows have their own series. Membership is decided once, when the
+/// collector first sees a flow: a flow never moves between its own series
+/// and `remote="overflow"`, so neither ever goes down.
+#[derive(Default)]
+struct FlowSeries {
+    own: std::collections::HashSet<FlowIdent>,
+    in_overflow: std::collections::HashSet<FlowIdent>,
+}
+
+type FlowIdent = (u16, crate::model::Direction, u32, u8, u16, crate::model::Verdict);
+
+impl VerdictCollector {
+    pub fn new(view: SharedView, directory: Arc<dyn EndpointDirectory>, flow_metrics: Option<usize>) -> Self {
+        VerdictCollector { view, directory, flow_metrics, flow_series: Default::default() }
+    }
 }
 
 impl fmt::Debug for VerdictCollector {
@@ -141,7 +159,7 @@ impl Collector for VerdictCollector {
             )?;
 
             if let Some(limit) = self.flow_metrics {
-                self.encode_flows(&mut encoder, &view.flows, limit)?;
+                self.encode_flows(&mut encoder, &view.flows, &view.aggregates, limit)?;
             }
 
             let events = [
@@ -289,27 +307,59 @@ impl VerdictCollector {
         &self,
         encoder: &mut DescriptorEncoder,
         flows: &[crate::model::FlowRecord],
+        aggregates: &std::collections::HashMap<crate::ledger::AggregateKey, crate::ledger::Totals>,
         limit: usize,
     ) -> fmt::Result {
+        use std::collections::{BTreeMap, HashSet};
         let dir = &*self.directory;
+        let mut series = self.flow_series.lock().unwrap_or_else(|e| e.into_inner());
+        let verdict_flows: Vec<_> =
+            flows.iter().filter(|f| f.source == crate::model::NotifySource::PolicyVerdict).collect();
+        // Flows the ledger folded away leave both sets (their counts stay in
+        // the totals, hence in the overflow series).
+        let live: HashSet<FlowIdent> = verdict_flows
+            .iter()
+            .map(|f| (f.endpoint_id, f.direction, f.remote_identity, f.proto, f.dst_port, f.verdict))
+            .collect();
+        series.own.retain(|k| live.contains(k));
+        series.in_overflow.retain(|k| live.contains(k));
+
         let mut rows = Vec::new();
-        let mut overflow: std::collections::BTreeMap<(u16, &'static str, &'static str), u64> = Default::default();
-        for f in flows.iter().filter(|f| f.source == crate::model::NotifySource::PolicyVerdict) {
-            if rows.len() < limit {
-                let mut l = endpoint_labels(dir, f.endpoint_id);
-                l.push(("direction", f.direction.as_str().into()));
-                l.push(("verdict", f.verdict.as_str().into()));
-                l.push(("remote", remote_name(dir, f.remote_identity)));
-                l.push(("remote_identity", f.remote_identity.to_string()));
-                l.push(("proto", proto_name(f.proto)));
-                l.push(("port", f.dst_port.to_string()));
-                rows.push((l, counter(f.notifications)));
-            } else {
-                *overflow.entry((f.endpoint_id, f.direction.as_str(), f.verdict.as_str())).or_default() +=
-                    f.notifications;
+        let mut own_totals: BTreeMap<(u16, &'static str, &'static str), u64> = BTreeMap::new();
+        for f in verdict_flows {
+            let ident = (f.endpoint_id, f.direction, f.remote_identity, f.proto, f.dst_port, f.verdict);
+            if !series.own.contains(&ident) {
+                if series.in_overflow.contains(&ident) || series.own.len() >= limit {
+                    series.in_overflow.insert(ident);
+                    continue;
+                }
+                series.own.insert(ident);
             }
+            *own_totals.entry((f.endpoint_id, f.direction.as_str(), f.verdict.as_str())).or_default() +=
+                f.notifications;
+            let mut l = endpoint_labels(dir, f.endpoint_id);
+            l.push(("direction", f.direction.as_str().into()));
+            l.push(("verdict", f.verdict.as_str().into()));
+            l.push(("remote", remote_name(dir, f.remote_identity)));
+            l.push(("remote_identity", f.remote_identity.to_string()));
+            l.push(("proto", proto_name(f.proto)));
+            l.push(("port", f.dst_port.to_string()));
+            rows.push((l, counter(f.notifications)));
         }
-        for ((ep, direction, verdict), n) in overflow {
+        // Overflow = every verdict ever counted (monotonic aggregates) minus
+        // the flows with their own series.
+        let mut totals: BTreeMap<(u16, &'static str, &'static str), u64> = BTreeMap::new();
+        for (k, t) in aggregates.iter().filter(|(k, _)| k.notify_type == notify_type::POLICY_VERDICT) {
+            let (Some(d), Some(c)) = (Direction::from_cilium(k.direction), VerdictClass::from_u8(k.class)) else {
+                continue;
+            };
+            *totals.entry((k.endpoint_id, d.as_str(), c.as_str())).or_default() += t.notifications;
+        }
+        for ((ep, direction, verdict), total) in totals {
+            let n = total.saturating_sub(own_totals.get(&(ep, direction, verdict)).copied().unwrap_or(0));
+            if n == 0 {
+                continue;
+            }
             let mut l = endpoint_labels(dir, ep);
             l.extend([
                 ("direction", direction.to_string()),

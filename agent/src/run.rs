@@ -263,11 +263,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }));
 
     let collectors: Vec<Box<dyn Collector>> = vec![
-        Box::new(VerdictCollector {
-            view: view.clone(),
-            directory: directory.clone(),
-            flow_metrics: args.flow_metrics.then_some(args.flow_metrics_limit),
-        }),
+        Box::new(VerdictCollector::new(
+            view.clone(),
+            directory.clone(),
+            args.flow_metrics.then_some(args.flow_metrics_limit),
+        )),
         Box::new(EnrichmentCollector { enrichment, view: view.clone() }),
         Box::new(ReadinessCollector(report.clone())),
     ];
