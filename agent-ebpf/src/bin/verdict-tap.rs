@@ -12,14 +12,18 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_raw},
+    EbpfContext,
+    bindings::{BPF_F_CURRENT_CPU, TC_ACT_OK},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_perf_event_output, bpf_probe_read_kernel as probe_read_raw},
+    },
     macros::{classifier, fentry, kprobe},
     programs::{FEntryContext, ProbeContext, TcContext},
 };
 use verdict_agent_ebpf::{
     account::{Notification, account, count},
-    maps::TAP_CONFIG,
+    maps::{BENCH_EMITTED, BENCH_EVENTS, TAP_CONFIG},
     packet::copy_packet,
 };
 use verdict_common::maps::{MAX_NOTIFICATION_SIZE, Stat};
@@ -94,6 +98,43 @@ pub fn replay(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+/// Benchmark only: one notification from packet data, accounted exactly as
+/// `replay` does AND offered to a userspace perf reader (`BENCH_EVENTS`),
+/// so one test run is one verdict both counted in the kernel and delivered
+/// to (or lost by) a Hubble-style consumer. `BENCH_EMITTED` counts the
+/// offers and their outcome independently of both.
+#[classifier]
+pub fn bench_replay_and_emit(ctx: TcContext) -> i32 {
+    let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
+    let n = copy_packet(&ctx, &mut buf);
+    account(&buf, ctx.len() as usize);
+    bench_bump(0);
+    if n > 0 {
+        // SAFETY: `n` <= size of `buf`; BENCH_EVENTS is a perf event array of this object.
+        let rc = unsafe {
+            bpf_perf_event_output(
+                ctx.as_ptr(),
+                (&BENCH_EVENTS as *const aya_ebpf::maps::PerfEventArray<u32>).cast_mut().cast(),
+                BPF_F_CURRENT_CPU,
+                buf.as_mut_ptr().cast(),
+                n as u64,
+            )
+        };
+        bench_bump(if rc == 0 { 1 } else { 2 });
+    } else {
+        bench_bump(2);
+    }
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn bench_bump(index: u32) {
+    if let Some(slot) = BENCH_EMITTED.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot; tc programs do not nest on one CPU.
+        unsafe { *slot += 1 };
+    }
 }
 
 #[cfg(not(test))]
