@@ -79,10 +79,18 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     }
 }
 
+/// Flows a `/api/v1/flows` answer lists unless `limit` says otherwise.
+pub const DEFAULT_FLOWS_LIMIT: usize = 1000;
+/// The most flows one answer lists: the body stays a few MiB and the
+/// agent's memory bounded, however large the flow table.
+pub const MAX_FLOWS_LIMIT: usize = 10_000;
+
 #[derive(Deserialize)]
 struct FlowQuery {
     endpoint: Option<u16>,
     verdict: Option<Verdict>,
+    /// Busiest flows first, at most this many (default 1000, up to 10000).
+    limit: Option<usize>,
 }
 
 /// One flow as `/api/v1/flows` shows it: the record plus readable names.
@@ -101,17 +109,43 @@ pub struct FlowsResponse {
     pub tap: String,
     #[serde(with = "crate::readiness::timefmt::rfc3339_opt")]
     pub read_at: Option<SystemTime>,
+    /// Flows matching the filters; `flows` holds the busiest `limit` of them.
+    pub matched: usize,
+    /// True when `matched` exceeds what `flows` lists.
+    pub truncated: bool,
     pub flows: Vec<FlowView>,
 }
 
-async fn flows(State(s): State<HttpState>, Query(q): Query<FlowQuery>) -> Json<FlowsResponse> {
-    let view = s.view.read().unwrap_or_else(|e| e.into_inner());
-    let dir = &*s.directory;
-    let flows = view
-        .flows
+async fn flows(State(s): State<HttpState>, Query(q): Query<FlowQuery>) -> Response {
+    let limit = q.limit.unwrap_or(DEFAULT_FLOWS_LIMIT);
+    if !(1..=MAX_FLOWS_LIMIT).contains(&limit) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX_FLOWS_LIMIT}; narrow the query with endpoint= or verdict=\n"),
+        )
+            .into_response();
+    }
+    let (tap, read_at, all) = {
+        let view = s.view.read().unwrap_or_else(|e| e.into_inner());
+        (view.tap.as_str().to_string(), view.snapshot.as_ref().map(|s| s.clock.taken_at()), view.flows.clone())
+    };
+    let mut matching: Vec<&FlowRecord> = all
         .iter()
         .filter(|f| q.endpoint.is_none_or(|e| f.endpoint_id == e))
         .filter(|f| q.verdict.is_none_or(|v| f.verdict == v))
+        .collect();
+    let matched = matching.len();
+    let busiest_first = |a: &&FlowRecord, b: &&FlowRecord| {
+        b.notifications.cmp(&a.notifications).then_with(|| flow_order(a).cmp(&flow_order(b)))
+    };
+    if matched > limit {
+        matching.select_nth_unstable_by(limit, busiest_first);
+        matching.truncate(limit);
+    }
+    matching.sort_unstable_by(busiest_first);
+    let dir = &*s.directory;
+    let flows = matching
+        .into_iter()
         .map(|f| {
             let labels = endpoint_labels(dir, f.endpoint_id);
             let get = |k: &str| labels.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap_or_default();
@@ -124,11 +158,12 @@ async fn flows(State(s): State<HttpState>, Query(q): Query<FlowQuery>) -> Json<F
             }
         })
         .collect();
-    Json(FlowsResponse {
-        tap: view.tap.as_str().to_string(),
-        read_at: view.snapshot.as_ref().map(|s| s.clock.taken_at()),
-        flows,
-    })
+    Json(FlowsResponse { tap, read_at, matched, truncated: matched > limit, flows }).into_response()
+}
+
+/// A total order on flows, so equally busy flows list the same way every time.
+fn flow_order(f: &FlowRecord) -> impl Ord + use<> {
+    (f.endpoint_id, f.direction, f.remote_identity, f.proto, f.dst_port, f.verdict, f.source, f.reason, f.ipv6)
 }
 
 #[derive(Deserialize)]

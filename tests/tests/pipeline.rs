@@ -336,6 +336,22 @@ fn flows_api_matches_the_maps() {
     assert_eq!(flows[0]["notifications"], 11);
     assert_eq!(flows[0]["remote"], "world");
     assert_eq!(flows[0]["verdict"], "audited");
+    assert_eq!(v["matched"], 1);
+    assert_eq!(v["truncated"], false);
     let key: FlowKey = FlowKey { endpoint_id: 60, ..Default::default() };
     assert_eq!(key.endpoint_id, flows[0]["endpoint_id"].as_u64().unwrap() as u16);
+
+    // Bounded: the busiest flows first, and the answer says what it left out.
+    let (status, body) =
+        verdict_agent_tests::scrape::http_get(addr(19983), "/api/v1/flows?endpoint=60&limit=1").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["matched"].as_u64(), v["truncated"].as_bool()), (Some(2), Some(true)), "{body}");
+    assert_eq!(v["flows"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(v["flows"][0]["dst_port"], 10250, "the busiest flow first: {body}");
+    for bad in ["limit=0", "limit=10001", "limit=many"] {
+        let (status, body) =
+            verdict_agent_tests::scrape::http_get(addr(19983), &format!("/api/v1/flows?{bad}")).unwrap();
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
 }

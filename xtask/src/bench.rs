@@ -1,6 +1,12 @@
-//! `cargo xtask bench`: performance figures, only ever from here, each as a
-//! ratio or difference against a baseline measured in the same run.
-//! Writes the table to stdout and everything to target/bench/summary.json.
+//! `cargo xtask bench`: performance figures, only ever from here, each
+//! beside a baseline measured in the same run and printed with the machine
+//! it came from. Builds `verdict-bench` and `verdict-agent` in release,
+//! runs the bench as root (it loads BPF programs and starts the agent),
+//! streams its table, and writes target/bench/summary.json.
+//!
+//! Parts (see tests/src/bench/): in-kernel cost per verdict, the loss race
+//! against a perf-ring reader, agent CPU against the event rate, scrapes
+//! and RSS at 100 k flows, and a 5-minute soak with a SIGKILL restart.
 
 use std::process::Command;
 
@@ -10,12 +16,23 @@ use crate::tools::{self, target_dir, workspace_root};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Shorter runs (seconds instead of minutes), for a smoke test.
+    /// Parts to run (default all): kernel, loss-race, cpu, scale, soak.
+    #[arg(value_parser = ["all", "kernel", "loss-race", "cpu", "scale", "soak"])]
+    pub parts: Vec<String>,
+    /// A few seconds per part (a smoke test; its figures are not to be quoted).
     #[arg(long)]
     pub quick: bool,
+    /// Length of the soak (default 300 s, 20 s with --quick).
+    #[arg(long)]
+    pub soak_seconds: Option<u64>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { geteuid() } == 0,
+        "the benchmark loads BPF programs and runs them with BPF_PROG_TEST_RUN: run it as root"
+    );
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
     crate::test::ensure_bpffs()?;
@@ -24,26 +41,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "build",
         "--release",
         "-p",
-        "verdict-agent",
-        "-p",
         "verdict-agent-tests",
-        "--bins",
+        "-p",
+        "verdict-agent",
+        "--bin",
+        "verdict-bench",
+        "--bin",
+        "verdict-agent",
     ]))?;
-    let bin = target_dir().join("release").join("kernel-cost");
-    let mut cmd = Command::new(&bin);
+    let release = target_dir().join("release");
+    let summary = target_dir().join("bench").join("summary.json");
+    let _ = std::fs::remove_file(&summary);
+    let mut cmd = Command::new(release.join("verdict-bench"));
+    cmd.args(&args.parts).arg("--json").arg(&summary).env("VERDICT_AGENT_BIN", release.join("verdict-agent"));
     if args.quick {
         cmd.arg("--quick");
     }
-    let out = cmd.output().with_context(|| format!("running {}", bin.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "kernel-cost failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
-    let (table, json) = stdout.trim_end().rsplit_once('\n').context("kernel-cost printed no summary")?;
-    println!("{table}");
-    let summary: serde_json::Value = serde_json::from_str(json).context("kernel-cost summary is not JSON")?;
-    let dir = target_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
-    println!("\nwrote {}", path.display());
+    if let Some(s) = args.soak_seconds {
+        cmd.arg("--seconds").arg(s.to_string());
+    }
+    let started = std::time::Instant::now();
+    // The table streams to our stdout; progress goes to stderr.
+    let status = cmd.status().context("running verdict-bench")?;
+    ensure!(summary.exists(), "verdict-bench wrote no summary ({status})");
+    println!("\nwrote {} ({:.0} s)", summary.display(), started.elapsed().as_secs_f64());
+    ensure!(status.success(), "verdict-bench reported a failure ({status}): see the table above");
     Ok(())
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
 }

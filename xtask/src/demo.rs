@@ -67,14 +67,24 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
     };
     println!("== playing the demo scenario via the {via}");
-    tools::run(Command::new(&bin).args(["scenario", "--via", via, "--pin-dir", PIN_DIR, "--cilium-events-map", EVENTS]))?;
+    tools::run(Command::new(&bin).args([
+        "scenario",
+        "--via",
+        via,
+        "--pin-dir",
+        PIN_DIR,
+        "--cilium-events-map",
+        EVENTS,
+    ]))?;
     std::thread::sleep(Duration::from_millis(2500));
 
     let metrics = get(&args.listen, "/metrics")?;
     print_table(&metrics);
     println!("\n== host lockout and readiness (from /metrics)");
     for line in metrics.lines().filter(|l| {
-        (l.starts_with("verdict_agent_host_lockout") || l.starts_with("verdict_agent_audit_readiness{") || l.starts_with("verdict_agent_scan_noise"))
+        (l.starts_with("verdict_agent_host_lockout")
+            || l.starts_with("verdict_agent_audit_readiness{")
+            || l.starts_with("verdict_agent_scan_noise"))
             && !l.ends_with(" 0")
     }) {
         println!("{line}");
@@ -84,7 +94,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let status = Command::new(&bin).args(["preflight", "--endpoint", "host", "--agent", &agent_url]).status()?;
     println!("(exit code {}: 0 safe, 1 would break, 2 error, 3 not enough evidence)", status.code().unwrap_or(-1));
     println!("\n== verdict-agent suggest --endpoint host   (the host policy rules the scenario forgot)");
-    Command::new(&bin).args(["suggest", "--endpoint", "host", "--node", "demo-node", "--agent", &agent_url]).status()?;
+    Command::new(&bin)
+        .args(["suggest", "--endpoint", "host", "--node", "demo-node", "--agent", &agent_url])
+        .status()?;
     println!("\nServing http://{0}/metrics, http://{0}/api/v1/flows and http://{0}/api/v1/readiness", args.listen);
     match args.seconds {
         Some(s) => std::thread::sleep(Duration::from_secs(s)),
@@ -96,7 +108,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::fs::remove_dir_all(PIN_DIR);
-    let _ = std::fs::remove_dir_all(std::path::Path::new(EVENTS).parent().unwrap_or(std::path::Path::new("/nonexistent")));
+    let _ =
+        std::fs::remove_dir_all(std::path::Path::new(EVENTS).parent().unwrap_or(std::path::Path::new("/nonexistent")));
     Ok(())
 }
 
@@ -152,12 +165,18 @@ fn print_table(metrics: &str) {
         };
         rows.entry(key).or_default()[slot] += value.parse::<f64>().unwrap_or(0.0) as u64;
     }
-    println!("\n{:<9} {:<34} {:<8} {:>8} {:>8} {:>8} {:>10}", "ENDPOINT", "NAME", "DIR", "ALLOWED", "DENIED", "AUDITED", "REDIRECTED");
+    println!(
+        "\n{:<9} {:<34} {:<8} {:>8} {:>8} {:>8} {:>10}",
+        "ENDPOINT", "NAME", "DIR", "ALLOWED", "DENIED", "AUDITED", "REDIRECTED"
+    );
     for ((ep, name, dir), c) in rows.iter().filter(|(_, c)| c.iter().any(|v| *v > 0)) {
         println!("{ep:<9} {name:<34} {dir:<8} {:>8} {:>8} {:>8} {:>10}", c[0], c[1], c[2], c[3]);
     }
     println!("(allowed/audited/redirected: per new connection; denied: per packet)");
-    for line in metrics.lines().filter(|l| l.starts_with("verdict_agent_events_total") || l.starts_with("verdict_agent_tap_info")) {
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("verdict_agent_events_total") || l.starts_with("verdict_agent_tap_info"))
+    {
         println!("{line}");
     }
 }

@@ -139,10 +139,7 @@ pub fn ensure_tools() -> Result<Tools> {
 }
 
 fn ensure_pip() -> Result<()> {
-    let ok = Command::new("python3")
-        .args(["-m", "pip", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let ok = Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success());
     if !ok {
         tools::ensure_apt(&["python3", "python3-pip"])?;
     }
@@ -207,7 +204,16 @@ fn ensure_kubernetes_validate() -> Result<PathBuf> {
     // so no PEP 668 refusal on Debian's own python3).
     tools::run(
         Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-script-location", "--root-user-action=ignore", "--target"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-warn-script-location",
+                "--root-user-action=ignore",
+                "--target",
+            ])
             .arg(&staging)
             .arg(KUBERNETES_VALIDATE),
     )
@@ -267,15 +273,12 @@ fn split_docs(rendered: &str) -> Result<Vec<Doc>> {
     let mut docs = Vec::new();
     for chunk in rendered.split("\n---\n").flat_map(|c| c.strip_prefix("---\n").or(Some(c))) {
         let text = chunk.trim_end().to_string() + "\n";
-        let value: Yaml = serde_yaml::from_str(&text).with_context(|| format!("rendered YAML does not parse:\n{text}"))?;
+        let value: Yaml =
+            serde_yaml::from_str(&text).with_context(|| format!("rendered YAML does not parse:\n{text}"))?;
         if value.is_null() {
             continue;
         }
-        let source = text
-            .lines()
-            .find_map(|l| l.strip_prefix("# Source: "))
-            .unwrap_or("")
-            .to_string();
+        let source = text.lines().find_map(|l| l.strip_prefix("# Source: ")).unwrap_or("").to_string();
         docs.push(Doc { source, text, value });
     }
     Ok(docs)
@@ -328,10 +331,7 @@ fn manifests_from(rendered: &str) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     out.insert(MANIFEST.to_string(), main);
     out.insert(MANIFEST_CLEANUP.to_string(), cleanup);
-    out.insert(
-        DASHBOARD_CONFIGMAP.to_string(),
-        dashboard.context("the default render has no dashboard ConfigMap")?,
-    );
+    out.insert(DASHBOARD_CONFIGMAP.to_string(), dashboard.context("the default render has no dashboard ConfigMap")?);
     Ok(out)
 }
 
@@ -475,7 +475,8 @@ fn check_templates(tools: &Tools, work: &Path) -> Result<()> {
     for version in KUBERNETES_VERSIONS {
         let mut files = Vec::new();
         for v in &values {
-            let label = v.as_ref().map_or("default".to_string(), |p| p.file_stem().unwrap().to_string_lossy().into_owned());
+            let label =
+                v.as_ref().map_or("default".to_string(), |p| p.file_stem().unwrap().to_string_lossy().into_owned());
             let rendered = helm_template(tools, v.as_deref(), Some(version))
                 .with_context(|| format!("helm template ({label} values, Kubernetes {version})"))?;
             let docs = split_docs(&rendered)?;
@@ -517,7 +518,10 @@ fn check_templates(tools: &Tools, work: &Path) -> Result<()> {
 /// ServiceMonitor and PrometheusRule have no core schema: the rule groups go
 /// through promtool, the ServiceMonitor is checked against the Service.
 fn check_crd_object(tools: &Tools, d: &Doc, docs: &[Doc], work: &Path) -> Result<()> {
-    ensure!(d.value["apiVersion"].as_str() == Some("monitoring.coreos.com/v1"), "apiVersion must be monitoring.coreos.com/v1");
+    ensure!(
+        d.value["apiVersion"].as_str() == Some("monitoring.coreos.com/v1"),
+        "apiVersion must be monitoring.coreos.com/v1"
+    );
     let spec = &d.value["spec"];
     match d.kind() {
         "PrometheusRule" => {
@@ -536,10 +540,8 @@ fn check_crd_object(tools: &Tools, d: &Doc, docs: &[Doc], work: &Path) -> Result
             );
         }
         "ServiceMonitor" => {
-            let service = docs
-                .iter()
-                .find(|s| s.kind() == "Service")
-                .context("a ServiceMonitor without the Service")?;
+            let service =
+                docs.iter().find(|s| s.kind() == "Service").context("a ServiceMonitor without the Service")?;
             let svc_labels = service.value["metadata"]["labels"].as_mapping().cloned().unwrap_or_default();
             let selector = spec["selector"]["matchLabels"].as_mapping().context("spec.selector.matchLabels")?;
             for (k, v) in selector {
@@ -559,8 +561,18 @@ fn check_crd_object(tools: &Tools, d: &Doc, docs: &[Doc], work: &Path) -> Result
                 for r in e["relabelings"].as_sequence().into_iter().flatten() {
                     let action = r["action"].as_str().unwrap_or("replace");
                     ensure!(
-                        ["replace", "keep", "drop", "labeldrop", "labelkeep", "labelmap", "hashmod", "lowercase", "uppercase"]
-                            .contains(&action.to_lowercase().as_str()),
+                        [
+                            "replace",
+                            "keep",
+                            "drop",
+                            "labeldrop",
+                            "labelkeep",
+                            "labelmap",
+                            "hashmod",
+                            "lowercase",
+                            "uppercase"
+                        ]
+                        .contains(&action.to_lowercase().as_str()),
                         "unknown relabel action {action}"
                     );
                 }
@@ -630,7 +642,11 @@ fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                     }
                 }
             }
-            let containers = pod["containers"].as_sequence().into_iter().flatten().chain(pod["initContainers"].as_sequence().into_iter().flatten());
+            let containers = pod["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .chain(pod["initContainers"].as_sequence().into_iter().flatten());
             for c in containers {
                 let cname = c["name"].as_str().unwrap_or("?");
                 let sc = &c["securityContext"];
@@ -643,16 +659,15 @@ fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                 if sc["readOnlyRootFilesystem"].as_bool() != Some(true) {
                     problems.push(format!("{id}/{cname}: readOnlyRootFilesystem must be true"));
                 }
-                let drop: Vec<&str> = sc["capabilities"]["drop"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+                let drop: Vec<&str> =
+                    sc["capabilities"]["drop"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
                 if drop != ["ALL"] {
                     problems.push(format!("{id}/{cname}: capabilities.drop must be [ALL]"));
                 }
-                let add: BTreeSet<&str> = sc["capabilities"]["add"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
-                let allowed: BTreeSet<&str> = if agent {
-                    ["BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"].into()
-                } else {
-                    BTreeSet::new()
-                };
+                let add: BTreeSet<&str> =
+                    sc["capabilities"]["add"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+                let allowed: BTreeSet<&str> =
+                    if agent { ["BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"].into() } else { BTreeSet::new() };
                 if !add.is_subset(&allowed) {
                     problems.push(format!("{id}/{cname}: capabilities {add:?} exceed {allowed:?}"));
                 }
@@ -684,12 +699,16 @@ fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                 if strategy["type"].as_str() != Some("RollingUpdate") {
                     problems.push(format!("{id}: updateStrategy must be RollingUpdate"));
                 }
-                let tolerates_all = pod["tolerations"].as_sequence().into_iter().flatten().any(|t| {
-                    t["operator"].as_str() == Some("Exists") && t["key"].is_null()
-                });
-                let tolerates_cp = pod["tolerations"].as_sequence().into_iter().flatten().any(|t| {
-                    t["key"].as_str() == Some("node-role.kubernetes.io/control-plane")
-                });
+                let tolerates_all = pod["tolerations"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .any(|t| t["operator"].as_str() == Some("Exists") && t["key"].is_null());
+                let tolerates_cp = pod["tolerations"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .any(|t| t["key"].as_str() == Some("node-role.kubernetes.io/control-plane"));
                 if !tolerates_all && !tolerates_cp {
                     problems.push(format!("{id}: does not tolerate control-plane nodes"));
                 }
@@ -715,7 +734,10 @@ fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                 }
                 s
             } else {
-                ["get", "list", "watch"].iter().map(|v| ("apps".to_string(), "daemonsets".to_string(), v.to_string())).collect()
+                ["get", "list", "watch"]
+                    .iter()
+                    .map(|v| ("apps".to_string(), "daemonsets".to_string(), v.to_string()))
+                    .collect()
             };
             let mut got = BTreeSet::new();
             for r in d.value["rules"].as_sequence().into_iter().flatten() {
@@ -834,10 +856,8 @@ fn anchor(heading: &str) -> String {
 
 fn check_runbooks() -> Result<()> {
     let doc = read(OPERATIONS_DOC)?;
-    let anchors: BTreeSet<String> = doc
-        .lines()
-        .filter_map(|l| l.strip_prefix('#').map(|h| anchor(h.trim_start_matches('#'))))
-        .collect();
+    let anchors: BTreeSet<String> =
+        doc.lines().filter_map(|l| l.strip_prefix('#').map(|h| anchor(h.trim_start_matches('#')))).collect();
     let rules: Yaml = serde_yaml::from_str(&read(RULES)?)?;
     let mut problems = Vec::new();
     for a in alerts(&rules) {
@@ -876,7 +896,8 @@ fn check_dashboard() -> Result<()> {
     for wanted in ["verdicts per namespace", "verdicts per pod", "audit readiness", "lockout", "tap attached"] {
         ensure!(titles.iter().any(|t| t.contains(wanted)), "dashboard has no panel about {wanted:?}");
     }
-    let vars: Vec<&str> = d["templating"]["list"].as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).collect();
+    let vars: Vec<&str> =
+        d["templating"]["list"].as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).collect();
     ensure!(vars.contains(&"datasource"), "dashboard needs a datasource variable");
     Ok(())
 }
@@ -1001,18 +1022,17 @@ fn expressions() -> Result<Vec<(String, String, Vec<String>)>> {
     }
     walk(&dash["panels"], "", &mut out);
     for var in dash["templating"]["list"].as_array().into_iter().flatten() {
-        if let Some(q) = var["definition"].as_str() {
-            if let Some(inner) = q.strip_prefix("label_values(").and_then(|s| s.strip_suffix(')')) {
-                if let Some((sel, label)) = inner.rsplit_once(',') {
-                    let label = label.trim().to_string();
-                    // Checked as `max by (label) (selector)`.
-                    out.push((
-                        format!("variable {}", var["name"].as_str().unwrap_or("?")),
-                        format!("max by ({label}) ({sel})"),
-                        Vec::new(),
-                    ));
-                }
-            }
+        if let Some(q) = var["definition"].as_str()
+            && let Some(inner) = q.strip_prefix("label_values(").and_then(|s| s.strip_suffix(')'))
+            && let Some((sel, label)) = inner.rsplit_once(',')
+        {
+            let label = label.trim().to_string();
+            // Checked as `max by (label) (selector)`.
+            out.push((
+                format!("variable {}", var["name"].as_str().unwrap_or("?")),
+                format!("max by ({label}) ({sel})"),
+                Vec::new(),
+            ));
         }
     }
     Ok(out)
@@ -1033,7 +1053,8 @@ fn template_labels(s: &str, prefix: &str) -> Vec<String> {
         } else {
             let mut r = inner;
             while let Some(i) = r.find(prefix) {
-                let name: String = r[i + prefix.len()..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                let name: String =
+                    r[i + prefix.len()..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
                 out.push(name);
                 r = &r[i + prefix.len()..];
             }
@@ -1070,7 +1091,9 @@ fn check_metric_usage() -> Result<BTreeMap<String, BTreeSet<String>>> {
         let result = result.unwrap_or_default();
         for l in template_uses {
             if !result.contains(&l) {
-                problems.push(format!("{place}: template uses label {l:?}, which the expression's result does not have ({result:?})"));
+                problems.push(format!(
+                    "{place}: template uses label {l:?}, which the expression's result does not have ({result:?})"
+                ));
             }
         }
     }
@@ -1103,9 +1126,7 @@ pub fn prometheus_e2e_config(target: &str, dir: &Path) -> Result<PathBuf> {
     );
     let rules = root(RULES);
     ensure!(rules.is_file(), "{RULES} is missing");
-    let config = read(E2E_TEMPLATE)?
-        .replace("@TARGET@", target)
-        .replace("@RULES_FILE@", &rules.to_string_lossy());
+    let config = read(E2E_TEMPLATE)?.replace("@TARGET@", target).replace("@RULES_FILE@", &rules.to_string_lossy());
     fs::create_dir_all(dir)?;
     let path = dir.join("prometheus.yml");
     fs::write(&path, config)?;
@@ -1209,15 +1230,43 @@ mod promql {
     #[derive(Debug)]
     pub enum Expr {
         Scalar,
-        Selector { name: String, matchers: Vec<String> },
-        Call { func: String, args: Vec<Expr> },
-        Agg { op: String, by: Option<(bool, Vec<String>)>, args: Vec<Expr> },
-        Binary { op: String, lhs: Box<Expr>, rhs: Box<Expr>, on: Option<(bool, Vec<String>)>, group: Option<(bool, Vec<String>)> },
+        Selector {
+            name: String,
+            matchers: Vec<String>,
+        },
+        Call {
+            func: String,
+            args: Vec<Expr>,
+        },
+        Agg {
+            op: String,
+            by: Option<(bool, Vec<String>)>,
+            args: Vec<Expr>,
+        },
+        Binary {
+            op: String,
+            lhs: Box<Expr>,
+            rhs: Box<Expr>,
+            on: Option<(bool, Vec<String>)>,
+            group: Option<(bool, Vec<String>)>,
+        },
     }
 
     const AGGREGATIONS: &[&str] = &[
-        "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile",
-        "limitk", "limit_ratio",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
     ];
 
     struct Parser {
@@ -1419,7 +1468,10 @@ mod promql {
                 }
                 Tok::LBrace => bail!("a selector without a metric name"),
                 Tok::Ident(w) if w == "Inf" || w == "NaN" || w == "inf" || w == "nan" => Ok(Expr::Scalar),
-                Tok::Ident(w) if AGGREGATIONS.contains(&w.as_str()) && matches!(self.peek(), Some(Tok::LParen) | Some(Tok::Ident(_))) => {
+                Tok::Ident(w)
+                    if AGGREGATIONS.contains(&w.as_str())
+                        && matches!(self.peek(), Some(Tok::LParen) | Some(Tok::Ident(_))) =>
+                {
                     let mut by = None;
                     if self.ident_is("by") || self.ident_is("without") {
                         let is_by = self.ident_is("by");
@@ -1525,10 +1577,18 @@ mod promql {
                         }
                         Some((false, labels)) => {
                             self.use_labels(vector, labels, &inner, &format!("{op} without"));
-                            if keeps_all { Some(inner) } else { Some(inner.difference(&labels.iter().cloned().collect()).cloned().collect()) }
+                            if keeps_all {
+                                Some(inner)
+                            } else {
+                                Some(inner.difference(&labels.iter().cloned().collect()).cloned().collect())
+                            }
                         }
                         None => {
-                            if keeps_all { Some(inner) } else { Some(BTreeSet::new()) }
+                            if keeps_all {
+                                Some(inner)
+                            } else {
+                                Some(BTreeSet::new())
+                            }
                         }
                     }
                 }

@@ -84,7 +84,10 @@ pub fn run() -> Result<()> {
     let _ = std::fs::remove_dir_all(PINS);
 
     let endpoints = dir.join("endpoints.json");
-    let out = Command::new(&agent_bin).args(["scenario", "--print-endpoints"]).output().context("running verdict-agent scenario")?;
+    let out = Command::new(&agent_bin)
+        .args(["scenario", "--print-endpoints"])
+        .output()
+        .context("running verdict-agent scenario")?;
     ensure!(out.status.success(), "verdict-agent scenario --print-endpoints failed");
     std::fs::write(&endpoints, &out.stdout)?;
 
@@ -103,7 +106,9 @@ pub fn run() -> Result<()> {
     wait_for("the agent's /readyz", Duration::from_secs(30), || Ok(get(AGENT, "/readyz").is_ok()))?;
     tools::run(Command::new(&agent_bin).args(["scenario", "--via", "replay", "--pin-dir", PINS]))?;
     wait_for("the lockout risk in /metrics", Duration::from_secs(30), || {
-        Ok(get(AGENT, "/metrics")?.lines().any(|l| l.starts_with("verdict_agent_host_lockout_risk{") && l.ends_with(" 1")))
+        Ok(get(AGENT, "/metrics")?
+            .lines()
+            .any(|l| l.starts_with("verdict_agent_host_lockout_risk{") && l.ends_with(" 1")))
     })?;
 
     check_metrics_against_scrape(&get(AGENT, "/metrics")?)?;
@@ -141,7 +146,11 @@ fn check_metrics_against_scrape(scrape: &str) -> Result<()> {
             }
         }
     }
-    ensure!(missing.is_empty(), "the alerts or the dashboard use what the agent does not export:\n  {}", missing.join("\n  "));
+    ensure!(
+        missing.is_empty(),
+        "the alerts or the dashboard use what the agent does not export:\n  {}",
+        missing.join("\n  ")
+    );
     println!("  {} metrics used by alerts and dashboard, all in the live scrape", used.len());
     Ok(())
 }
@@ -161,8 +170,8 @@ fn prometheus_sees_the_lockout(dir: &std::path::Path) -> Result<()> {
             .context("starting prometheus (Debian package `prometheus`)")?,
     );
     wait_for("Prometheus to scrape the agent (up == 1)", Duration::from_secs(60), || {
-        Ok(get(PROMETHEUS, "/api/v1/query?query=up%7Bjob%3D%22verdict-agent%22%7D")?.contains("\"value\":[") &&
-            get(PROMETHEUS, "/api/v1/query?query=up%7Bjob%3D%22verdict-agent%22%7D")?.contains("\"1\"]"))
+        Ok(get(PROMETHEUS, "/api/v1/query?query=up%7Bjob%3D%22verdict-agent%22%7D")?.contains("\"value\":[")
+            && get(PROMETHEUS, "/api/v1/query?query=up%7Bjob%3D%22verdict-agent%22%7D")?.contains("\"1\"]"))
     })?;
     wait_for("VerdictAgentHostLockoutRisk to go pending or firing", Duration::from_secs(60), || {
         let alerts = get(PROMETHEUS, "/api/v1/alerts")?;

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -65,8 +66,9 @@ impl Kernel {
             return Ok(Vec::new());
         }
         let dep_path = self.modules_dir.join("modules.dep");
-        let dep_text = fs::read_to_string(&dep_path)
-            .with_context(|| format!("cannot read {} (delete {} to unpack again)", dep_path.display(), self.modules_dir.display()))?;
+        let dep_text = fs::read_to_string(&dep_path).with_context(|| {
+            format!("cannot read {} (delete {} to unpack again)", dep_path.display(), self.modules_dir.display())
+        })?;
         let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
         for line in dep_text.lines() {
             let Some((path, rest)) = line.split_once(':') else { continue };
@@ -108,9 +110,9 @@ impl Kernel {
         if !seen.insert(key.to_string()) {
             return Ok(());
         }
-        let (path, needs) = deps
-            .get(key)
-            .with_context(|| format!("modules.dep of kernel {} names `{key}` as a dependency but has no entry for it", self.version))?;
+        let (path, needs) = deps.get(key).with_context(|| {
+            format!("modules.dep of kernel {} names `{key}` as a dependency but has no entry for it", self.version)
+        })?;
         // modules.dep lists the deepest dependency last; load those first.
         for dep in needs.iter().rev() {
             self.visit_module(dep, deps, seen, order)?;
@@ -142,7 +144,7 @@ impl ModuleFile {
         match tool {
             None => fs::read(path).with_context(|| format!("cannot read module {}", path.display())),
             Some((bin, package)) => {
-                tools::ensure_apt(&[package])?;
+                ensure_decompressor(package)?;
                 let out = Command::new(bin)
                     .arg("-dc")
                     .arg(path)
@@ -156,6 +158,17 @@ impl ModuleFile {
             }
         }
     }
+}
+
+/// Checked once per process: a VM run decompresses a module per file.
+fn ensure_decompressor(package: &'static str) -> Result<()> {
+    static CHECKED: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if !checked.contains(package) {
+        tools::ensure_apt(&[package])?;
+        checked.insert(package);
+    }
+    Ok(())
 }
 
 fn strip_compression(path: &str) -> &str {
@@ -265,7 +278,8 @@ impl Resolved {
     fn save(&self, dir: &Path) -> Result<()> {
         let path = Self::path(dir);
         let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_string_pretty(self)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::write(&tmp, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
     }
 
@@ -285,12 +299,11 @@ impl PrivateApt {
         tools::ensure_apt(&["debian-archive-keyring"])?;
         let root = kernels_dir.join("apt");
         for sub in ["lists/partial", "cache/archives/partial"] {
-            fs::create_dir_all(root.join(sub)).with_context(|| format!("cannot create {}", root.join(sub).display()))?;
+            fs::create_dir_all(root.join(sub))
+                .with_context(|| format!("cannot create {}", root.join(sub).display()))?;
         }
-        let sources: String = SERIES
-            .iter()
-            .map(|(_, suite)| format!("deb [signed-by={KEYRING}] {MIRROR} {suite} main\n"))
-            .collect();
+        let sources: String =
+            SERIES.iter().map(|(_, suite)| format!("deb [signed-by={KEYRING}] {MIRROR} {suite} main\n")).collect();
         write_if_changed(&root.join("sources.list"), &sources)?;
         // The machine's apt.conf.d has update/dpkg hooks that delete
         // /var/cache/apt/archives/*.deb; running them from here could pull
@@ -323,7 +336,10 @@ impl PrivateApt {
     }
 
     fn update(&self) -> Result<()> {
-        println!("kernels: apt-get update (private lists for {})", SERIES.iter().map(|(_, s)| *s).collect::<Vec<_>>().join(", "));
+        println!(
+            "kernels: apt-get update (private lists for {})",
+            SERIES.iter().map(|(_, s)| *s).collect::<Vec<_>>().join(", ")
+        );
         output(self.command("apt-get").args(["-q", "update"]))
             .map(drop)
             .context("apt-get update of the private kernel sources failed (network to deb.debian.org?)")
@@ -339,7 +355,11 @@ impl PrivateApt {
     /// taken only from that series' own suite (bullseye also carries 6.1
     /// backports, which are not the kernel we mean by "6.1").
     fn resolve(&self) -> Result<Resolved> {
-        let names = output(self.command("apt-cache").args(["search", "--names-only", "^linux-image-.*-cloud-amd64-unsigned$"]))?;
+        let names = output(self.command("apt-cache").args([
+            "search",
+            "--names-only",
+            "^linux-image-.*-cloud-amd64-unsigned$",
+        ]))?;
         let names: Vec<&str> = names.lines().filter_map(|l| l.split_whitespace().next()).collect();
         if names.is_empty() {
             bail!("apt-cache found no linux-image-*-cloud-amd64-unsigned packages in the private lists");
@@ -392,7 +412,9 @@ impl PrivateApt {
             self.update()?;
             result = attempt(self);
         }
-        result.with_context(|| format!("cannot download {spec}; run `cargo xtask vm --refresh-kernels` if the archive dropped it"))?;
+        result.with_context(|| {
+            format!("cannot download {spec}; run `cargo xtask vm --refresh-kernels` if the archive dropped it")
+        })?;
         let file = fs::read_dir(&partial)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
@@ -423,18 +445,15 @@ fn deb_for(debs: &Path, pkg: &Package) -> Option<PathBuf> {
     // apt-get download escapes ':' (epochs) as %3a; kernels have no epoch,
     // but match on the prefix to stay independent of that.
     let prefix = format!("{}_{}_", pkg.name, pkg.version.replace(':', "%3a"));
-    fs::read_dir(debs)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)) && p.extension().is_some_and(|e| e == "deb"))
+    fs::read_dir(debs).ok()?.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+        p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            && p.extension().is_some_and(|e| e == "deb")
+    })
 }
 
 fn find_modules_dir(root: &Path, uname: &str) -> Option<PathBuf> {
     // bullseye/bookworm ship /lib/modules, trixie (merged /usr) /usr/lib/modules.
-    ["lib/modules", "usr/lib/modules"]
-        .iter()
-        .map(|d| root.join(d).join(uname))
-        .find(|p| p.is_dir())
+    ["lib/modules", "usr/lib/modules"].iter().map(|d| root.join(d).join(uname)).find(|p| p.is_dir())
 }
 
 fn ensure_unpacked(apt: &PrivateApt, dir: &Path, series: &'static str, pkg: &Package) -> Result<Kernel> {
@@ -452,8 +471,8 @@ fn ensure_unpacked(apt: &PrivateApt, dir: &Path, series: &'static str, pkg: &Pac
         let _ = fs::remove_dir_all(&tmp);
         run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))
             .with_context(|| format!("cannot unpack {}; delete it to download again", deb.display()))?;
-        let modules = find_modules_dir(&tmp, &uname)
-            .with_context(|| format!("{} has no lib/modules/{uname}", deb.display()))?;
+        let modules =
+            find_modules_dir(&tmp, &uname).with_context(|| format!("{} has no lib/modules/{uname}", deb.display()))?;
         // Debian generates modules.dep in postinst, so the package has none.
         // The host's depmod only looks in <base>/lib/modules.
         if !tmp.join("lib").exists() {

@@ -45,11 +45,15 @@ fn build() -> anyhow::Result<()> {
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    tools::run(
-        std::process::Command::new(cargo)
-            .current_dir(tools::workspace_root())
-            .args(["build", "--release", "-p", "verdict-agent", "-p", "verdict-agent-tests", "--bins"]),
-    )?;
+    tools::run(std::process::Command::new(cargo).current_dir(tools::workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "verdict-agent",
+        "-p",
+        "verdict-agent-tests",
+        "--bins",
+    ]))?;
     println!("built {}", tools::target_dir().join("release").join("verdict-agent").display());
     Ok(())
 }

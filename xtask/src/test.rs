@@ -56,6 +56,7 @@ pub fn run(args: TestArgs) -> Result<()> {
     };
 
     step("build", &mut build);
+    step("lint (rustfmt, clippy -D warnings)", &mut lint);
     step("host tests", &mut host_tests);
     let kernels = kernels::ensure_kernels();
     match kernels {
@@ -84,10 +85,7 @@ pub fn run(args: TestArgs) -> Result<()> {
 }
 
 fn setup() -> Result<()> {
-    ensure!(
-        unsafe { libc_geteuid() } == 0,
-        "the suite loads BPF programs and boots VMs: run it as root"
-    );
+    ensure!(unsafe { libc_geteuid() } == 0, "the suite loads BPF programs and boots VMs: run it as root");
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
     tools::ensure_apt(tools::HOST_PACKAGES)?;
@@ -115,19 +113,79 @@ fn cargo() -> Command {
     c
 }
 
+/// The eBPF crate builds for the BPF target only; the object's build runs
+/// it through bpf-linker and the verifier tests load it.
+fn lint() -> Result<()> {
+    tools::ensure_lint_tools()?;
+    tools::run(cargo().args(["fmt", "--all", "--check"]))?;
+    tools::run(cargo().args([
+        "clippy",
+        "-p",
+        "verdict-agent",
+        "-p",
+        "verdict-agent-tests",
+        "-p",
+        "verdict-common",
+        "-p",
+        "xtask",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
 fn build() -> Result<()> {
     tools::run(cargo().args(["build", "-p", "verdict-agent", "-p", "verdict-agent-tests", "--bins"]))
 }
 
+/// `verdict-bench --quick` on the debug build, soak aside (the host tests
+/// run its 20-second form): every part runs and reports every key, and the
+/// agent lost no verdict at any rate. No figure is asserted.
 fn bench_smoke() -> Result<()> {
-    let bin = target_dir().join("debug").join("kernel-cost");
-    let out = Command::new(&bin).arg("--quick").output().with_context(|| format!("running {}", bin.display()))?;
-    ensure!(out.status.success(), "kernel-cost --quick failed: {}", String::from_utf8_lossy(&out.stderr));
+    let debug = target_dir().join("debug");
+    let summary = target_dir().join("bench").join("smoke.json");
+    let _ = std::fs::remove_file(&summary);
+    let out = Command::new(debug.join("verdict-bench"))
+        .args(["--quick", "kernel", "loss-race", "cpu", "scale", "--json"])
+        .arg(&summary)
+        .env("VERDICT_AGENT_BIN", debug.join("verdict-agent"))
+        .output()
+        .context("running verdict-bench --quick")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))?;
-    for key in ["empty_program_ns", "hot_flow_ns_per_verdict", "new_flow_ns_per_verdict", "new_flow_at_capacity_ns_per_verdict"] {
-        ensure!(json["kernel"][key].is_number(), "summary lacks kernel.{key}: {json}");
+    println!("{stdout}");
+    ensure!(out.status.success(), "verdict-bench --quick failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)
+        .with_context(|| format!("{} is not JSON", summary.display()))?;
+    let number = |path: &str| -> Result<f64> {
+        path.split('.')
+            .try_fold(&json, |v, k| v.get(k))
+            .and_then(|v| v.as_f64())
+            .with_context(|| format!("summary lacks the number {path}"))
+    };
+    for key in [
+        "kernel.hot_flow_ns_per_verdict",
+        "kernel.new_flow_ns_per_verdict",
+        "kernel.new_flow_at_capacity_ns_per_verdict",
+        "agent_max_loss_free_rate_per_s",
+        "baseline_max_loss_free_rate_per_s",
+        "agent_cpu.10k.cpu_s_per_s",
+        "agent_cpu.100k.cpu_s_per_s",
+        "agent_cpu.1M.cpu_s_per_s",
+        "scrape_100k_flows.metrics_p99_ms",
+        "scrape_100k_flows.flows_api_p99_ms",
+        "scrape_100k_flows.metrics_body_bytes",
+        "rss_mib",
+    ] {
+        number(key)?;
     }
+    let steps = json["loss_race"].as_array().context("summary lacks loss_race[]")?;
+    ensure!(!steps.is_empty(), "loss_race[] is empty");
+    for s in steps {
+        ensure!(s["baseline_lost"].is_number(), "loss_race[] row lacks baseline_lost: {s}");
+        ensure!(s["agent_lost"].as_i64() == Some(0), "the agent lost verdicts in the loss race: {s}");
+    }
+    ensure!(json["agent_lost_nothing_at_any_rate"] == true, "the agent lost verdicts: see the table above");
     Ok(())
 }
 

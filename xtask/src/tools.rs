@@ -9,14 +9,7 @@ use std::sync::Once;
 use anyhow::{Context, Result, bail};
 
 /// The packages `cargo xtask setup` installs on the host.
-pub const HOST_PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "busybox-static",
-    "cpio",
-    "bpftool",
-    "iproute2",
-    "prometheus",
-];
+pub const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "bpftool", "iproute2", "prometheus"];
 
 /// Install everything the project's build, tests and VMs need.
 pub fn setup_all() -> Result<()> {
@@ -50,9 +43,7 @@ pub fn target_dir() -> PathBuf {
 /// Run a command, failing with its stderr (and what it was) if it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = show(cmd);
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start `{shown}` (is it installed?)"))?;
+    let status = cmd.status().with_context(|| format!("cannot start `{shown}` (is it installed?)"))?;
     if !status.success() {
         bail!("`{shown}` failed with {status}");
     }
@@ -62,16 +53,10 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Run a command and return its stdout; stderr is included in the error.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let shown = show(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot start `{shown}` (is it installed?)"))?;
+    let out =
+        cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start `{shown}` (is it installed?)"))?;
     if !out.status.success() {
-        bail!(
-            "`{shown}` failed with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{shown}` failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     String::from_utf8(out.stdout).with_context(|| format!("`{shown}` printed non-UTF-8 output"))
 }
@@ -144,6 +129,27 @@ pub fn ensure_rust_src() -> Result<()> {
     Ok(())
 }
 
+/// rustfmt and clippy, for the lint step: in rustup's default profile,
+/// but a minimal toolchain lacks them.
+pub fn ensure_lint_tools() -> Result<()> {
+    for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        let present = Command::new("cargo")
+            .args([tool, "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if present {
+            println!("{component}: already installed");
+            continue;
+        }
+        run(Command::new("rustup").args(["component", "add", component]))
+            .with_context(|| format!("installing {component} failed; run `rustup component add {component}`"))?;
+        println!("{component}: installed");
+    }
+    Ok(())
+}
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn bpf_linker_runs(binary: &Path) -> bool {
@@ -213,10 +219,7 @@ pub fn ensure_bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(lib, &link)
             .with_context(|| format!("cannot link {} -> {}", link.display(), lib.display()))?;
     }
-    println!(
-        "bpf-linker: building {BPF_LINKER_VERSION} against {} (takes about 2 minutes)",
-        lib.display()
-    );
+    println!("bpf-linker: building {BPF_LINKER_VERSION} against {} (takes about 2 minutes)", lib.display());
     run(Command::new("cargo")
         .env("LLVM_PREFIX", &prefix)
         .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])

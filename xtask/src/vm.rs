@@ -285,15 +285,13 @@ fn boot(kernel: &Kernel, payload: &VmPayload, initrd: &Path, log_path: &Path, ec
     let exit_code = console
         .lines()
         .filter_map(|l| l.split_once(EXIT_MARKER).map(|(_, rc)| rc.trim()))
-        .last()
+        .next_back()
         .map(|rc| rc.parse::<i32>().with_context(|| format!("bad exit marker `{EXIT_MARKER}{rc}`: {where_}")))
         .transpose()?;
     let Some(exit_code) = exit_code else {
         if console.contains("Kernel panic") {
-            return Err(anyhow::Error::new(KernelPanicked).context(format!(
-                "the kernel panicked: {where_}; last console lines:\n{}",
-                tail(&console, 30)
-            )));
+            return Err(anyhow::Error::new(KernelPanicked)
+                .context(format!("the kernel panicked: {where_}; last console lines:\n{}", tail(&console, 30))));
         }
         let why = if let Some(status) = status.filter(|s| !s.success()) {
             format!("QEMU exited with {status}: {}", qemu_stderr.trim())
@@ -385,10 +383,12 @@ fn build_initramfs(kernel: &Kernel, payload: &VmPayload, out: &Path) -> Result<(
     }
 
     entries.insert("init".into(), Entry::Data { bytes: init_script(&insmods).into_bytes(), mode: 0o755 });
-    entries.insert("verdict/command.sh".into(), Entry::Data { bytes: payload.command.clone().into_bytes(), mode: 0o755 });
+    entries
+        .insert("verdict/command.sh".into(), Entry::Data { bytes: payload.command.clone().into_bytes(), mode: 0o755 });
 
     let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut cpio = CpioWriter { out: BufWriter::with_capacity(1 << 20, file), next_ino: 1, written_dirs: BTreeSet::new() };
+    let mut cpio =
+        CpioWriter { out: BufWriter::with_capacity(1 << 20, file), next_ino: 1, written_dirs: BTreeSet::new() };
     for (path, entry) in &entries {
         cpio.write(path, entry).with_context(|| format!("cannot add /{path} to {}", out.display()))?;
     }
@@ -437,11 +437,7 @@ fn guest_path(path: &str) -> Result<String> {
 }
 
 fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_string_lossy()
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_string_lossy().split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
 }
 
 fn is_elf(path: &Path) -> bool {

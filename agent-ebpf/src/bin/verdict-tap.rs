@@ -26,7 +26,10 @@ use verdict_agent_ebpf::{
     maps::{BENCH_EMITTED, BENCH_EVENTS, TAP_CONFIG},
     packet::copy_packet,
 };
-use verdict_common::maps::{MAX_NOTIFICATION_SIZE, Stat};
+use verdict_common::{
+    cilium::capture_hdr::LEN_CAP,
+    maps::{MAX_NOTIFICATION_SIZE, Stat},
+};
 
 /// Argument positions of `bpf_skb_event_output`.
 const ARG_MAP: usize = 1;
@@ -100,26 +103,42 @@ pub fn bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// Cilium's default `--trace-payloadlen`: at most this many packet bytes
+/// follow a notification in its perf record (`len_cap`).
+const TRACE_PAYLOAD_LEN: usize = 128;
+
+/// A perf record the size Cilium's would be: the notification, then
+/// `len_cap` bytes of (here zeroed) packet.
+#[repr(C)]
+struct BenchRecord {
+    notification: Notification,
+    packet: [u8; TRACE_PAYLOAD_LEN],
+}
+
 /// Benchmark only: one notification from packet data, accounted exactly as
 /// `replay` does AND offered to a userspace perf reader (`BENCH_EVENTS`),
 /// so one test run is one verdict both counted in the kernel and delivered
-/// to (or lost by) a Hubble-style consumer. `BENCH_EMITTED` counts the
+/// to (or lost by) a Hubble-style consumer. The record carries `len_cap`
+/// packet bytes after the notification, as Cilium's do, so the ring holds
+/// as many records as `cilium_events` would. `BENCH_EMITTED` counts the
 /// offers and their outcome independently of both.
 #[classifier]
 pub fn bench_replay_and_emit(ctx: TcContext) -> i32 {
-    let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
-    let n = copy_packet(&ctx, &mut buf);
-    account(&buf, ctx.len() as usize);
+    let mut record = BenchRecord { notification: [0; MAX_NOTIFICATION_SIZE], packet: [0; TRACE_PAYLOAD_LEN] };
+    let n = copy_packet(&ctx, &mut record.notification);
+    account(&record.notification, ctx.len() as usize);
     bench_bump(0);
     if n > 0 {
-        // SAFETY: `n` <= size of `buf`; BENCH_EVENTS is a perf event array of this object.
+        let cap = u16::from_ne_bytes([record.notification[LEN_CAP], record.notification[LEN_CAP + 1]]) as usize;
+        let size = n + cap.min(TRACE_PAYLOAD_LEN);
+        // SAFETY: `size` <= size of `record`; BENCH_EVENTS is a perf event array of this object.
         let rc = unsafe {
             bpf_perf_event_output(
                 ctx.as_ptr(),
                 (&BENCH_EVENTS as *const aya_ebpf::maps::PerfEventArray<u32>).cast_mut().cast(),
                 BPF_F_CURRENT_CPU,
-                buf.as_mut_ptr().cast(),
-                n as u64,
+                (&mut record as *mut BenchRecord).cast(),
+                size as u64,
             )
         };
         bench_bump(if rc == 0 { 1 } else { 2 });

@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::agent_process::AgentProcess;
 use anyhow::{Context, Result, bail};
 use aya::{
     maps::PerCpuArray,
@@ -19,7 +20,6 @@ use verdict_agent::{
     bpf::loader::{LoaderConfig, Pipeline, TapChoice},
     scenario::{Layout, PolicyVerdict},
 };
-use verdict_agent_tests::agent_process::AgentProcess;
 
 /// Where the figures come from; printed above every table.
 #[derive(Clone, Debug)]

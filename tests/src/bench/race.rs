@@ -27,12 +27,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::agent_process::AgentProcess;
 use anyhow::{Context, Result};
 use aya::maps::{
     MapData, PerfEventArray,
     perf::{PerfEvent, PerfEventArrayBuffer},
 };
-use verdict_agent_tests::agent_process::AgentProcess;
 use verdict_common::maps::FlowKey;
 
 use super::{

@@ -8,8 +8,8 @@
 
 use std::{net::SocketAddr, time::Instant};
 
+use crate::scrape::{Scrape, http_get};
 use anyhow::{Result, ensure};
-use verdict_agent_tests::scrape::{Scrape, http_get};
 
 use super::{
     Report,
@@ -26,6 +26,8 @@ struct Mode {
     flows_bytes: usize,
     series: usize,
     flows_listed: usize,
+    /// Flows the API knew of (it lists the busiest `limit`, 1000 by default).
+    flows_matched: usize,
     rss_mib: f64,
     peak_mib: f64,
     /// After the first map read and the /metrics scrapes, before any /api/v1/flows.
@@ -68,6 +70,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             flows_bytes: 0,
             series: 0,
             flows_listed: 0,
+            flows_matched: 0,
             rss_mib: 0.0,
             peak_mib: 0.0,
             rss_before_api_mib: 0.0,
@@ -83,8 +86,9 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             let (ms, body) = timed_get(agent.addr, "/api/v1/flows")?;
             m.flows_ms.push(ms);
             m.flows_bytes = body.len();
-            m.flows_listed =
-                serde_json::from_str::<serde_json::Value>(&body)?["flows"].as_array().map(Vec::len).unwrap_or(0);
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            m.flows_listed = v["flows"].as_array().map(Vec::len).unwrap_or(0);
+            m.flows_matched = v["matched"].as_u64().unwrap_or(0) as usize;
         }
         let pid = agent.child.id();
         m.rss_mib = status_mib(pid, "VmRSS")?;
@@ -99,7 +103,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         "Scale: {flows} live flows (flow table {FLOW_TABLE}), {scrapes} sequential GETs each; targets: scrape < 200 ms, RSS < 50 MiB"
     ));
     report.table(&format!(
-        "  {:<17} {:>8} {:>8} {:>10} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8} {:>9} {:>11}",
+        "  {:<17} {:>8} {:>8} {:>10} {:>8} {:>8} {:>8} {:>10} {:>13} {:>8} {:>9} {:>11}",
         "mode",
         "metr p50",
         "metr p99",
@@ -108,7 +112,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         "flow p50",
         "flow p99",
         "flow bytes",
-        "listed",
+        "listed/of",
         "RSS MiB",
         "peak MiB",
         "RSS pre-API"
@@ -118,7 +122,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         let (mp50, mp99) = (percentile(&mut m.metrics_ms, 50.0), percentile(&mut m.metrics_ms, 99.0));
         let (fp50, fp99) = (percentile(&mut m.flows_ms, 50.0), percentile(&mut m.flows_ms, 99.0));
         report.table(&format!(
-            "  {:<17} {:>8.1} {:>8.1} {:>10} {:>8} {:>8.1} {:>8.1} {:>10} {:>8} {:>8.1} {:>9.1} {:>11.1}",
+            "  {:<17} {:>8.1} {:>8.1} {:>10} {:>8} {:>8.1} {:>8.1} {:>10} {:>13} {:>8.1} {:>9.1} {:>11.1}",
             m.name,
             mp50,
             mp99,
@@ -127,7 +131,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             fp50,
             fp99,
             m.flows_bytes,
-            m.flows_listed,
+            format!("{}/{}", m.flows_listed, m.flows_matched),
             m.rss_mib,
             m.peak_mib,
             m.rss_before_api_mib
@@ -141,6 +145,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             "flows_api_p99_ms": fp99,
             "flows_api_body_bytes": m.flows_bytes,
             "flows_api_flows_listed": m.flows_listed,
+            "flows_api_flows_matched": m.flows_matched,
             "p99_ms": mp99.max(fp99),
             "rss_mib": m.rss_mib,
             "rss_peak_mib": m.peak_mib,

@@ -14,9 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::scrape::Scrape;
 use anyhow::Result;
 use verdict_agent::scenario::{Layout, PolicyVerdict};
-use verdict_agent_tests::scrape::Scrape;
 
 use super::{
     Report,
@@ -35,14 +35,14 @@ const AGENT_ARGS: &[&str] = &["--poll-interval", "200ms", "--flow-metrics", "--f
 
 fn notification(i: u32) -> Vec<u8> {
     PolicyVerdict {
-        layout: if i % 7 == 0 { Layout::V1_18 } else { Layout::V1_19 },
+        layout: if i.is_multiple_of(7) { Layout::V1_18 } else { Layout::V1_19 },
         endpoint: 40 + (i % 5) as u16,
         remote_identity: 2 + (i / 5) % 300,
-        verdict: if i % 4 == 0 { -133 } else { 0 },
+        verdict: if i.is_multiple_of(4) { -133 } else { 0 },
         dst_port: 1 + (i % 4096) as u16,
-        proto: if i % 3 == 0 { 17 } else { 6 },
+        proto: if i.is_multiple_of(3) { 17 } else { 6 },
         dir: 1 + (i % 2) as u8,
-        ipv6: i % 11 == 0,
+        ipv6: i.is_multiple_of(11),
         match_type: (i % 4) as u8,
         audited: i % 4 == 1,
         packet_len: 60 + i % 1400,
@@ -62,6 +62,13 @@ fn family(series: &str) -> &str {
 }
 
 impl HighWater {
+    /// Checks `scrape` against every earlier one: no `_total` series may
+    /// come back lower, even after being absent for a scrape. Only per-flow
+    /// series may disappear within one process (their membership is decided
+    /// per process); across a restart, series the new process has not
+    /// computed yet (readiness is evaluated after the first map read) may
+    /// be absent for a scrape, which Prometheus treats as staleness, not a
+    /// reset.
     fn check(&mut self, scrape: &Scrape, previous: &Scrape, when: &str, across_restart: bool) {
         if across_restart {
             self.high.retain(|k, _| {

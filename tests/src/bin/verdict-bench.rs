@@ -15,10 +15,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context, Result, bail};
 
-#[path = "../bench/mod.rs"]
-mod bench;
-
-use bench::{Report, common::Machine};
+use verdict_agent_tests::bench::{self, Report, common::Machine};
 
 const PARTS: &[&str] = &["kernel", "loss-race", "cpu", "scale", "soak"];
 
