@@ -162,6 +162,11 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         }
         json.insert(m.name.into(), figures);
     }
+    report.table(
+        "  series by default: per endpoint (x direction x verdict) and per endpoint x match x protocol, not per flow, so \
+         the flow count does not move them; per-flow series are opt-in (--flow-metrics) and capped (--flow-metrics-limit, \
+         2000), the rest summed into remote=\"overflow\"; /api/v1/flows lists the busiest 1000 (limit= up to 10000)",
+    );
     json.insert("live_flows".into(), serde_json::json!(flows));
     json.insert("flows_created_in_kernel".into(), serde_json::json!(created));
     json.insert("flow_table_size".into(), serde_json::json!(FLOW_TABLE));
