@@ -42,8 +42,11 @@ use super::{
     },
 };
 
-/// Cilium's default perf ring size per CPU (`--monitor-queue-size` aside,
-/// `bpf.events` rings are 64 pages: `pkg/monitor/agent` `perfBufferPages`).
+/// Cilium's perf ring size per CPU: `defaults.MonitorBufferPages = 64`
+/// (`pkg/defaults/defaults.go`), passed to `AttachToEventsMap` by the
+/// monitor agent (`pkg/monitor/agent`), a constant, not a flag. Its
+/// reader (cilium/ebpf `perf.NewReader`) wakes on the first byte written,
+/// i.e. per record, as aya's does.
 const PAGES_PER_CPU: usize = 64;
 const FLOW_TABLE: u32 = 16_384;
 const COUNTED: &str = "verdict_agent_events_total";
