@@ -63,16 +63,46 @@ fn sort_entries(v: &mut [FlowEntry]) {
     });
 }
 
-fn gate(
-    name: &str,
+/// A gate before its outcome: what it checks, for which direction, and the
+/// `no_evidence` reason it stands for. Gates block by default: a failed or
+/// unknown one keeps the state at `no_evidence`; `advisory` ones only inform.
+#[derive(Clone, Copy)]
+struct GateCheck {
+    name: &'static str,
     direction: Option<Direction>,
-    status: GateStatus,
-    blocking: bool,
     cause: Option<Reason>,
-    source: Option<FactSource>,
-    detail: String,
-) -> Gate {
-    Gate { name: name.into(), direction, status, blocking, cause, source, detail }
+    blocking: bool,
+}
+
+impl GateCheck {
+    fn new(name: &'static str, direction: Option<Direction>) -> GateCheck {
+        GateCheck { name, direction, cause: None, blocking: true }
+    }
+
+    fn because(self, cause: Reason) -> GateCheck {
+        GateCheck { cause: Some(cause), ..self }
+    }
+
+    fn advisory(self) -> GateCheck {
+        GateCheck { blocking: false, ..self }
+    }
+
+    fn passed(self, source: Option<FactSource>, detail: impl Into<String>) -> Gate {
+        self.outcome(GateStatus::Passed, source, detail.into())
+    }
+
+    fn failed(self, source: Option<FactSource>, detail: impl Into<String>) -> Gate {
+        self.outcome(GateStatus::Failed, source, detail.into())
+    }
+
+    fn unknown(self, source: Option<FactSource>, detail: impl Into<String>) -> Gate {
+        self.outcome(GateStatus::Unknown, source, detail.into())
+    }
+
+    fn outcome(self, status: GateStatus, source: Option<FactSource>, detail: String) -> Gate {
+        let GateCheck { name, direction, cause, blocking } = self;
+        Gate { name: name.into(), direction, status, blocking, cause, source, detail }
+    }
 }
 
 /// The direction policy facts: from the directory, else inferred from the
@@ -156,89 +186,41 @@ pub fn combine(directions: &[DirectionReadiness]) -> (ReadinessState, Reason) {
 pub(super) fn node_gates(ctx: &Ctx<'_>, endpoint_has_verdicts: bool) -> Vec<Gate> {
     let env = ctx.input.environment;
     let mut gates = Vec::new();
+    let notifications = GateCheck::new("verdict_notifications", None).because(Reason::VerdictNotificationsOff);
     gates.push(match env.verdict_notifications {
-        Some(true) => gate(
-            "verdict_notifications",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::VerdictNotificationsOff),
-            Some(FactSource::CiliumApi),
-            "policy verdict notifications are on".into(),
-        ),
-        Some(false) => gate(
-            "verdict_notifications",
-            None,
-            GateStatus::Failed,
-            true,
-            Some(Reason::VerdictNotificationsOff),
+        Some(true) => notifications.passed(Some(FactSource::CiliumApi), "policy verdict notifications are on"),
+        Some(false) => notifications.failed(
             Some(FactSource::CiliumApi),
             "policy verdict notifications are off (--bpf-events-policy-verdict-enabled=false or the endpoint's \
-             PolicyVerdictNotification option): audited flows are invisible; turn them on and wait for evidence"
-                .into(),
+             PolicyVerdictNotification option): audited flows are invisible; turn them on and wait for evidence",
         ),
-        None if endpoint_has_verdicts => gate(
-            "verdict_notifications",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::VerdictNotificationsOff),
-            Some(FactSource::Inferred),
-            "inferred on: this endpoint's policy verdicts are arriving".into(),
-        ),
-        None => gate(
-            "verdict_notifications",
-            None,
-            GateStatus::Unknown,
-            false,
-            Some(Reason::VerdictNotificationsOff),
+        None if endpoint_has_verdicts => notifications
+            .passed(Some(FactSource::Inferred), "inferred on: this endpoint's policy verdicts are arriving"),
+        None => notifications.advisory().unknown(
             None,
             if ctx.any_policy_verdicts {
                 "unknown for this endpoint: other endpoints' verdicts arrive, so the agent flag is on, but the \
-                 endpoint option PolicyVerdictNotification could not be read"
-                    .into()
+                     endpoint option PolicyVerdictNotification could not be read"
             } else {
                 "unknown: no policy verdict from any endpoint of this node yet, and the setting could not be read"
-                    .into()
             },
         ),
     });
+    let rate_limit = GateCheck::new("rate_limit", None).because(Reason::RateLimited);
     gates.push(match env.rate_limit {
-        None => gate(
-            "rate_limit",
+        None => rate_limit.advisory().unknown(
             None,
-            GateStatus::Unknown,
-            false,
-            Some(Reason::RateLimited),
-            None,
-            "could not read Cilium's events rate limit; its default (v1.17+: --bpf-events-default-rate-limit=0) is off"
-                .into(),
+            "could not read Cilium's events rate limit; its default (v1.17+: --bpf-events-default-rate-limit=0) is off",
         ),
-        Some(rl) if !rl.configured => gate(
-            "rate_limit",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::RateLimited),
-            Some(FactSource::CiliumApi),
-            "Cilium's events rate limit is off".into(),
-        ),
+        Some(rl) if !rl.configured => {
+            rate_limit.passed(Some(FactSource::CiliumApi), "Cilium's events rate limit is off")
+        }
         Some(rl) => match rl.dropped {
-            Some(0) => gate(
-                "rate_limit",
-                None,
-                GateStatus::Passed,
-                true,
-                Some(Reason::RateLimited),
+            Some(0) => rate_limit.passed(
                 Some(FactSource::CiliumApi),
-                "Cilium's events rate limit is on and dropped nothing in the window".into(),
+                "Cilium's events rate limit is on and dropped nothing in the window",
             ),
-            Some(n) => gate(
-                "rate_limit",
-                None,
-                GateStatus::Failed,
-                true,
-                Some(Reason::RateLimited),
+            Some(n) => rate_limit.failed(
                 Some(FactSource::CiliumApi),
                 format!(
                     "Cilium's events rate limit dropped {n} notifications in the window: audited flows may be \
@@ -246,16 +228,10 @@ pub(super) fn node_gates(ctx: &Ctx<'_>, endpoint_has_verdicts: bool) -> Vec<Gate
                          for a quiet window"
                 ),
             ),
-            None => gate(
-                "rate_limit",
-                None,
-                GateStatus::Unknown,
-                true,
-                Some(Reason::RateLimited),
+            None => rate_limit.unknown(
                 Some(FactSource::CiliumApi),
                 "Cilium's events rate limit is on and the agent cannot read how many notifications it dropped \
-                 (cilium_ratelimit_metrics): audited flows may be missing"
-                    .into(),
+                 (cilium_ratelimit_metrics): audited flows may be missing",
             ),
         },
     });
@@ -352,90 +328,45 @@ fn direction_gates(
     let mut gates = Vec::new();
     let host_ingress = is_host && dir == Direction::Ingress;
     let name = if host_ingress { "host_policy_enabled_ingress" } else { "policy_enabled" };
+    let policy = GateCheck::new(name, d);
     gates.push(match fx.enabled {
-        Some(true) if fx.inferred_enabled => gate(
-            name,
-            d,
-            GateStatus::Passed,
-            true,
-            Some(Reason::NoPolicy),
+        Some(true) if fx.inferred_enabled => policy.because(Reason::NoPolicy).passed(
             Some(FactSource::Inferred),
             format!("inferred: verdicts were seen in {} (Cilium emits them only where policy applies)", dir.as_str()),
         ),
-        Some(true) => gate(
-            name,
-            d,
-            GateStatus::Passed,
-            true,
-            Some(Reason::NoPolicy),
-            fx.source,
-            format!("a policy selects the endpoint in {}", dir.as_str()),
-        ),
-        Some(false) if host_ingress => gate(
-            name,
-            d,
-            GateStatus::Failed,
-            true,
-            Some(Reason::HostNotPolicyEnabled),
+        Some(true) => policy
+            .because(Reason::NoPolicy)
+            .passed(fx.source, format!("a policy selects the endpoint in {}", dir.as_str())),
+        Some(false) if host_ingress => policy.because(Reason::HostNotPolicyEnabled).failed(
             fx.source,
             "the host endpoint is not policy-enabled for ingress: no host policy applies to it, so it emits no \
              verdicts; apply a CiliumClusterwideNetworkPolicy with a nodeSelector matching this node (in audit \
-             mode) and gather evidence"
-                .into(),
+             mode) and gather evidence",
         ),
-        Some(false) => gate(
-            name,
-            d,
-            GateStatus::Passed,
-            false,
-            Some(Reason::NoPolicy),
+        Some(false) => policy.because(Reason::NoPolicy).advisory().passed(
             fx.source,
             format!("no policy selects the endpoint in {}: enforcement changes nothing there", dir.as_str()),
         ),
-        None => gate(
-            name,
-            d,
-            GateStatus::Unknown,
-            false,
-            Some(Reason::NoPolicy),
-            None,
-            format!("unknown: no enrichment source knows, and no verdict was seen in {}", dir.as_str()),
-        ),
+        None => policy
+            .because(Reason::NoPolicy)
+            .advisory()
+            .unknown(None, format!("unknown: no enrichment source knows, and no verdict was seen in {}", dir.as_str())),
     });
+    let audit = GateCheck::new("audit_mode", d).advisory();
     gates.push(match fx.audit {
-        Some(true) => gate("audit_mode", d, GateStatus::Passed, false, None, fx.source, "PolicyAuditMode is on".into()),
-        Some(false) => gate(
-            "audit_mode",
-            d,
-            GateStatus::Passed,
-            false,
-            None,
-            fx.source,
-            "PolicyAuditMode is off: enforcement is on, denials are real".into(),
-        ),
-        None => gate(
-            "audit_mode",
-            d,
-            GateStatus::Unknown,
-            false,
-            None,
-            None,
-            "unknown: no source knows and no verdict tells".into(),
-        ),
+        Some(true) => audit.passed(fx.source, "PolicyAuditMode is on"),
+        Some(false) => audit.passed(fx.source, "PolicyAuditMode is off: enforcement is on, denials are real"),
+        None => audit.unknown(None, "unknown: no source knows and no verdict tells"),
     });
     if fx.enabled == Some(false) && !host_ingress {
         return gates;
     }
+    let observation = GateCheck::new("observation_period", d).because(Reason::WindowTooShort);
     let short = match observed_since {
         Some(since) => {
             let watched = ctx.input.now.duration_since(since).unwrap_or_default();
             if watched >= ctx.config.min_evidence {
-                gates.push(gate(
-                    "observation_period",
-                    d,
-                    GateStatus::Passed,
-                    true,
-                    Some(Reason::WindowTooShort),
+                gates.push(observation.passed(
                     None,
                     format!(
                         "observed for {} (at least {} required)",
@@ -446,12 +377,7 @@ fn direction_gates(
                 false
             } else {
                 let ready_at = since + ctx.config.min_evidence;
-                gates.push(gate(
-                    "observation_period",
-                    d,
-                    GateStatus::Failed,
-                    true,
-                    Some(Reason::WindowTooShort),
+                gates.push(observation.failed(
                     None,
                     format!(
                         "observed for {} of the {} required: rare flows (nightly jobs, failovers) may not have \
@@ -465,16 +391,10 @@ fn direction_gates(
             }
         }
         None => {
-            gates.push(gate(
-                "observation_period",
-                d,
-                GateStatus::Unknown,
-                true,
-                Some(Reason::WindowTooShort),
+            gates.push(observation.unknown(
                 None,
                 "the agent does not know since when this endpoint has been watched (for a capture: pass \
-                 --capture-duration)"
-                    .into(),
+                 --capture-duration)",
             ));
             true
         }
@@ -486,12 +406,7 @@ fn direction_gates(
         count(|v| v == Verdict::Denied),
     );
     if a + w + x > 0 {
-        gates.push(gate(
-            "verdicts_seen",
-            d,
-            GateStatus::Passed,
-            true,
-            Some(Reason::NoTraffic),
+        gates.push(GateCheck::new("verdicts_seen", d).because(Reason::NoTraffic).passed(
             None,
             format!(
                 "{a} allowed, {w} audited, {x} denied flows in the last {}",
@@ -500,12 +415,7 @@ fn direction_gates(
         ));
     } else {
         let (cause, why) = diagnose_silence(ctx, is_host, fx, short);
-        gates.push(gate(
-            "verdicts_seen",
-            d,
-            GateStatus::Failed,
-            true,
-            Some(cause),
+        gates.push(GateCheck::new("verdicts_seen", d).because(cause).failed(
             None,
             format!("no verdict in {} in the last {}: {why}", dir.as_str(), format_duration(ctx.config.min_evidence)),
         ));
@@ -547,91 +457,50 @@ fn diagnose_silence(ctx: &Ctx<'_>, is_host: bool, fx: &Facts, short_observation:
 fn host_endpoint_gates(ctx: &Ctx<'_>, flows: &[(usize, &FlowRecord)]) -> Vec<Gate> {
     let mut gates = Vec::new();
     let host_verdicts = flows.iter().filter(|(_, f)| f.source == NotifySource::PolicyVerdict).count();
+    let selects_node = GateCheck::new("host_policy_selects_node", None).because(Reason::NoHostPolicy);
     gates.push(match ctx.input.directory.host_policy_coverage() {
-        Some(c) if !c.selecting.is_empty() => gate(
-            "host_policy_selects_node",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::NoHostPolicy),
+        Some(c) if !c.selecting.is_empty() => selects_node.passed(
             Some(c.source),
             format!("selected by {}{}", c.selecting.join(", "), no_node_callout(&c.selecting_no_node)),
         ),
-        Some(c) => gate(
-            "host_policy_selects_node",
-            None,
-            GateStatus::Failed,
-            true,
-            Some(Reason::NoHostPolicy),
+        Some(c) => selects_node.failed(
             Some(c.source),
             format!(
                 "no CiliumClusterwideNetworkPolicy with a nodeSelector selects this node{}",
                 no_node_callout(&c.selecting_no_node)
             ),
         ),
-        None if !flows.is_empty() => gate(
-            "host_policy_selects_node",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::NoHostPolicy),
+        None if !flows.is_empty() => selects_node.passed(
             Some(FactSource::Inferred),
             format!(
                 "inferred: the host endpoint emitted {} flows, which it only does under a host policy",
                 flows.len()
             ),
         ),
-        None => gate(
-            "host_policy_selects_node",
-            None,
-            GateStatus::Unknown,
-            true,
-            Some(Reason::NoHostPolicy),
+        None => selects_node.unknown(
             None,
             "unknown: no source could tell whether a host policy selects this node, and the host endpoint emitted \
-             nothing; check `kubectl get ccnp` for a nodeSelector matching this node"
-                .into(),
+             nothing; check `kubectl get ccnp` for a nodeSelector matching this node",
         ),
     });
+    let host_program = GateCheck::new("host_program_version", None).because(Reason::HostProgramPre116);
     gates.push(match ctx.input.environment.cilium_version {
-        Some(v) if v.at_least(1, 16) => gate(
-            "host_program_version",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::HostProgramPre116),
-            Some(FactSource::CiliumApi),
-            format!("Cilium {v}: the host firewall emits policy verdicts"),
-        ),
-        Some(v) => gate(
-            "host_program_version",
-            None,
-            GateStatus::Failed,
-            true,
-            Some(Reason::HostProgramPre116),
+        Some(v) if v.at_least(1, 16) => host_program
+            .passed(Some(FactSource::CiliumApi), format!("Cilium {v}: the host firewall emits policy verdicts")),
+        Some(v) => host_program.failed(
             Some(FactSource::CiliumApi),
             format!(
                 "Cilium {v}: before 1.16 the host firewall emits no policy verdicts (only drops), so audited host \
                      traffic is invisible; upgrade to 1.16 or later before trusting a host readiness"
             ),
         ),
-        None if host_verdicts > 0 => gate(
-            "host_program_version",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::HostProgramPre116),
+        None if host_verdicts > 0 => host_program.passed(
             Some(FactSource::Inferred),
-            "inferred: the host endpoint emits policy verdicts (Cilium 1.16 or later)".into(),
+            "inferred: the host endpoint emits policy verdicts (Cilium 1.16 or later)",
         ),
-        None => gate(
-            "host_program_version",
+        None => host_program.advisory().unknown(
             None,
-            GateStatus::Unknown,
-            false,
-            Some(Reason::HostProgramPre116),
-            None,
-            "unknown Cilium version and no host policy verdict seen; before 1.16 the host firewall emits none".into(),
+            "unknown Cilium version and no host policy verdict seen; before 1.16 the host firewall emits none",
         ),
     });
     gates
@@ -653,43 +522,19 @@ fn no_node_callout(names: &[String]) -> String {
 pub(super) fn host_checks(ctx: &Ctx<'_>, host_entry: Option<&EndpointReadiness>) -> HostChecks {
     let mut gates = Vec::new();
     let directory_knows_endpoints = !ctx.input.directory.endpoints().is_empty();
+    let host_endpoint = GateCheck::new("host_endpoint_exists", None).because(Reason::HostEndpointMissing);
     gates.push(match (ctx.host, ctx.host_by) {
-        (Some(id), HostIdentifiedBy::Directory) => gate(
-            "host_endpoint_exists",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::HostEndpointMissing),
-            ctx.host_source,
-            format!("host endpoint {id}"),
-        ),
-        (Some(id), _) => gate(
-            "host_endpoint_exists",
-            None,
-            GateStatus::Passed,
-            true,
-            Some(Reason::HostEndpointMissing),
+        (Some(id), HostIdentifiedBy::Directory) => host_endpoint.passed(ctx.host_source, format!("host endpoint {id}")),
+        (Some(id), _) => host_endpoint.passed(
             None,
             format!("host endpoint {id}, as given by the operator (not confirmed by an enrichment source)"),
         ),
-        (None, _) if directory_knows_endpoints => gate(
-            "host_endpoint_exists",
-            None,
-            GateStatus::Failed,
-            true,
-            Some(Reason::HostEndpointMissing),
+        (None, _) if directory_knows_endpoints => host_endpoint.failed(
             Some(FactSource::CiliumApi),
-            "no host endpoint among this node's endpoints: the host firewall is off (enable-host-firewall)".into(),
+            "no host endpoint among this node's endpoints: the host firewall is off (enable-host-firewall)",
         ),
-        (None, _) => gate(
-            "host_endpoint_exists",
-            None,
-            GateStatus::Unknown,
-            true,
-            Some(Reason::HostEndpointMissing),
-            None,
-            "unknown: no enrichment source lists endpoints; pass --host-endpoint or --endpoints".into(),
-        ),
+        (None, _) => host_endpoint
+            .unknown(None, "unknown: no enrichment source lists endpoints; pass --host-endpoint or --endpoints"),
     });
     let (policy_selected, policy_selected_source) = match host_entry {
         Some(h) => {
