@@ -27,9 +27,9 @@ use crate::{
     readiness::{
         self, CatalogueError, CriticalCatalogue, FlowKey, Observation, ReadinessConfig, ReadinessInput, SourcePorts,
         report::{FlowEntry, ReadinessReport},
-        timefmt::{format_duration, format_rfc3339, rfc3339_opt},
     },
     suggest::{self, SuggestOptions},
+    timefmt::{format_duration, format_rfc3339, rfc3339_opt},
 };
 
 /// What produced the capture.

@@ -107,7 +107,7 @@ pub struct FlowView {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct FlowsResponse {
     pub tap: String,
-    #[serde(with = "crate::readiness::timefmt::rfc3339_opt")]
+    #[serde(with = "crate::timefmt::rfc3339_opt")]
     pub read_at: Option<SystemTime>,
     /// Flows matching the filters; `flows` holds the busiest `limit` of them.
     pub matched: usize,

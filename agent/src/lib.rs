@@ -17,3 +17,4 @@ pub mod scenario;
 pub mod silence;
 pub mod state;
 pub mod suggest;
+pub mod timefmt;

@@ -122,9 +122,9 @@ pub struct FlowRecord {
     pub notifications: u64,
     /// Sum of the notified packets' original lengths.
     pub bytes: u64,
-    #[serde(with = "crate::readiness::timefmt::rfc3339")]
+    #[serde(with = "crate::timefmt::rfc3339")]
     pub first_seen: SystemTime,
-    #[serde(with = "crate::readiness::timefmt::rfc3339")]
+    #[serde(with = "crate::timefmt::rfc3339")]
     pub last_seen: SystemTime,
     /// Remote addresses, when the input carried them (captures do, the
     /// kernel notification does not).

@@ -16,8 +16,8 @@ use crate::{
     readiness::{
         evaluate::rejudge,
         report::{EndpointReadiness, GateStatus, ReadinessReport, ReadinessState, Reason, Summary},
-        timefmt::{format_duration, format_rfc3339, parse_duration},
     },
+    timefmt::{format_duration, format_rfc3339, parse_duration},
 };
 
 pub const DEFAULT_AGENT: &str = "http://127.0.0.1:9965";

@@ -42,8 +42,8 @@ use crate::{
     readiness::{
         RemoteSide,
         report::{EndpointReadiness, FlowEntry, ReadinessReport},
-        timefmt::format_rfc3339,
     },
+    timefmt::format_rfc3339,
 };
 
 /// Choices the report cannot make.

@@ -368,7 +368,7 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
                 "host lockout risk: {} is audited ({} notifications, last {}); enforcement would drop it",
                 r.describe(),
                 r.notifications,
-                super::timefmt::format_rfc3339(r.last_seen)
+                crate::timefmt::format_rfc3339(r.last_seen)
             ),
         });
     }
@@ -381,7 +381,7 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
                 "host lockout in progress: {} is denied ({} notifications, last {}{}): {}",
                 r.describe(),
                 r.notifications,
-                super::timefmt::format_rfc3339(r.last_seen),
+                crate::timefmt::format_rfc3339(r.last_seen),
                 if r.after_switch { ", right after audit mode went off" } else { "" },
                 r.why
             ),

@@ -14,11 +14,11 @@ use super::{
         DirectionReadiness, EndpointReadiness, FlowEntry, Gate, GateStatus, HostChecks, HostIdentifiedBy,
         ReadinessState, Reason,
     },
-    timefmt::{format_duration, format_rfc3339},
 };
 use crate::{
     cilium::identity,
     model::{Direction, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict, proto_name},
+    timefmt::{format_duration, format_rfc3339},
 };
 
 pub use crate::cilium::monitor::api::match_type_name;

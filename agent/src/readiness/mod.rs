@@ -16,7 +16,6 @@ pub mod metrics;
 pub mod noise;
 pub mod remote;
 pub mod report;
-pub mod timefmt;
 
 #[cfg(test)]
 pub(crate) mod testkit;

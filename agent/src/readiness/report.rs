@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::timefmt::{rfc3339, rfc3339_opt};
 use crate::model::{Direction, EndpointKind, FactSource, HostPolicyCoverage, NotifySource, Verdict};
+use crate::timefmt::{rfc3339, rfc3339_opt};
 
 /// Whether switching PolicyAuditMode off is known to be safe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
