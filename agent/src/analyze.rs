@@ -323,18 +323,11 @@ impl CaptureDirectory {
             if listed || (v.local_labels.is_empty() && v.pod.is_none()) {
                 continue;
             }
-            let host = v.local_labels.iter().any(|l| l == "reserved:host");
             dir.endpoints.insert(
                 v.endpoint_id,
                 EndpointInfo {
                     id: v.endpoint_id,
-                    kind: if host {
-                        EndpointKind::Host
-                    } else if v.pod.is_some() {
-                        EndpointKind::Pod
-                    } else {
-                        EndpointKind::Unknown
-                    },
+                    kind: EndpointKind::classify(None, v.local_labels.iter().map(String::as_str), v.pod.is_some()),
                     namespace: v.namespace.clone(),
                     pod: v.pod.clone(),
                     labels: v.local_labels.clone(),

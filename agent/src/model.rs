@@ -138,6 +138,9 @@ pub struct FlowRecord {
 pub enum EndpointKind {
     /// The node itself (identity `host`, label `reserved:host`).
     Host,
+    /// Cilium's health endpoint (identity `health`, label `reserved:health`):
+    /// answers other nodes' connectivity probes; no pod behind it.
+    Health,
     Pod,
     /// Not (yet) known to any enrichment source.
     #[default]
@@ -148,8 +151,33 @@ impl EndpointKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EndpointKind::Host => "host",
+            EndpointKind::Health => "health",
             EndpointKind::Pod => "pod",
             EndpointKind::Unknown => "unknown",
+        }
+    }
+
+    /// Classifies an endpoint from its security identity and labels (any
+    /// of the endpoint's or its identity's), as Cilium's API and captures
+    /// describe it.
+    pub fn classify<'a>(identity: Option<u32>, mut labels: impl Iterator<Item = &'a str>, has_pod: bool) -> Self {
+        let reserved = |id: u32| identity == Some(id);
+        let mut host = reserved(crate::cilium::identity::HOST);
+        let mut health = reserved(crate::cilium::identity::HEALTH);
+        if !host && !health {
+            for label in labels.by_ref() {
+                host |= label == "reserved:host";
+                health |= label == "reserved:health";
+            }
+        }
+        if host {
+            EndpointKind::Host
+        } else if health {
+            EndpointKind::Health
+        } else if has_pod {
+            EndpointKind::Pod
+        } else {
+            EndpointKind::Unknown
         }
     }
 }
@@ -264,5 +292,26 @@ impl EndpointDirectory for NoDirectory {
     }
     fn host_policy_coverage(&self) -> Option<HostPolicyCoverage> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_kind_from_identity_or_labels() {
+        let none = std::iter::empty::<&str>;
+        assert_eq!(EndpointKind::classify(Some(1), none(), false), EndpointKind::Host);
+        assert_eq!(EndpointKind::classify(Some(4), none(), false), EndpointKind::Health);
+        assert_eq!(EndpointKind::classify(None, ["reserved:health"].into_iter(), false), EndpointKind::Health);
+        // Should both reserved labels appear, the host firewall's view wins.
+        assert_eq!(
+            EndpointKind::classify(None, ["reserved:health", "reserved:host"].into_iter(), false),
+            EndpointKind::Host
+        );
+        assert_eq!(EndpointKind::classify(Some(48213), ["k8s:app=web"].into_iter(), true), EndpointKind::Pod);
+        assert_eq!(EndpointKind::classify(None, none(), false), EndpointKind::Unknown);
+        assert_eq!(EndpointKind::Health.as_str(), "health");
     }
 }

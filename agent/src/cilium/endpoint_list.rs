@@ -11,10 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::{
-    cilium::identity,
-    model::{DirectionPolicy, EndpointInfo, EndpointKind, FactSource},
-};
+use crate::model::{DirectionPolicy, EndpointInfo, EndpointKind, FactSource};
 
 /// Why an endpoint list could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -227,15 +224,11 @@ impl ApiEndpoint {
             .and_then(|i| non_empty(i.k8s_pod_name.as_deref()))
             .or_else(|| split_pod_name.map(|(_, name)| name.to_owned()));
 
-        let is_host = identity == Some(identity::HOST)
-            || labels.iter().chain(identity_labels.iter()).any(|l| l == "reserved:host");
-        let kind = if is_host {
-            EndpointKind::Host
-        } else if pod.is_some() {
-            EndpointKind::Pod
-        } else {
-            EndpointKind::Unknown
-        };
+        let kind = EndpointKind::classify(
+            identity,
+            labels.iter().chain(identity_labels.iter()).map(String::as_str),
+            pod.is_some(),
+        );
 
         let enabled = self.policy_enabled();
         // The audit bit is a property of the endpoint, not of a direction:
@@ -414,6 +407,7 @@ mod tests {
             .unwrap();
         assert_eq!(one[0].id, 5);
         assert_eq!(one[0].identity, Some(4));
+        assert_eq!(one[0].kind, EndpointKind::Health);
 
         assert!(matches!(parse_endpoint_list("[{\"status\":{}}]"), Err(EndpointListError::MissingId { index: 0 })));
         assert!(matches!(

@@ -104,7 +104,7 @@ async fn cilium_api_directory_outages_and_restart() {
     assert_eq!(web.workload, None, "no Kubernetes source, no owner");
 
     let health = e.endpoint(99).unwrap();
-    assert_eq!(health.kind, EndpointKind::Unknown);
+    assert_eq!(health.kind, EndpointKind::Health);
     assert_eq!(health.ingress, Some(DirectionPolicy { enabled: false, audit: false }));
     assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![99, 311, 1234]);
 
