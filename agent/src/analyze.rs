@@ -510,7 +510,7 @@ fn print_table(a: &Analysis, out: &mut dyn Write) -> std::io::Result<()> {
             pad(&format!("{} ({})", e.display_name(), e.endpoint_id), 36),
             pad(e.state.as_str(), 12),
             pad(e.reason.as_str(), 26),
-            e.would_deny.len()
+            e.would_deny_flows()
         )?;
     }
     if !a.would_deny.is_empty() {

@@ -159,6 +159,10 @@ impl FlowLedger {
                 ));
             }
         }
+        // The first read marks every flow changed: do not keep a 100 k-slot
+        // set around for the handful that change per read afterwards.
+        self.changed.shrink_to(out.len().min(4096));
+        self.changed_aggregates.shrink_to(64);
         (out, std::mem::take(&mut self.removed))
     }
 
@@ -358,6 +362,7 @@ mod tests {
         MapSnapshot {
             clock: KernelClock::now(),
             endpoints: vec![],
+            live_flows: flows.len(),
             flows: flows
                 .iter()
                 .map(|&(port, n, first)| {

@@ -201,7 +201,7 @@ impl Collector for VerdictCollector {
                 [(vec![], counter(snap.stat(Stat::OtherMap)))],
             )?;
 
-            let live = snap.flows.len() as u64;
+            let live = snap.live_flows as u64;
             family(
                 &mut encoder,
                 "verdict_agent_flow_table_entries",

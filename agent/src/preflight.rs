@@ -275,7 +275,7 @@ fn print_outcome(
             pad(&format!("{} ({})", e.display_name(), e.endpoint_id), 36),
             pad(e.state.as_str(), 12),
             pad(e.reason.as_str(), 26),
-            e.would_deny.len()
+            e.would_deny_flows()
         )?;
     }
     for e in selected.iter().filter(|e| !e.would_deny.is_empty() && e.state == ReadinessState::WouldBreak) {
@@ -303,6 +303,14 @@ fn print_outcome(
                 pad(&f.notifications.to_string(), 13),
                 format_rfc3339(f.last_seen),
                 f.service.as_deref().map(|s| format!("  {s} (critical)")).unwrap_or_default()
+            )?;
+        }
+        if e.left_out.would_deny > 0 {
+            writeln!(
+                out,
+                "  ... and {} more, not listed (the agent lists critical flows, then the {} most recently seen)",
+                e.left_out.would_deny,
+                crate::readiness::report::MAX_LISTED_FLOWS
             )?;
         }
     }

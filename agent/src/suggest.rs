@@ -717,8 +717,14 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
     };
     notes.push(format!(
         "Allows exactly {covered} of the {} would-deny flow(s) {when}; scan noise is left out. Review before applying.",
-        e.would_deny.len(),
+        e.would_deny_flows(),
     ));
+    if e.left_out.would_deny > 0 {
+        notes.push(format!(
+            "{} more would-deny flow(s) are not listed by the agent and not covered here: allow these, then ask again.",
+            e.left_out.would_deny
+        ));
+    }
     notes.extend(skipped);
     let rule_comments: Vec<String> = rules.iter().map(|r| r.comment.clone()).collect();
     let description =

@@ -59,7 +59,11 @@ pub struct MapSnapshot {
     pub clock: KernelClock,
     /// Endpoints with at least one notification.
     pub endpoints: Vec<EndpointTotals>,
+    /// Every flow read; the agent hands them to the ledger and keeps
+    /// only `live_flows` (100 k flows would be 5 MiB held twice).
     pub flows: Vec<(FlowKey, FlowTotals)>,
+    /// Entries in the flow table at this read.
+    pub live_flows: usize,
     /// Indexed by `Stat`.
     pub stats: [u64; Stat::COUNT as usize],
     pub read_duration: Duration,
@@ -82,7 +86,14 @@ impl MapSnapshot {
         let stats = read_stats(maps.stats)?;
         let flows = read_flows(maps.flows)?;
         let endpoints = read_endpoints(maps.endpoints)?;
-        Ok(MapSnapshot { clock: KernelClock::now(), endpoints, flows, stats, read_duration: started.elapsed() })
+        Ok(MapSnapshot {
+            clock: KernelClock::now(),
+            endpoints,
+            live_flows: flows.len(),
+            flows,
+            stats,
+            read_duration: started.elapsed(),
+        })
     }
 
     pub fn stat(&self, s: Stat) -> u64 {

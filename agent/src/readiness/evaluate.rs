@@ -3,6 +3,7 @@
 //! has its own `no_evidence` reason.
 
 use std::{
+    cmp::Reverse,
     collections::HashSet,
     time::{Duration, SystemTime},
 };
@@ -11,8 +12,8 @@ use super::{
     Ctx,
     remote::RemoteSide,
     report::{
-        DirectionReadiness, EndpointReadiness, FlowEntry, Gate, GateStatus, HostChecks, HostIdentifiedBy,
-        ReadinessState, Reason,
+        DirectionReadiness, EndpointReadiness, FlowEntry, FlowsLeftOut, Gate, GateStatus, HostChecks, HostIdentifiedBy,
+        MAX_LISTED_FLOWS, ReadinessState, Reason,
     },
 };
 use crate::{
@@ -48,6 +49,26 @@ pub(super) fn flow_entry(ctx: &Ctx<'_>, idx: usize) -> FlowEntry {
             .flatten()
             .map(|c| c.service.clone()),
     }
+}
+
+/// The entries an endpoint's report lists out of `flows` (indices into the
+/// input): at most [`MAX_LISTED_FLOWS`], the host's critical flows first,
+/// then the most recently seen, so "anything in the last N minutes" stays
+/// answerable from the list; and how many were left out.
+fn listed(ctx: &Ctx<'_>, mut flows: Vec<usize>) -> (Vec<FlowEntry>, usize) {
+    let left_out = flows.len().saturating_sub(MAX_LISTED_FLOWS);
+    if left_out > 0 {
+        let priority = |&i: &usize| {
+            let f = &ctx.input.flows[i];
+            let critical = Some(f.endpoint_id) == ctx.host && ctx.critical_service(f).is_some();
+            (Reverse(critical), Reverse(f.last_seen))
+        };
+        flows.select_nth_unstable_by_key(MAX_LISTED_FLOWS - 1, priority);
+        flows.truncate(MAX_LISTED_FLOWS);
+    }
+    let mut entries: Vec<FlowEntry> = flows.into_iter().map(|i| flow_entry(ctx, i)).collect();
+    sort_entries(&mut entries);
+    (entries, left_out)
 }
 
 fn sort_entries(v: &mut [FlowEntry]) {
@@ -268,10 +289,10 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
             match f.verdict {
                 Verdict::Audited => {
                     wd += 1;
-                    would_deny.push(flow_entry(ctx, idx));
+                    would_deny.push(idx);
                 }
-                Verdict::Allowed | Verdict::Redirected => allowed.push(flow_entry(ctx, idx)),
-                Verdict::Denied => denied.push(flow_entry(ctx, idx)),
+                Verdict::Allowed | Verdict::Redirected => allowed.push(idx),
+                Verdict::Denied => denied.push(idx),
             }
         }
         let observed_since = ctx.input.observation.since(id, dir);
@@ -290,9 +311,9 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
         });
         all_gates.extend(dgates);
     }
-    sort_entries(&mut would_deny);
-    sort_entries(&mut allowed);
-    sort_entries(&mut denied);
+    let (would_deny, would_deny_left_out) = listed(ctx, would_deny);
+    let (allowed, allowed_left_out) = listed(ctx, allowed);
+    let (denied, denied_left_out) = listed(ctx, denied);
     let (state, reason) = combine(&directions);
     let mut ep = EndpointReadiness {
         endpoint_id: id,
@@ -309,6 +330,7 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
         would_deny,
         allowed,
         denied,
+        left_out: FlowsLeftOut { would_deny: would_deny_left_out, allowed: allowed_left_out, denied: denied_left_out },
         gates: all_gates,
         noise_notifications_total: ctx.noise_totals.get(&id).copied().unwrap_or(0),
     };
@@ -571,7 +593,7 @@ fn describe(ep: &EndpointReadiness, min_evidence: Duration) -> String {
             let first = &ep.would_deny[0];
             format!(
                 "{} flow(s) would be denied once PolicyAuditMode is off, e.g. {} {} {} {}/{}",
-                ep.would_deny.len(),
+                ep.would_deny_flows(),
                 first.direction.as_str(),
                 if first.direction == Direction::Ingress { "from" } else { "to" },
                 first.remote_name,
@@ -581,10 +603,10 @@ fn describe(ep: &EndpointReadiness, min_evidence: Duration) -> String {
         }
         Reason::NoWouldDeny => format!(
             "{} allowed flow(s) and nothing audited over the last {}: switching PolicyAuditMode off breaks nothing seen",
-            ep.allowed.len(),
+            ep.allowed.len() + ep.left_out.allowed,
             format_duration(min_evidence)
         ),
-        Reason::Enforcing => format!("PolicyAuditMode is already off: {} denied flow(s) in the evidence period", ep.denied.len()),
+        Reason::Enforcing => format!("PolicyAuditMode is already off: {} denied flow(s) in the evidence period", ep.denied.len() + ep.left_out.denied),
         Reason::NoPolicy if ep.directions.iter().all(|d| d.reason == Reason::NotEnforced) => {
             "no policy selects this endpoint: audit mode changes nothing today, and nothing shows what a policy would drop".into()
         }
@@ -640,8 +662,13 @@ pub fn rejudge(ep: &EndpointReadiness, generated_at: SystemTime, lookback: Durat
                 if a + w + x > 0 {
                     g.status = GateStatus::Passed;
                     g.cause = Some(Reason::NoTraffic);
-                    g.detail =
-                        format!("{a} allowed, {w} audited, {x} denied flows in the last {}", format_duration(lookback));
+                    // Lists keep the most recent flows, so a shorter period's
+                    // counts are exact unless a list was cut.
+                    let at_least = if out.left_out.is_empty() { "" } else { "at least " };
+                    g.detail = format!(
+                        "{at_least}{a} allowed, {w} audited, {x} denied flows in the last {}",
+                        format_duration(lookback)
+                    );
                 } else if g.status == GateStatus::Passed {
                     g.status = GateStatus::Failed;
                     g.cause = Some(Reason::NoTraffic);

@@ -23,7 +23,7 @@ pub(crate) mod testkit;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     str::FromStr,
     time::{Duration, SystemTime},
@@ -251,12 +251,72 @@ impl Ctx<'_> {
     }
 }
 
+/// Granularity of the per-flow history behind the window counts.
+const WINDOW_BUCKETS: u32 = 16;
+
+/// What the engine remembers of one flow between evaluations: 48 bytes, no
+/// allocation for a flow whose count has not moved within the window.
+#[derive(Debug)]
+struct FlowHistory {
+    /// The count at the previous evaluation ([`NOT_YET`] before the first):
+    /// the growth since is what the `_total` counters add.
+    last_count: u64,
+    snapshots: Snapshots,
+}
+
+const NOT_YET: u64 = u64::MAX;
+
+impl Default for FlowHistory {
+    fn default() -> Self {
+        FlowHistory { last_count: NOT_YET, snapshots: Snapshots::default() }
+    }
+}
+
+/// (unix seconds, count) snapshots of a flow, oldest first: the newest at
+/// or before a window's start tells the flow's count inside the window.
+/// The oldest is kept inline (time 0: none), since most flows need no other.
+#[derive(Debug, Default)]
+struct Snapshots {
+    oldest: (u32, u64),
+    newer: Vec<(u32, u64)>,
+}
+
+impl Snapshots {
+    fn iter(&self) -> impl DoubleEndedIterator<Item = &(u32, u64)> {
+        std::iter::once(&self.oldest).filter(|s| s.0 != 0).chain(&self.newer)
+    }
+
+    fn push(&mut self, snapshot: (u32, u64)) {
+        if self.oldest.0 == 0 { self.oldest = snapshot } else { self.newer.push(snapshot) }
+    }
+
+    /// Forgets the snapshots before the newest one at or before `start`.
+    fn forget_before(&mut self, start: u32) {
+        if let Some(i) = self.newer.iter().rposition(|&(t, _)| t <= start) {
+            self.oldest = self.newer[i];
+            self.newer.drain(..=i);
+            if self.newer.is_empty() {
+                self.newer = Vec::new();
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.iter().count()
+    }
+}
+
+/// Seconds since the epoch; u32 lasts until 2106.
+fn unix_secs(t: SystemTime) -> u32 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs().min(u64::from(u32::MAX)) as u32)
+}
+
 /// The readiness engine: evaluate as often as the flows are read.
 #[derive(Debug)]
 pub struct ReadinessEngine {
     config: ReadinessConfig,
-    history: HashMap<FlowKey, VecDeque<(SystemTime, u64)>>,
-    last_counts: HashMap<FlowKey, u64>,
+    history: HashMap<FlowKey, FlowHistory>,
     would_deny_totals: BTreeMap<(u16, Direction), u64>,
     noise_totals: BTreeMap<u16, u64>,
     lockout: HostLockoutDetector,
@@ -267,7 +327,6 @@ impl ReadinessEngine {
         ReadinessEngine {
             config,
             history: HashMap::new(),
-            last_counts: HashMap::new(),
             would_deny_totals: BTreeMap::new(),
             noise_totals: BTreeMap::new(),
             lockout: HostLockoutDetector::new(),
@@ -323,7 +382,7 @@ impl ReadinessEngine {
         ctx.noise = over_lookback.noise.union(&over_window.noise).copied().collect();
         let scanned: BTreeSet<u16> = over_window.summaries.iter().map(|s| s.endpoint_id).collect();
 
-        accumulate(&mut self.last_counts, &mut self.would_deny_totals, &mut self.noise_totals, input.flows, &ctx.noise);
+        accumulate(&mut self.history, &mut self.would_deny_totals, &mut self.noise_totals, input.flows, &ctx.noise);
         ctx.would_deny_totals = self.would_deny_totals.clone();
         ctx.noise_totals = self.noise_totals.clone();
 
@@ -383,27 +442,32 @@ impl ReadinessEngine {
     /// one old enough, a flow first seen in the window counts whole and any
     /// other is unknown (None).
     fn window_counts(&mut self, flows: &[FlowRecord], window_start: SystemTime, now: SystemTime) -> Vec<Option<u64>> {
+        let (start, now) = (unix_secs(window_start), unix_secs(now));
+        let bucket = (self.config.window / WINDOW_BUCKETS).as_secs() as u32;
         let mut out = Vec::with_capacity(flows.len());
         let mut present = HashSet::with_capacity(flows.len());
         for f in flows {
             let key = FlowKey::from(f);
             present.insert(key);
-            let hist = self.history.entry(key).or_default();
+            let snapshots = &mut self.history.entry(key).or_default().snapshots;
             let count = if f.first_seen >= window_start {
                 Some(f.notifications)
             } else if f.last_seen < window_start {
                 Some(0)
             } else {
-                hist.iter().rev().find(|(t, _)| *t <= window_start).map(|&(_, n)| f.notifications.saturating_sub(n))
+                snapshots.iter().rev().find(|(t, _)| *t <= start).map(|&(_, n)| f.notifications.saturating_sub(n))
             };
             out.push(count);
-            if hist.back().is_none_or(|&(t, _)| t < now) {
-                hist.push_back((now, f.notifications));
+            // A snapshot only when the count moved, and at most one per
+            // bucket of the window: a flow's history stays bounded (idle:
+            // one entry; busy: WINDOW_BUCKETS + 1) however often this runs.
+            // Sparser snapshots can only start the window earlier, by at
+            // most one bucket: a flow is kept in it longer, never dropped.
+            let moved = snapshots.iter().next_back().is_none_or(|&(t, n)| n != f.notifications && t + bucket <= now);
+            if moved {
+                snapshots.push((now, f.notifications));
             }
-            // Keep one snapshot at or before the window start, drop older.
-            while hist.len() > 1 && hist[1].0 <= window_start {
-                hist.pop_front();
-            }
+            snapshots.forget_before(start);
         }
         self.history.retain(|k, _| present.contains(k));
         out
@@ -413,7 +477,7 @@ impl ReadinessEngine {
 /// Adds each flow's growth since the last evaluation to the monotonic
 /// totals behind the `_total` counters.
 fn accumulate(
-    last_counts: &mut HashMap<FlowKey, u64>,
+    history: &mut HashMap<FlowKey, FlowHistory>,
     would_deny_totals: &mut BTreeMap<(u16, Direction), u64>,
     noise_totals: &mut BTreeMap<u16, u64>,
     flows: &[FlowRecord],
@@ -421,7 +485,8 @@ fn accumulate(
 ) {
     for (idx, f) in flows.iter().enumerate() {
         let key = FlowKey::from(f);
-        let prev = last_counts.insert(key, f.notifications);
+        let prev = std::mem::replace(&mut history.entry(key).or_default().last_count, f.notifications);
+        let prev = (prev != NOT_YET).then_some(prev);
         // A count below the last one is a new series: all of it is new.
         let delta = match prev {
             Some(p) if f.notifications >= p => f.notifications - p,

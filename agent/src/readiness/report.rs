@@ -202,17 +202,46 @@ pub struct EndpointReadiness {
     pub detail: String,
     pub directions: Vec<DirectionReadiness>,
     /// Audited flows in the evidence period: what enforcement would drop.
+    /// Each list holds at most [`MAX_LISTED_FLOWS`]: the host's critical
+    /// flows first, then the most recently seen; `left_out` counts the rest.
     pub would_deny: Vec<FlowEntry>,
     /// Allowed (and redirected) flows: proof the policy selects something.
     pub allowed: Vec<FlowEntry>,
     /// Flows already denied (enforcing, or deny rules).
     pub denied: Vec<FlowEntry>,
+    /// Flows of the evidence period beyond what the lists above hold.
+    #[serde(default, skip_serializing_if = "FlowsLeftOut::is_empty")]
+    pub left_out: FlowsLeftOut,
     pub gates: Vec<Gate>,
     /// Notifications classified as scan noise, ever (monotonic).
     pub noise_notifications_total: u64,
 }
 
+/// Flows listed per endpoint and verdict class. The states and counters are
+/// computed from every flow; the lists only show them, and a node can have
+/// 100 k flows: listing them all would cost the agent hundreds of MiB.
+pub const MAX_LISTED_FLOWS: usize = 100;
+
+/// How many flows of each list an endpoint's report leaves out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowsLeftOut {
+    pub would_deny: usize,
+    pub allowed: usize,
+    pub denied: usize,
+}
+
+impl FlowsLeftOut {
+    pub fn is_empty(&self) -> bool {
+        *self == FlowsLeftOut::default()
+    }
+}
+
 impl EndpointReadiness {
+    /// Would-deny flows in the evidence period, listed or not.
+    pub fn would_deny_flows(&self) -> usize {
+        self.would_deny.len() + self.left_out.would_deny
+    }
+
     /// `ns/pod`, `host`, or the endpoint ID: how tables name it.
     pub fn display_name(&self) -> String {
         match (&self.namespace, &self.pod, self.kind) {

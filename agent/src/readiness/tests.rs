@@ -329,6 +329,35 @@ fn old_would_deny_still_breaks_and_preflight_window_can_narrow_it() {
     assert_eq!((re.state, re.reason), (ReadinessState::NoEvidence, Reason::NoTraffic));
 }
 
+#[test]
+fn lists_are_bounded_critical_and_recent_first_and_counts_stay_exact() {
+    // Within the one-day evidence period, the host has 150 audited flows
+    // from remote nodes on high ports seen 10 hours ago, one critical flow
+    // (kubelet) seen even earlier, and one recent audited flow.
+    let mut flows: Vec<FlowRecord> = (0..150)
+        .map(|i| flow(HOST, Direction::Ingress, 6, 6, 20_000 + i, Verdict::Audited, 1, ago(40 * 3600), ago(10 * 3600)))
+        .collect();
+    flows.push(flow(HOST, Direction::Ingress, 6, 6, 10250, Verdict::Audited, 1, ago(45 * 3600), ago(20 * 3600)));
+    flows.push(flow(HOST, Direction::Ingress, 6, 6, 31_000, Verdict::Audited, 1, ago(3600), ago(60)));
+    let obs = Observation::since_start(ago(48 * 3600));
+    let mut input = ReadinessInput::new(&flows, &crate::model::NoDirectory, &obs, now());
+    input.host_endpoint = Some(HOST);
+    let r = evaluate(&input, &ReadinessConfig::default());
+    let h = ep(&r, HOST);
+    assert_eq!(h.would_deny.len(), report::MAX_LISTED_FLOWS);
+    assert_eq!(h.left_out.would_deny, 152 - report::MAX_LISTED_FLOWS);
+    assert_eq!(h.would_deny_flows(), 152);
+    let ports: BTreeSet<u16> = h.would_deny.iter().map(|f| f.port).collect();
+    assert!(ports.contains(&10250), "the critical flow is always listed");
+    assert!(ports.contains(&31_000), "the most recent flow is listed");
+    assert!(h.detail.starts_with("152 flow(s) would be denied"), "{}", h.detail);
+    // Judged on the last 2 hours, only the recent flow is left: still would break.
+    let re = rejudge(h, r.generated_at, Duration::from_secs(2 * 3600));
+    assert_eq!(re.state, ReadinessState::WouldBreak);
+    let json = serde_json::to_value(h).unwrap();
+    assert_eq!(json["left_out"]["would_deny"], 52);
+}
+
 /// The host leaves audit mode: kubelet traffic that was audited is now
 /// denied, a reply of a connection opened before the switch is dropped,
 /// and a scanner knocks on SSH (which nobody used before).
@@ -464,6 +493,36 @@ fn window_counts_and_counters_across_evaluations() {
     flows[0].notifications = 5;
     let r = eval(&mut engine, &flows, now() + Duration::from_secs(60));
     assert_eq!(ep(&r, HOST).directions[0].would_deny_total, 135);
+}
+
+#[test]
+fn flow_history_stays_bounded_however_often_readiness_runs() {
+    let dir = host_only(host_info(true), None);
+    let obs = Observation::since_start(ago(48 * 3600));
+    let mut engine = ReadinessEngine::new(ReadinessConfig::default());
+    let start = ago(3600);
+    let mut flows = vec![
+        flow(HOST, Direction::Ingress, 6, 6, 10250, Verdict::Audited, 0, start, start),
+        flow(HOST, Direction::Ingress, 6, 6, 10255, Verdict::Audited, 7, ago(7200), ago(7200)),
+    ];
+    // An hour of evaluations once a second, the busy flow growing by one each time.
+    for s in 0..3600u64 {
+        let at = start + Duration::from_secs(s);
+        flows[0].notifications = s + 1;
+        flows[0].last_seen = at;
+        let input = ReadinessInput::new(&flows, &dir, &obs, at);
+        let r = engine.evaluate(&input);
+        if s == 3599 {
+            // Exactly 900 arrived in the last 15 minutes; buckets of 15/16 min
+            // may start the window up to one bucket early, never late.
+            let busy = ep(&r, HOST).would_deny.iter().find(|f| f.port == 10250).unwrap();
+            let n = busy.notifications_in_window.unwrap();
+            assert!((900..=900 + 900 / 16 + 1).contains(&n), "{n}");
+        }
+    }
+    let lens: Vec<usize> = engine.history.values().map(|h| h.snapshots.len()).collect();
+    assert!(lens.iter().all(|&n| n <= WINDOW_BUCKETS as usize + 2), "{lens:?}");
+    assert!(lens.contains(&1), "an idle flow keeps one snapshot: {lens:?}");
 }
 
 #[test]

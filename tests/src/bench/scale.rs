@@ -3,17 +3,23 @@
 //! started on those pinned maps, first with its defaults (per-flow series
 //! off) and then with `--flow-metrics`. Per mode: latency of 20 sequential
 //! GETs of /metrics and of /api/v1/flows (p50, p99 nearest rank: with 20
-//! samples the p99 is the slowest), body sizes, series count, and the
-//! agent's resident memory (VmRSS, and VmHWM for the peak).
+//! samples the p99 is the slowest), body sizes, series count, the agent's
+//! resident memory (VmRSS, and VmHWM for the peak), and its CPU while idle
+//! with that many flows (map reads every 5 s, the default).
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use crate::scrape::{Scrape, http_get};
 use anyhow::{Result, ensure};
 
 use super::{
     Report,
-    common::{Bench, PinDir, REPLAY, notification, percentile, progress, start_agent, status_mib, test_run},
+    common::{
+        Bench, PinDir, REPLAY, cpu_seconds, notification, percentile, progress, start_agent, status_mib, test_run,
+    },
 };
 
 const FLOW_TABLE: u32 = 131_072;
@@ -32,6 +38,7 @@ struct Mode {
     peak_mib: f64,
     /// After the first map read and the /metrics scrapes, before any /api/v1/flows.
     rss_before_api_mib: f64,
+    idle_cpu_s_per_s: f64,
 }
 
 fn timed_get(addr: SocketAddr, path: &str) -> Result<(f64, String)> {
@@ -45,6 +52,7 @@ fn timed_get(addr: SocketAddr, path: &str) -> Result<(f64, String)> {
 pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let flows: u32 = if quick { 10_000 } else { 100_000 };
     let scrapes = if quick { 5 } else { 20 };
+    let idle = Duration::from_secs(if quick { 5 } else { 20 });
     let pins = PinDir::new("scale");
     progress!("scale: creating {flows} flows through the replay entry");
     let bench = Bench::load(&pins.0, FLOW_TABLE, &[])?;
@@ -59,7 +67,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         progress!("scale: agent with {name}, {scrapes} scrapes of /metrics and /api/v1/flows");
         let agent = start_agent(&pins, FLOW_TABLE, extra, "scale")?;
         // Wait for the first complete map read to be served.
-        agent.scrape_until(std::time::Duration::from_secs(60), |s| {
+        agent.scrape_until(Duration::from_secs(60), |s| {
             s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) >= flows as f64
         })?;
         let mut m = Mode {
@@ -74,6 +82,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             rss_mib: 0.0,
             peak_mib: 0.0,
             rss_before_api_mib: 0.0,
+            idle_cpu_s_per_s: 0.0,
         };
         for _ in 0..scrapes {
             let (ms, body) = timed_get(agent.addr, "/metrics")?;
@@ -91,6 +100,11 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             m.flows_matched = v["matched"].as_u64().unwrap_or(0) as usize;
         }
         let pid = agent.child.id();
+        // What the agent costs with this many flows and nothing happening:
+        // map reads every 5 s (the default), readiness after each.
+        let (cpu0, t0) = (cpu_seconds(pid)?, Instant::now());
+        std::thread::sleep(idle);
+        m.idle_cpu_s_per_s = (cpu_seconds(pid)? - cpu0) / t0.elapsed().as_secs_f64();
         m.rss_mib = status_mib(pid, "VmRSS")?;
         m.peak_mib = status_mib(pid, "VmHWM")?;
         let _ = agent.stop();
@@ -103,7 +117,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         "Scale: {flows} live flows (flow table {FLOW_TABLE}), {scrapes} sequential GETs each; targets: scrape < 200 ms, RSS < 50 MiB"
     ));
     report.table(&format!(
-        "  {:<17} {:>8} {:>8} {:>10} {:>8} {:>8} {:>8} {:>10} {:>13} {:>8} {:>9} {:>11}",
+        "  {:<17} {:>8} {:>8} {:>10} {:>8} {:>8} {:>8} {:>10} {:>13} {:>8} {:>9} {:>11} {:>8}",
         "mode",
         "metr p50",
         "metr p99",
@@ -115,14 +129,15 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         "listed/of",
         "RSS MiB",
         "peak MiB",
-        "RSS pre-API"
+        "RSS pre-API",
+        "idle cpu"
     ));
     let mut json = serde_json::Map::new();
     for m in &mut modes {
         let (mp50, mp99) = (percentile(&mut m.metrics_ms, 50.0), percentile(&mut m.metrics_ms, 99.0));
         let (fp50, fp99) = (percentile(&mut m.flows_ms, 50.0), percentile(&mut m.flows_ms, 99.0));
         report.table(&format!(
-            "  {:<17} {:>8.1} {:>8.1} {:>10} {:>8} {:>8.1} {:>8.1} {:>10} {:>13} {:>8.1} {:>9.1} {:>11.1}",
+            "  {:<17} {:>8.1} {:>8.1} {:>10} {:>8} {:>8.1} {:>8.1} {:>10} {:>13} {:>8.1} {:>9.1} {:>11.1} {:>8.3}",
             m.name,
             mp50,
             mp99,
@@ -134,7 +149,8 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             format!("{}/{}", m.flows_listed, m.flows_matched),
             m.rss_mib,
             m.peak_mib,
-            m.rss_before_api_mib
+            m.rss_before_api_mib,
+            m.idle_cpu_s_per_s
         ));
         let figures = serde_json::json!({
             "metrics_p50_ms": mp50,
@@ -150,6 +166,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             "rss_mib": m.rss_mib,
             "rss_peak_mib": m.peak_mib,
             "rss_before_flows_api_mib": m.rss_before_api_mib,
+            "idle_cpu_s_per_s": m.idle_cpu_s_per_s,
             "scrape_target_met": mp99 < 200.0 && fp99 < 200.0,
             "rss_target_met": m.rss_mib < 50.0,
         });
