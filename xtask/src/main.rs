@@ -29,7 +29,7 @@ enum Command {
     Build,
     /// Boot a Debian kernel in QEMU and run a command inside it.
     Vm(vm::VmArgs),
-    /// Measure the in-kernel cost per verdict against an empty program; writes target/bench/summary.json.
+    /// Performance figures, each beside a baseline of the same run: the loss race against a perf-ring reader, agent CPU against the event rate, 100 k flows, in-kernel cost, a 5-minute soak; writes target/bench/summary.json.
     Bench(bench::BenchArgs),
     /// Run the agent on the built-in rollout scenario and serve /metrics on localhost.
     Demo(demo::DemoArgs),
