@@ -1,6 +1,7 @@
 //! The userspace side of the in-kernel pipeline: loading and attaching
 //! ([`loader`]), following Cilium's map ([`events_map`]), and reading the
-//! counters back ([`snapshot`]).
+//! counters back ([`snapshot`], in batches where the kernel can: [`batch`]).
+pub mod batch;
 pub mod btf;
 pub mod emitter;
 pub mod events_map;

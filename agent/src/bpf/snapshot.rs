@@ -4,8 +4,13 @@
 
 use std::time::{Duration, SystemTime};
 
-use aya::maps::{Map, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::{
+    maps::{Map, MapError, PerCpuArray, PerCpuHashMap},
+    sys::SyscallError,
+};
 use verdict_common::maps::{EndpointCounters, FlowCounters, FlowKey, MAX_ENDPOINTS, Stat};
+
+use super::batch::{self, Batched};
 
 /// `bpf_ktime_get_ns()` is CLOCK_MONOTONIC; this maps it to wall time.
 #[derive(Clone, Copy, Debug)]
@@ -102,19 +107,30 @@ impl MapSnapshot {
 }
 
 fn read_flows(map: &Map) -> Result<Vec<(FlowKey, FlowTotals)>, MapError> {
+    if let Map::PerCpuLruHashMap(data) | Map::PerCpuHashMap(data) = map {
+        let cpus = aya::util::nr_cpus().map_err(|(_, io_error)| SyscallError { call: "nr_cpus", io_error })?;
+        let mut out = Vec::new();
+        let batched = batch::for_each_per_cpu(data, cpus, |key: FlowKey, values: &[FlowCounters]| {
+            out.push((key, sum_flow(values)))
+        })
+        .map_err(|io_error| SyscallError { call: "bpf_map_lookup_batch", io_error })?;
+        if batched == Batched::Done {
+            return Ok(out);
+        }
+    }
     let flows: PerCpuHashMap<_, FlowKey, FlowCounters> = PerCpuHashMap::try_from(map)?;
     let mut out = Vec::new();
     for entry in flows.iter() {
         // An entry evicted between "next key" and "lookup" is just gone.
         let Ok((key, values)) = entry else { continue };
-        out.push((key, sum_flow(&values)));
+        out.push((key, sum_flow(values.iter())));
     }
     Ok(out)
 }
 
-fn sum_flow(values: &PerCpuValues<FlowCounters>) -> FlowTotals {
+fn sum_flow<'a>(values: impl IntoIterator<Item = &'a FlowCounters>) -> FlowTotals {
     let mut t = FlowTotals::default();
-    for v in values.iter() {
+    for v in values {
         t.notifications += v.notifications;
         t.bytes += v.bytes;
         if v.first_seen_ns != 0 && (t.first_seen_ns == 0 || v.first_seen_ns < t.first_seen_ns) {
