@@ -19,7 +19,7 @@ fn verdict(i: u32) -> Vec<u8> {
         layout: Layout::V1_19,
         endpoint: 1 + (i % 50) as u16,
         remote_identity: 256 + i,
-        verdict: if i % 3 == 0 { -133 } else { 0 },
+        verdict: if i.is_multiple_of(3) { -133 } else { 0 },
         dst_port: 1 + (i % 60_000) as u16,
         proto: 6,
         dir: 1 + (i % 2) as u8,
