@@ -242,10 +242,11 @@ impl EndpointReadiness {
         self.would_deny.len() + self.left_out.would_deny
     }
 
-    /// `ns/pod`, `host`, or the endpoint ID: how tables name it.
+    /// `ns/pod`, `host`, `health`, or the endpoint ID: how tables name it.
     pub fn display_name(&self) -> String {
         match (&self.namespace, &self.pod, self.kind) {
             (_, _, EndpointKind::Host) => "host".into(),
+            (_, _, EndpointKind::Health) => "health".into(),
             (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
             _ => format!("endpoint {}", self.endpoint_id),
         }
