@@ -69,7 +69,14 @@ pub fn parse_rfc3339(input: &str) -> Result<SystemTime, TimeParseError> {
     {
         return Err(err());
     }
-    let num = |r: std::ops::Range<usize>| input.get(r).and_then(|s| s.parse::<i64>().ok()).ok_or_else(err);
+    // Digits only: `parse` alone would take a sign ("+1").
+    let num = |r: std::ops::Range<usize>| {
+        input
+            .get(r)
+            .filter(|s| s.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(err)
+    };
     let (y, mo, d, h, mi, s) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
         return Err(err());
@@ -229,6 +236,23 @@ mod tests {
         assert_eq!(ns.duration_since(z).unwrap(), Duration::from_nanos(1));
         assert!(parse_rfc3339("2026-13-22T22:31:05Z").is_err());
         assert!(parse_rfc3339("yesterday").is_err());
+    }
+
+    /// Hubble's `google.protobuf.Timestamp` as protojson writes it.
+    #[test]
+    fn rfc3339_as_hubble_writes_it() {
+        let at = |secs: u64, nanos: u32| Some(UNIX_EPOCH + Duration::new(secs, nanos));
+        let parse = |s: &str| parse_rfc3339(s).ok();
+        assert_eq!(parse("1970-01-01T00:00:00Z"), at(0, 0));
+        assert_eq!(parse("2000-03-01T00:00:00Z"), at(951_868_800, 0));
+        assert_eq!(parse("2024-05-01T14:00:01.5+02:00"), at(1_714_564_801, 500_000_000));
+        assert_eq!(parse("2024-05-01T12:00:01.1234567891Z"), at(1_714_564_801, 123_456_789));
+        assert_eq!(parse("2024-13-01T00:00:00Z"), None);
+        assert_eq!(parse("2024-05-01T00:00:00"), None);
+        assert_eq!(parse("2024-05-01T00:00:00.Z"), None);
+        assert_eq!(parse("not a time at all!!"), None);
+        assert_eq!(parse("2024-05-01T0é:00:00Z"), None);
+        assert_eq!(parse("2024-05-01T+1:00:00Z"), None);
     }
 
     #[test]

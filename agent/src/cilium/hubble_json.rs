@@ -22,11 +22,7 @@
 //! monitor reader, drops record `proto` 0 and `dst_port` 0 like the
 //! kernel's flow keys, and ICMP verdicts record the ICMP type as `dst_port`.
 
-use std::{
-    io::BufRead,
-    net::IpAddr,
-    time::{Duration, SystemTime},
-};
+use std::{io::BufRead, net::IpAddr};
 
 use serde_json::Value;
 use verdict_common::cilium::{drop_reason, notify_type};
@@ -37,6 +33,7 @@ use crate::{
         monitor_text::{CaptureParse, LineOutcome, read_lines},
     },
     model::{CapturedVerdict, Direction, NotifySource, Verdict},
+    timefmt::parse_rfc3339,
 };
 
 /// Reads a whole `hubble observe -o json` capture; never fails.
@@ -192,7 +189,7 @@ fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Res
     } else {
         0
     };
-    let time = flow.get("time").or(envelope_time).and_then(Value::as_str).and_then(parse_rfc3339);
+    let time = flow.get("time").or(envelope_time).and_then(Value::as_str).and_then(|t| parse_rfc3339(t).ok());
 
     Ok(CapturedVerdict {
         line,
@@ -278,81 +275,12 @@ fn layer4(l4: Option<&Value>) -> L4 {
     L4::default()
 }
 
-/// An RFC 3339 timestamp as protojson writes `google.protobuf.Timestamp`
-/// ("2024-05-01T12:00:01.123456789Z"), numeric offsets accepted.
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = s.get(r)?;
-        if part.bytes().all(|c| c.is_ascii_digit()) { part.parse().ok() } else { None }
-    };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let mut rest = s.get(19..)?;
-    let mut nanos: u32 = 0;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let (ds, tail) = frac.split_at(digits);
-        let kept = &ds[..digits.min(9)];
-        nanos = kept.parse::<u32>().ok()? * 10u32.pow(9 - kept.len() as u32);
-        rest = tail;
-    }
-    let offset_secs: i64 = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.as_bytes().first()? {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let (h, m) = rest.get(1..)?.split_once(':')?;
-            if h.len() != 2 || m.len() != 2 {
-                return None;
-            }
-            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60)
-        }
-    };
-    let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs as u64, nanos))
-    } else {
-        SystemTime::UNIX_EPOCH
-            .checked_sub(Duration::from_secs(secs.unsigned_abs()))?
-            .checked_add(Duration::new(0, nanos))
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 #[cfg(test)]
 mod tests {
-    use std::io::Cursor;
+    use std::{
+        io::Cursor,
+        time::{Duration, SystemTime},
+    };
 
     use super::*;
 
@@ -525,18 +453,5 @@ mod tests {
             .replace(r#""verdict":"FORWARDED""#, r#""verdict":1"#)
             .replace(r#""traffic_direction":"INGRESS""#, r#""traffic_direction":1"#);
         assert_eq!(parse(&line).verdicts[0].verdict, Verdict::Allowed);
-    }
-
-    #[test]
-    fn rfc3339() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), at(0, 0));
-        assert_eq!(parse_rfc3339("2000-03-01T00:00:00Z"), at(951_868_800, 0));
-        assert_eq!(parse_rfc3339("2024-05-01T14:00:01.5+02:00"), at(1_714_564_801, 500_000_000));
-        assert_eq!(parse_rfc3339("2024-05-01T12:00:01.1234567891Z"), at(1_714_564_801, 123_456_789));
-        assert_eq!(parse_rfc3339("2024-13-01T00:00:00Z"), None);
-        assert_eq!(parse_rfc3339("2024-05-01T00:00:00"), None);
-        assert_eq!(parse_rfc3339("2024-05-01T00:00:00.Z"), None);
-        assert_eq!(parse_rfc3339("not a time at all!!"), None);
-        assert_eq!(parse_rfc3339("2024-05-01T0é:00:00Z"), None);
     }
 }

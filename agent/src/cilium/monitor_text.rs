@@ -41,7 +41,6 @@ use verdict_common::cilium::drop_reason;
 
 use crate::{
     cilium::{
-        hubble_json::parse_rfc3339,
         identity,
         monitor::{
             api::{PrintedReason, auth_type_from_name, icmp_type_from_string, match_type_from_name, parse_drop_reason},
@@ -49,6 +48,7 @@ use crate::{
         },
     },
     model::{CapturedVerdict, Direction, NotifySource, Verdict},
+    timefmt::parse_rfc3339,
 };
 
 /// A line that produced no verdict, and why.
@@ -144,7 +144,7 @@ fn parse_line(text: &str, line: usize) -> LineOutcome {
 fn split_timestamp(text: &str) -> (Option<SystemTime>, &str) {
     let trimmed = text.trim_start();
     if let Some((first, rest)) = trimmed.split_once(' ')
-        && let Some(t) = parse_rfc3339(first)
+        && let Ok(t) = parse_rfc3339(first)
     {
         return (Some(t), rest);
     }
