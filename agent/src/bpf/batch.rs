@@ -55,10 +55,10 @@ pub fn for_each_per_cpu<K: Pod + Default, V: Pod + Default>(
     // A hash bucket that holds more entries than `chunk` is answered with
     // ENOSPC: grow and retry from the same token.
     let mut chunk: usize = 4096;
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk * possible_cpus];
     let mut token: Option<u32> = None;
     loop {
-        let mut keys = vec![K::default(); chunk];
-        let mut values = vec![V::default(); chunk * possible_cpus];
         let mut next: u32 = 0;
         let mut attr = BatchAttr {
             in_batch: token.as_ref().map_or(0, |t| t as *const u32 as u64),
@@ -80,26 +80,28 @@ pub fn for_each_per_cpu<K: Pod + Default, V: Pod + Default>(
                 size_of::<BatchAttr>() as libc::c_uint,
             )
         };
-        let err = (rc < 0).then(io::Error::last_os_error);
         let got = attr.count as usize;
-        match err.as_ref().and_then(io::Error::raw_os_error) {
-            // Entries written before the end or an error still count.
-            None | Some(libc::ENOENT) => {
-                for (k, v) in keys.iter().zip(values.chunks_exact(possible_cpus)).take(got) {
-                    entry(*k, v);
+        let last = match (rc < 0).then(io::Error::last_os_error) {
+            None => false,
+            Some(error) => match error.raw_os_error() {
+                Some(libc::ENOSPC) if got == 0 && chunk < (1 << 20) => {
+                    chunk *= 4;
+                    keys.resize(chunk, K::default());
+                    values.resize(chunk * possible_cpus, V::default());
+                    continue;
                 }
-            }
-            Some(libc::ENOSPC) if got == 0 && chunk < (1 << 20) => {
-                chunk *= 4;
-                continue;
-            }
-            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if token.is_none() && got == 0 => {
-                return Ok(Batched::Unsupported);
-            }
-            Some(_) => return Err(err.unwrap_or_else(|| io::Error::other("bpf(BPF_MAP_LOOKUP_BATCH) failed"))),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if token.is_none() && got == 0 => {
+                    return Ok(Batched::Unsupported);
+                }
+                // ENOENT: these are the last entries.
+                Some(libc::ENOENT) => true,
+                _ => return Err(error),
+            },
+        };
+        for (k, v) in keys.iter().zip(values.chunks_exact(possible_cpus)).take(got) {
+            entry(*k, v);
         }
-        if err.is_some() {
-            // ENOENT: nothing after this batch.
+        if last {
             return Ok(Batched::Done);
         }
         token = Some(next);
