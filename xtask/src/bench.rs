@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::tools::{self, target_dir, workspace_root};
+use crate::tools::{self, target_dir};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -28,16 +28,11 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    ensure!(
-        unsafe { geteuid() } == 0,
-        "the benchmark loads BPF programs and runs them with BPF_PROG_TEST_RUN: run it as root"
-    );
+    tools::ensure_root("the benchmark loads BPF programs and runs them with BPF_PROG_TEST_RUN")?;
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
     crate::test::ensure_bpffs()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    tools::run(Command::new(&cargo).current_dir(workspace_root()).args([
+    tools::run(tools::cargo().args([
         "build",
         "--release",
         "-p",
@@ -67,8 +62,4 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("\nwrote {} ({:.0} s)", summary.display(), started.elapsed().as_secs_f64());
     ensure!(status.success(), "verdict-bench reported a failure ({status}): see the table above");
     Ok(())
-}
-
-unsafe extern "C" {
-    fn geteuid() -> u32;
 }

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::tools::{self, target_dir, workspace_root};
+use crate::tools::{self, target_dir};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -34,8 +34,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
     crate::test::ensure_bpffs()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    tools::run(Command::new(&cargo).current_dir(workspace_root()).args(["build", "--release", "-p", "verdict-agent"]))?;
+    tools::run(tools::cargo().args(["build", "--release", "-p", "verdict-agent"]))?;
     let bin = target_dir().join("release").join("verdict-agent");
     let _ = std::fs::remove_dir_all(PIN_DIR);
     let _ = std::fs::remove_file(EVENTS);

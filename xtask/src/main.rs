@@ -44,8 +44,7 @@ enum Command {
 fn build() -> anyhow::Result<()> {
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    tools::run(std::process::Command::new(cargo).current_dir(tools::workspace_root()).args([
+    tools::run(tools::cargo().args([
         "build",
         "--release",
         "-p",

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::{
-    tools::{self, target_dir, workspace_root},
+    tools::{self, target_dir},
     vm::{self, VmPayload, kernels},
 };
 
@@ -85,16 +85,11 @@ pub fn run(args: TestArgs) -> Result<()> {
 }
 
 fn setup() -> Result<()> {
-    ensure!(unsafe { libc_geteuid() } == 0, "the suite loads BPF programs and boots VMs: run it as root");
+    tools::ensure_root("the suite loads BPF programs and boots VMs")?;
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
     tools::ensure_apt(tools::HOST_PACKAGES)?;
     ensure_bpffs()
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 /// bpffs may or may not be mounted on a fresh machine.
@@ -107,18 +102,12 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(workspace_root());
-    c
-}
-
 /// The eBPF crate builds for the BPF target only; the object's build runs
 /// it through bpf-linker and the verifier tests load it.
 fn lint() -> Result<()> {
     tools::ensure_lint_tools()?;
-    tools::run(cargo().args(["fmt", "--all", "--check"]))?;
-    tools::run(cargo().args([
+    tools::run(tools::cargo().args(["fmt", "--all", "--check"]))?;
+    tools::run(tools::cargo().args([
         "clippy",
         "-p",
         "verdict-agent",
@@ -136,7 +125,7 @@ fn lint() -> Result<()> {
 }
 
 fn build() -> Result<()> {
-    tools::run(cargo().args(["build", "-p", "verdict-agent", "-p", "verdict-agent-tests", "--bins"]))
+    tools::run(tools::cargo().args(["build", "-p", "verdict-agent", "-p", "verdict-agent-tests", "--bins"]))
 }
 
 /// `verdict-bench --quick` on the debug build, soak aside (the host tests
@@ -190,7 +179,7 @@ fn bench_smoke() -> Result<()> {
 }
 
 fn host_tests() -> Result<()> {
-    tools::run(cargo().args(["test", "--no-fail-fast"]))
+    tools::run(tools::cargo().args(["test", "--no-fail-fast"]))
 }
 
 /// A stripped copy of a debug binary: TCG boots a small initramfs faster.

@@ -41,6 +41,25 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Run a command, failing with its stderr (and what it was) if it exits non-zero.
+/// The cargo that runs xtask (`$CARGO`), in the workspace root.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Fails unless running as root; `why` says what needs it.
+pub fn ensure_root(why: &str) -> Result<()> {
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } != 0 {
+        bail!("{why}: run it as root");
+    }
+    Ok(())
+}
+
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = show(cmd);
     let status = cmd.status().with_context(|| format!("cannot start `{shown}` (is it installed?)"))?;
