@@ -78,6 +78,13 @@ impl Scrape {
             .sum()
     }
 
+    /// `verdict_agent_events_total{outcome="counted"}`: notifications the
+    /// tap accounted, what every test and bench part compares with what it
+    /// emitted.
+    pub fn counted(&self) -> f64 {
+        self.sum("verdict_agent_events_total", &["outcome=\"counted\""])
+    }
+
     /// Whether any series of `metric` has all `labels`.
     pub fn has(&self, metric: &str, labels: &[&str]) -> bool {
         self.series.keys().any(|k| {

@@ -263,11 +263,7 @@ fn lru_eviction_never_makes_an_exported_counter_go_down() {
         assert_monotonic(&last, &now);
         last = now;
     }
-    let s = agent
-        .scrape_until(Duration::from_secs(5), |s| {
-            s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) == sent as f64
-        })
-        .unwrap();
+    let s = agent.scrape_until(Duration::from_secs(5), |s| s.counted() == sent as f64).unwrap();
     assert_eq!(
         s.sum("verdict_agent_endpoint_verdicts_total", &["endpoint=\"40\"", "verdict=\"audited\""]),
         sent as f64,
@@ -283,15 +279,14 @@ fn restart_continues_the_counts() {
     let pins = Pins::new("restart");
     let args = ["--tap", "replay", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "100ms"];
     let log = std::env::temp_dir().join("verdict-test-restart.log");
-    let counted = |s: &Scrape| s.sum("verdict_agent_events_total", &["outcome=\"counted\""]);
 
     let agent = AgentProcess::start(addr(19982), &args, &log).unwrap();
     {
         let p = load(&pins.0, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE);
         replay_with(p.ebpf(), &verdict(Layout::V1_18, 50, 22, 0, true).encode(), 25).unwrap();
     }
-    let first = agent.scrape_until(Duration::from_secs(5), |s| counted(s) == 25.0).unwrap();
-    assert_eq!(counted(&first), 25.0);
+    let first = agent.scrape_until(Duration::from_secs(5), |s| s.counted() == 25.0).unwrap();
+    assert_eq!(first.counted(), 25.0);
     assert!(agent.stop().unwrap(), "clean exit on SIGTERM");
 
     // Verdicts keep arriving while the agent is down: the maps are pinned.
@@ -304,8 +299,8 @@ fn restart_continues_the_counts() {
         let p = load(&pins.0, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE);
         replay_with(p.ebpf(), &verdict(Layout::V1_18, 50, 22, 0, true).encode(), 10).unwrap();
     }
-    let second = agent.scrape_until(Duration::from_secs(5), |s| counted(s) == 40.0).unwrap();
-    assert_eq!(counted(&second), 40.0);
+    let second = agent.scrape_until(Duration::from_secs(5), |s| s.counted() == 40.0).unwrap();
+    assert_eq!(second.counted(), 40.0);
     assert_monotonic(&first, &second);
     assert_eq!(second.sum("verdict_agent_endpoint_verdicts_total", &["endpoint=\"50\"", "verdict=\"audited\""]), 40.0);
 }
@@ -323,9 +318,7 @@ fn flows_api_matches_the_maps() {
     let p = load(&pins.0, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE);
     replay_with(p.ebpf(), &verdict(Layout::V1_19, 60, 10250, 0, true).encode(), 11).unwrap();
     replay_with(p.ebpf(), &verdict(Layout::V1_19, 60, 4240, 0, false).encode(), 3).unwrap();
-    agent
-        .scrape_until(Duration::from_secs(5), |s| s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) == 14.0)
-        .unwrap();
+    agent.scrape_until(Duration::from_secs(5), |s| s.counted() == 14.0).unwrap();
     let (status, body) =
         verdict_agent_tests::scrape::http_get(addr(19983), "/api/v1/flows?endpoint=60&verdict=audited").unwrap();
     assert_eq!(status, 200);

@@ -75,7 +75,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         let cpu = cpu_seconds(pid)? - cpu0;
         rows.push((rate, driven.runs as f64 / wall, cpu / wall, scrapes));
     }
-    let counted = agent.scrape()?.sum("verdict_agent_events_total", &["outcome=\"counted\""]);
+    let counted = agent.scrape()?.counted();
     let _ = agent.stop();
     drop(bench);
     drop(pins);

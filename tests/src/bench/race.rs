@@ -49,7 +49,6 @@ use super::{
 /// i.e. per record, as aya's does.
 const PAGES_PER_CPU: usize = 64;
 const FLOW_TABLE: u32 = 16_384;
-const COUNTED: &str = "verdict_agent_events_total";
 
 #[derive(Default)]
 struct ReaderCounts {
@@ -138,13 +137,13 @@ impl Baseline {
 }
 
 fn agent_counted(agent: &AgentProcess) -> Result<f64> {
-    Ok(agent.scrape()?.sum(COUNTED, &["outcome=\"counted\""]))
+    Ok(agent.scrape()?.counted())
 }
 
 /// Waits until the agent has read at least `want` counted verdicts.
 fn agent_counted_at_least(agent: &AgentProcess, want: f64) -> Result<f64> {
-    let s = agent.scrape_until(Duration::from_secs(10), |s| s.sum(COUNTED, &["outcome=\"counted\""]) >= want)?;
-    Ok(s.sum(COUNTED, &["outcome=\"counted\""]))
+    let s = agent.scrape_until(Duration::from_secs(10), |s| s.counted() >= want)?;
+    Ok(s.counted())
 }
 
 struct Step {

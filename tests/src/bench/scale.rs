@@ -69,9 +69,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
         progress!("scale: agent with {name}, {scrapes} scrapes of /metrics and /api/v1/flows");
         let agent = start_agent(&pins, FLOW_TABLE, extra, "scale")?;
         // Wait for the first complete map read to be served.
-        agent.scrape_until(Duration::from_secs(60), |s| {
-            s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) >= flows as f64
-        })?;
+        agent.scrape_until(Duration::from_secs(60), |s| s.counted() >= flows as f64)?;
         let mut m = Mode {
             name,
             metrics_ms: Vec::new(),

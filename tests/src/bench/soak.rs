@@ -154,9 +154,7 @@ pub fn run(report: &mut Report, seconds: u64) -> Result<Outcome> {
         // The end state, once the agent has read everything emitted.
         let emitted = bench.emitted()?[0];
         if let Some(a) = agent.as_ref() {
-            let end = a.scrape_until(Duration::from_secs(10), |s| {
-                s.sum("verdict_agent_events_total", &["outcome=\"counted\""]) >= emitted as f64
-            })?;
+            let end = a.scrape_until(Duration::from_secs(10), |s| s.counted() >= emitted as f64)?;
             high.check(&end, &last, "at the end", false);
             last = end;
         }
@@ -165,7 +163,7 @@ pub fn run(report: &mut Report, seconds: u64) -> Result<Outcome> {
     let (driven, end) = driven;
     let emitted = bench.emitted()?[0];
     let kernel_counted = bench.stat(verdict_common::maps::Stat::Counted)?;
-    let agent_counted = end.sum("verdict_agent_events_total", &["outcome=\"counted\""]) as u64;
+    let agent_counted = end.counted() as u64;
     let endpoint_totals = end.sum("verdict_agent_endpoint_verdicts_total", &[]) as u64;
     let evictions = end.sum("verdict_agent_flow_table_evictions_total", &[]);
     if let Some(a) = agent.take() {

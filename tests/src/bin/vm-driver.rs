@@ -75,8 +75,8 @@ fn check_tap(tap: &str, port: u16) -> anyhow::Result<()> {
     emit(&emitter, Target::OtherEvents, M)?;
     let emitted = emitter.counts()?;
     ensure!(emitted.cilium_events == N as u64 && emitted.other_events == M as u64, "emitter counted {emitted:?}");
-    let s = agent.scrape_until(Duration::from_secs(20), |s| counted(s) >= N as f64)?;
-    ensure!(counted(&s) == N as f64, "{tap}: counted {} of {N} (log:\n{})", counted(&s), agent.log_text());
+    let s = agent.scrape_until(Duration::from_secs(20), |s| s.counted() >= N as f64)?;
+    ensure!(s.counted() == N as f64, "{tap}: counted {} of {N} (log:\n{})", s.counted(), agent.log_text());
     ensure!(
         s.sum("verdict_agent_tap_other_map_writes_total", &[]) >= M as f64,
         "{tap}: other-map writes not seen: {}",
@@ -94,18 +94,14 @@ fn check_tap(tap: &str, port: u16) -> anyhow::Result<()> {
     let second_id = map_id(&s)?;
     ensure!(second_id != first_id, "{tap}: agent still follows map {first_id} after recreation");
     emit(&emitter, Target::CiliumEvents, K)?;
-    let s = agent.scrape_until(Duration::from_secs(20), |s| counted(s) >= (N + K) as f64)?;
-    ensure!(counted(&s) == (N + K) as f64, "{tap}: after recreation counted {} of {}", counted(&s), N + K);
+    let s = agent.scrape_until(Duration::from_secs(20), |s| s.counted() >= (N + K) as f64)?;
+    ensure!(s.counted() == (N + K) as f64, "{tap}: after recreation counted {} of {}", s.counted(), N + K);
     println!("VMTEST {tap} recreate map_id {first_id}->{second_id} counted={}/{}", N + K, N + K);
 
     ensure!(agent.stop()?, "{tap}: agent did not exit cleanly on SIGTERM");
     ensure!(Path::new(&pins).join("v1/FLOWS").exists(), "{tap}: pins removed on shutdown");
     let _ = std::fs::remove_dir_all(&pins);
     Ok(())
-}
-
-fn counted(s: &verdict_agent_tests::scrape::Scrape) -> f64 {
-    s.sum("verdict_agent_events_total", &["outcome=\"counted\""])
 }
 
 fn map_id(s: &verdict_agent_tests::scrape::Scrape) -> anyhow::Result<String> {
