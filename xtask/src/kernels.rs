@@ -478,6 +478,8 @@ fn ensure_unpacked(apt: &PrivateApt, dir: &Path, series: &'static str, pkg: &Pac
         if !tmp.join("lib").exists() {
             std::os::unix::fs::symlink("usr/lib", tmp.join("lib"))?;
         }
+        // depmod is in kmod, which a fresh Debian 12 machine lacks.
+        tools::ensure_apt(&["kmod"])?;
         run(Command::new("depmod").arg("-b").arg(&tmp).arg(&uname))
             .with_context(|| format!("depmod for {uname} failed ({})", modules.display()))?;
         File::create(tmp.join(".verdict-complete"))?;
