@@ -9,7 +9,8 @@ use std::sync::Once;
 use anyhow::{Context, Result, bail};
 
 /// The packages `cargo xtask setup` installs on the host.
-pub const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "bpftool", "iproute2", "prometheus", "kmod"];
+pub const HOST_PACKAGES: &[&str] =
+    &["qemu-system-x86", "busybox-static", "cpio", "bpftool", "iproute2", "prometheus", "kmod"];
 
 /// Install everything the project's build, tests and VMs need.
 pub fn setup_all() -> Result<()> {
