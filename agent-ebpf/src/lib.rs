@@ -2,9 +2,10 @@
 //!
 //! Read top to bottom: [`maps`] declares every map the tap writes,
 //! [`account`] turns one Cilium notification into counter increments, and
-//! `src/bin/verdict-tap.rs` holds the thin programs (fentry, kprobe, replay)
-//! that feed it. `src/bin/cilium-emitter.rs` is a test and demo tool that
-//! writes notifications the way Cilium's datapath does.
+//! `src/bin/verdict-tap.rs` holds the thin programs (fentry, kprobe) that
+//! feed it: the shipped object. Test-support programs (replay, benchmark,
+//! a Cilium-compatible emitter) are in `testkit/ebpf`, which links this
+//! library for the same maps and the same core.
 //!
 //! On the host target this crate is empty: it exists there only so the
 //! userspace crate can depend on it from `build.rs`.
@@ -14,5 +15,3 @@
 pub mod account;
 #[cfg(target_arch = "bpf")]
 pub mod maps;
-#[cfg(target_arch = "bpf")]
-pub mod packet;

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruPerCpuHashMap, PerCpuArray, PerfEventArray},
+    maps::{Array, LruPerCpuHashMap, PerCpuArray},
 };
 use verdict_common::maps::{
     DEFAULT_FLOW_TABLE_SIZE, EndpointCounters, FlowCounters, FlowKey, MAX_ENDPOINTS, Stat, TapConfig,
@@ -26,22 +26,3 @@ pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowCounters> =
 /// Outcome counters, indexed by `Stat`.
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
-
-// ---------------------------------------------------------------------------
-// Benchmark only (`cargo xtask bench`, program `bench_replay_and_emit`).
-// The tap never touches these; they are never pinned, and each load of the
-// object gets its own (a perf event array of one slot per CPU and three
-// per-CPU counters: negligible).
-// ---------------------------------------------------------------------------
-
-/// Benchmark only: the perf ring the benchmark's baseline reader (a
-/// stand-in for `cilium monitor` / Hubble reading `cilium_events`) consumes.
-#[map(name = "BENCH_EVENTS")]
-pub static BENCH_EVENTS: PerfEventArray<u32> = PerfEventArray::new(0);
-
-/// Benchmark only: index 0 notifications offered (program runs), 1 perf
-/// outputs written into `BENCH_EVENTS`, 2 perf outputs refused (ring full,
-/// or no reader on this CPU). Counted in the kernel, independently of both
-/// the agent and the reader.
-#[map(name = "BENCH_EMITTED")]
-pub static BENCH_EMITTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);

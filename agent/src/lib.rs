@@ -13,7 +13,6 @@ pub mod model;
 pub mod preflight;
 pub mod readiness;
 pub mod run;
-pub mod scenario;
 pub mod silence;
 pub mod state;
 pub mod suggest;

@@ -4,14 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use verdict_agent::{
-    bpf::{
-        emitter::{Emitter, Target},
-        loader::{LoaderConfig, Pipeline, TapChoice},
-    },
-    run::{self, RunArgs},
-    scenario::{self, ScenarioArgs, Via},
-};
+use verdict_agent::run::{self, RunArgs};
 
 #[derive(Parser)]
 #[command(
@@ -36,9 +29,6 @@ struct Cli {
 enum Command {
     /// Run the agent: attach the tap, serve /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness.
     Run(RunArgs),
-    /// Play a built-in traffic scenario as Cilium notifications (tests and demos only: it writes
-    /// into the cilium_events map at the given path, or into the agent's counters).
-    Scenario(ScenarioArgs),
     /// Ask a running agent whether switching PolicyAuditMode off is safe (exit 0 safe, 1 would break,
     /// 2 error, 3 not enough evidence).
     Preflight(verdict_agent::preflight::PreflightArgs),
@@ -59,7 +49,6 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => tokio_main(run::run(args)).map(|()| ExitCode::SUCCESS),
-        Command::Scenario(args) => play_scenario(args).map(|()| ExitCode::SUCCESS),
         Command::Preflight(args) => tokio_main(verdict_agent::preflight::run(args)),
         Command::Suggest(args) => tokio_main(verdict_agent::suggest::run(args)),
         Command::Analyze(args) => verdict_agent::analyze::run(args),
@@ -77,62 +66,4 @@ fn tokio_main<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> any
         .build()
         .context("starting the async runtime")?
         .block_on(f)
-}
-
-fn play_scenario(args: ScenarioArgs) -> anyhow::Result<()> {
-    let layout = args.layout;
-    let sc = match args.name.as_str() {
-        "demo" => scenario::demo(layout),
-        other => anyhow::bail!("unknown scenario {other:?}; built-in scenarios: demo"),
-    };
-    if args.print_endpoints {
-        println!("{}", serde_json::to_string_pretty(&scenario::cilium_endpoint_list(&sc.endpoints))?);
-        return Ok(());
-    }
-    match args.via {
-        Via::Emitter => {
-            let emitter = Emitter::load(&args.cilium_events_map)?;
-            for _ in 0..args.rounds {
-                for step in &sc.steps {
-                    emitter.emit(Target::CiliumEvents, &step.notification, step.repeat)?;
-                }
-            }
-            let c = emitter.counts()?;
-            println!(
-                "scenario {}: {} notifications emitted into {}",
-                sc.name,
-                c.cilium_events,
-                args.cilium_events_map.display()
-            );
-        }
-        Via::Replay => {
-            // Join the running agent's maps as they are: same flow table size.
-            let pinned_flows =
-                args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(verdict_common::maps::FLOWS);
-            let flow_table_size = aya::maps::MapData::from_pin(&pinned_flows)
-                .and_then(|m| m.info())
-                .map(|i| i.max_entries())
-                .with_context(|| {
-                    format!("no agent maps pinned at {}: start `verdict-agent run` first", pinned_flows.display())
-                })?;
-            let pipeline = Pipeline::load(&LoaderConfig {
-                pin_dir: args.pin_dir.clone(),
-                flow_table_size,
-                tap: TapChoice::Replay,
-                btf_path: "/sys/kernel/btf/vmlinux".into(),
-            })?;
-            for _ in 0..args.rounds {
-                for step in &sc.steps {
-                    verdict_agent::bpf::loader::replay_with(pipeline.ebpf(), &step.notification, step.repeat)?;
-                }
-            }
-            println!(
-                "scenario {}: {} notifications replayed into {}",
-                sc.name,
-                sc.total_notifications() * args.rounds as u64,
-                args.pin_dir.display()
-            );
-        }
-    }
-    Ok(())
 }

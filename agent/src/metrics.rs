@@ -266,7 +266,7 @@ impl Collector for VerdictCollector {
                 gauge(1),
             )],
         )?;
-        let attached = !matches!(view.tap, crate::bpf::loader::TapKind::Replay);
+        let attached = view.tap.attached();
         family(
             &mut encoder,
             "verdict_agent_tap_attached",

@@ -46,7 +46,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:9965", env = "VERDICT_AGENT_LISTEN")]
     pub listen: SocketAddr,
     /// How verdicts reach the counters: fentry (kernel >= 5.5 with BTF), kprobe, auto (fentry, else
-    /// kprobe), or replay (no hook; only for tests and kernels that allow neither).
+    /// kprobe), or none (no hook: the pinned counters move only if another program feeds them;
+    /// tests and demos on kernels that allow neither).
     #[arg(long, value_enum, default_value = "auto")]
     pub tap: TapChoice,
     /// Pin path of Cilium's perf event array that carries policy verdicts.
@@ -136,7 +137,9 @@ pub fn start_pipeline(args: &RunArgs) -> anyhow::Result<(SharedView, ReaderHandl
     let ledger_capacity = args.flow_table_size.saturating_add(args.max_retained_flows as u32).saturating_add(4096);
     let store = LedgerStore::open(&loader.pin_path(), ledger_capacity).context("opening the pinned flow ledger")?;
     let ledger = FlowLedger::restore(args.max_retained_flows, store.load());
-    let reader = MapReader { pipeline, follower, ledger, store, view: view.clone(), interval: args.poll_interval };
+    let pins = PinWatch::new(loader.pin_path());
+    let reader =
+        MapReader { pipeline, follower, ledger, store, pins, view: view.clone(), interval: args.poll_interval };
     let thread_stop = stop.clone();
     let join = thread::Builder::new()
         .name("map-reader".into())
@@ -165,8 +168,44 @@ struct MapReader {
     follower: EventsMapFollower,
     ledger: FlowLedger,
     store: LedgerStore,
+    pins: PinWatch,
     view: SharedView,
     interval: Duration,
+}
+
+/// Notices the pin directory vanishing under the running agent (removed
+/// by hand, a bpffs remount, a cleanup job): the maps still count through
+/// the agent's descriptors, but nothing keeps them past its exit, so the
+/// node's history would silently end at the next restart. From then on the
+/// reader stops reporting fresh reads, so `/healthz` fails (and the pod is
+/// restarted onto fresh pins), and the log says so once.
+struct PinWatch {
+    path: PathBuf,
+    lost: bool,
+}
+
+impl PinWatch {
+    fn new(path: PathBuf) -> PinWatch {
+        PinWatch { path, lost: false }
+    }
+
+    /// Checks the pins again; true while they are all in place.
+    fn check(&mut self) -> bool {
+        if self.lost {
+            return false;
+        }
+        if let Some(missing) = [ENDPOINT_COUNTERS, FLOWS, STATS].iter().map(|m| self.path.join(m)).find(|p| !p.exists())
+        {
+            error!(
+                pins = %self.path.display(),
+                missing = %missing.display(),
+                "the agent's pinned maps were removed while it runs: counts will not survive a restart; \
+                 /healthz now fails so the agent is restarted onto new pins"
+            );
+            self.lost = true;
+        }
+        !self.lost
+    }
 }
 
 impl MapReader {
@@ -179,6 +218,7 @@ impl MapReader {
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             if now >= next_follow {
+                self.pins.check();
                 self.follow();
                 next_follow = now + follow_every;
             }
@@ -222,7 +262,11 @@ impl MapReader {
                 view.aggregates = aggregates;
                 view.flows = flows.into();
                 view.map_reads += 1;
-                view.last_read = Some(Instant::now());
+                // With the pins gone the read is no longer one to trust
+                // across a restart: /healthz goes stale on purpose.
+                if self.pins.check() {
+                    view.last_read = Some(Instant::now());
+                }
             }
             Err(e) => {
                 warn!(error = %e, "reading the BPF maps failed; will retry next interval");

@@ -6,14 +6,12 @@
 use std::path::PathBuf;
 
 use aya::maps::{PerCpuArray, PerCpuHashMap};
-use verdict_agent::{
-    bpf::loader::{LoaderConfig, Pipeline, TapChoice, replay_with},
-    cilium::{
-        golden::golden_notifications,
-        monitor::{DecodeErrorKind, expected_flow_key},
-    },
-};
+use verdict_agent::cilium::monitor::{DecodeErrorKind, expected_flow_key};
 use verdict_common::maps::{FLOWS, FlowCounters, FlowKey, STATS, Stat};
+use verdict_testkit::{
+    golden::golden_notifications,
+    replay::{Replayer, replay_with},
+};
 
 /// What the kernel did with one input.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,7 +23,7 @@ enum KernelOutcome {
 }
 
 struct Kernel {
-    pipeline: Pipeline,
+    pipeline: Replayer,
     pins: PathBuf,
 }
 
@@ -33,13 +31,7 @@ impl Kernel {
     fn load(name: &str) -> Kernel {
         let pins = PathBuf::from(format!("/sys/fs/bpf/verdict-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&pins);
-        let pipeline = Pipeline::load(&LoaderConfig {
-            pin_dir: pins.clone(),
-            flow_table_size: 65536,
-            tap: TapChoice::Replay,
-            btf_path: "/sys/kernel/btf/vmlinux".into(),
-        })
-        .expect("loading the tap object (root and bpffs needed)");
+        let pipeline = Replayer::load(&pins, 65536).expect("loading the replay object (root and bpffs needed)");
         Kernel { pipeline, pins }
     }
 

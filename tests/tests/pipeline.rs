@@ -1,6 +1,6 @@
 //! The in-kernel pipeline on the host kernel, through the real verifier and
-//! BPF_PROG_TEST_RUN (the replay entry feeds the same accounting core as the
-//! tap). Needs root and bpffs; `cargo xtask test` provides both.
+//! BPF_PROG_TEST_RUN (the testkit's replay entry feeds the same accounting core as the
+//! tap, on the maps a `--tap none` agent pins and reads). Needs root and bpffs; `cargo xtask test` provides both.
 
 use std::{
     net::SocketAddr,
@@ -8,15 +8,13 @@ use std::{
     time::Duration,
 };
 
-use verdict_agent::{
-    bpf::{
-        loader::{LoaderConfig, Pipeline, TapChoice, replay_with},
-        snapshot::{CountingMaps, MapSnapshot},
-    },
-    scenario::{Layout, PolicyDrop, PolicyVerdict},
-};
+use verdict_agent::bpf::snapshot::{CountingMaps, MapSnapshot};
 use verdict_agent_tests::{agent_process::AgentProcess, scrape::Scrape};
 use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, FlowKey, STATS, Stat};
+use verdict_testkit::{
+    replay::{Replayer, replay_with},
+    scenario::{Layout, PolicyDrop, PolicyVerdict},
+};
 
 /// A pin directory of its own per test, removed afterwards.
 struct Pins(PathBuf);
@@ -35,17 +33,11 @@ impl Drop for Pins {
     }
 }
 
-fn load(pins: &Path, flow_table_size: u32) -> Pipeline {
-    Pipeline::load(&LoaderConfig {
-        pin_dir: pins.to_path_buf(),
-        flow_table_size,
-        tap: TapChoice::Replay,
-        btf_path: "/sys/kernel/btf/vmlinux".into(),
-    })
-    .expect("loading the tap object in replay mode (root and bpffs needed)")
+fn load(pins: &Path, flow_table_size: u32) -> Replayer {
+    Replayer::load(pins, flow_table_size).expect("loading the replay object (root and bpffs needed)")
 }
 
-fn snapshot(p: &Pipeline) -> MapSnapshot {
+fn snapshot(p: &Replayer) -> MapSnapshot {
     let e = p.ebpf();
     MapSnapshot::read(CountingMaps {
         endpoints: e.map(ENDPOINT_COUNTERS).unwrap(),
@@ -236,7 +228,7 @@ fn lru_eviction_never_makes_an_exported_counter_go_down() {
         addr(19981),
         &[
             "--tap",
-            "replay",
+            "none",
             "--pin-dir",
             pins.0.to_str().unwrap(),
             "--flow-table-size",
@@ -277,7 +269,7 @@ fn lru_eviction_never_makes_an_exported_counter_go_down() {
 #[test]
 fn restart_continues_the_counts() {
     let pins = Pins::new("restart");
-    let args = ["--tap", "replay", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "100ms"];
+    let args = ["--tap", "none", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "100ms"];
     let log = std::env::temp_dir().join("verdict-test-restart.log");
 
     let agent = AgentProcess::start(addr(19982), &args, &log).unwrap();
@@ -311,7 +303,7 @@ fn flows_api_matches_the_maps() {
     let log = std::env::temp_dir().join("verdict-test-api.log");
     let agent = AgentProcess::start(
         addr(19983),
-        &["--tap", "replay", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "100ms"],
+        &["--tap", "none", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "100ms"],
         &log,
     )
     .unwrap();

@@ -1,7 +1,13 @@
 //! `cargo xtask demo`: the agent on the built-in rollout scenario.
 //!
-//! Builds the agent, starts it with the real tap where the kernel allows
-//! one (else the replay entry, and says so), plays the scenario (a host
+//! Builds the shipped agent and the testkit's `verdict-scenario`, starts
+//! the agent with the real tap where the kernel allows one and plays the
+//! scenario through the Cilium-compatible emitter; where the kernel allows
+//! no tap (this project's build host), starts it with `--tap none` (no
+//! hook; visible as `tap="none"` and `verdict_agent_tap_attached 0`) and
+//! plays the scenario through the testkit's replay entry into the agent's
+//! pinned counters: the same in-kernel accounting code, fed by
+//! BPF_PROG_TEST_RUN instead of the hook. It says which. The scenario (a host
 //! endpoint in audit mode whose host policy forgot the API server and the
 //! kubelet, receiving an internet port scan; a pod with denied egress to a
 //! private range), prints a per-endpoint table, and keeps serving
@@ -34,15 +40,28 @@ pub fn run(args: DemoArgs) -> Result<()> {
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
     crate::test::ensure_bpffs()?;
-    tools::run(tools::cargo().args(["build", "--release", "-p", "verdict-agent"]))?;
+    tools::run(tools::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "verdict-agent",
+        "-p",
+        "verdict-testkit",
+        "--bin",
+        "verdict-agent",
+        "--bin",
+        "verdict-scenario",
+    ]))?;
     let bin = target_dir().join("release").join("verdict-agent");
+    // Test tooling, not part of the shipped agent: it writes notifications.
+    let scenario = target_dir().join("release").join("verdict-scenario");
     let _ = std::fs::remove_dir_all(PIN_DIR);
     let _ = std::fs::remove_file(EVENTS);
 
     // The scenario's endpoints, as `cilium endpoint list -o json` prints them:
     // no Cilium and no Kubernetes API are needed to name them.
     let endpoints = target_dir().join("demo-endpoints.json");
-    let out = Command::new(&bin).args(["scenario", "--print-endpoints"]).output().context("verdict-agent scenario")?;
+    let out = Command::new(&scenario).arg("--print-endpoints").output().context("verdict-scenario")?;
     std::fs::write(&endpoints, &out.stdout)?;
 
     let start = |tap: &str| -> Result<Child> {
@@ -56,28 +75,32 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .context("starting verdict-agent")
     };
     let (mut agent, via) = match start("auto").and_then(|c| wait_ready(c, &args.listen)) {
-        Ok(child) => (child, "emitter"),
+        Ok(child) => {
+            println!("\n== mode: real tap attached; the scenario goes through the Cilium-compatible emitter");
+            (child, "emitter")
+        }
         Err(e) => {
             println!("\nThis kernel allows no tap (fentry and kprobe refused: {e:#}).");
-            println!("Falling back to the replay entry: the same in-kernel accounting, fed by BPF_PROG_TEST_RUN.");
-            println!("`cargo xtask test` runs the real tap on Debian kernels in QEMU.\n");
+            println!("== mode: no hook (`verdict-agent run --tap none`, tap_attached 0); the testkit's replay entry");
+            println!(
+                "   feeds the agent's pinned counters: the same in-kernel accounting code, run by BPF_PROG_TEST_RUN."
+            );
+            println!("   `cargo xtask test --only vm` runs the real tap on Debian kernels in QEMU.\n");
             let _ = std::fs::remove_dir_all(PIN_DIR);
-            (wait_ready(start("replay")?, &args.listen)?, "replay")
+            (wait_ready(start("none")?, &args.listen)?, "replay")
         }
     };
-    println!("== playing the demo scenario via the {via}");
-    tools::run(Command::new(&bin).args([
-        "scenario",
-        "--via",
-        via,
-        "--pin-dir",
-        PIN_DIR,
-        "--cilium-events-map",
-        EVENTS,
-    ]))?;
+    println!("== playing the demo scenario via the {via} (verdict-scenario, test tooling)");
+    tools::run(Command::new(&scenario).args(["--via", via, "--pin-dir", PIN_DIR, "--cilium-events-map", EVENTS]))?;
     std::thread::sleep(Duration::from_millis(2500));
 
     let metrics = get(&args.listen, "/metrics")?;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("verdict_agent_tap_info{") || l.starts_with("verdict_agent_tap_attached"))
+    {
+        println!("{line}");
+    }
     print_table(&metrics);
     println!("\n== host lockout and readiness (from /metrics)");
     for line in metrics.lines().filter(|l| {

@@ -5,7 +5,8 @@
 //!    deploy/prometheus/verdict-agent.rules.yml, and the host lockout risk
 //!    alert goes pending.
 //!
-//! The agent runs with the replay entry (the host kernel allows no tap);
+//! The agent runs with `--tap none` and the testkit's replay entry feeds
+//! its pinned counters (the host kernel allows no tap);
 //! the tap itself is proven in the VM step.
 
 use std::{
@@ -78,23 +79,25 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) 
 pub fn run() -> Result<()> {
     tools::ensure_apt(&["prometheus"])?;
     let agent_bin = target_dir().join("debug").join("verdict-agent");
+    // Test tooling (testkit): plays the scenario into the agent's pinned counters.
+    let scenario_bin = target_dir().join("debug").join("verdict-scenario");
     let dir = target_dir().join("e2e");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let _ = std::fs::remove_dir_all(PINS);
 
     let endpoints = dir.join("endpoints.json");
-    let out = Command::new(&agent_bin)
-        .args(["scenario", "--print-endpoints"])
+    let out = Command::new(&scenario_bin)
+        .arg("--print-endpoints")
         .output()
-        .context("running verdict-agent scenario")?;
-    ensure!(out.status.success(), "verdict-agent scenario --print-endpoints failed");
+        .with_context(|| format!("running {}", scenario_bin.display()))?;
+    ensure!(out.status.success(), "verdict-scenario --print-endpoints failed");
     std::fs::write(&endpoints, &out.stdout)?;
 
     let log = std::fs::File::create(dir.join("agent.log"))?;
     let agent = Guard(
         Command::new(&agent_bin)
-            .args(["run", "--tap", "replay", "--listen", AGENT, "--pin-dir", PINS, "--poll-interval", "1s"])
+            .args(["run", "--tap", "none", "--listen", AGENT, "--pin-dir", PINS, "--poll-interval", "1s"])
             .args(["--cilium-events-map", "/sys/fs/bpf/verdict-e2e-no-cilium", "--no-events", "--flow-metrics"])
             .arg("--endpoints-file")
             .arg(&endpoints)
@@ -104,7 +107,7 @@ pub fn run() -> Result<()> {
             .context("starting verdict-agent")?,
     );
     wait_for("the agent's /readyz", Duration::from_secs(30), || Ok(get(AGENT, "/readyz").is_ok()))?;
-    tools::run(Command::new(&agent_bin).args(["scenario", "--via", "replay", "--pin-dir", PINS]))?;
+    tools::run(Command::new(&scenario_bin).args(["--via", "replay", "--pin-dir", PINS]))?;
     wait_for("the lockout risk in /metrics", Duration::from_secs(30), || {
         Ok(get(AGENT, "/metrics")?
             .lines()

@@ -116,6 +116,8 @@ fn lint() -> Result<()> {
         "-p",
         "verdict-common",
         "-p",
+        "verdict-testkit",
+        "-p",
         "xtask",
         "--all-targets",
         "--",
@@ -125,7 +127,16 @@ fn lint() -> Result<()> {
 }
 
 fn build() -> Result<()> {
-    tools::run(tools::cargo().args(["build", "-p", "verdict-agent", "-p", "verdict-agent-tests", "--bins"]))
+    tools::run(tools::cargo().args([
+        "build",
+        "-p",
+        "verdict-agent",
+        "-p",
+        "verdict-testkit",
+        "-p",
+        "verdict-agent-tests",
+        "--bins",
+    ]))
 }
 
 /// `verdict-bench --quick` on the debug build, soak aside (the host tests

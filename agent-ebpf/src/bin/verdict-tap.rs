@@ -6,30 +6,23 @@
 //! tap hooks that function, keeps only calls whose `map` is Cilium's (by
 //! kernel map ID), copies `meta` (the notification struct on the emitter's
 //! stack) and accounts it. fentry is preferred; kprobe is the fallback for
-//! kernels without BPF trampolines. `replay` feeds the same core from packet
-//! data, for tests and the benchmark.
+//! kernels without BPF trampolines. This object is what ships: it has no
+//! program that can write counters from anything but a hooked Cilium
+//! notification (the replay and benchmark entries are the testkit's,
+//! `testkit/ebpf`).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_F_CURRENT_CPU, TC_ACT_OK},
-    helpers::{
-        bpf_probe_read_kernel,
-        generated::{bpf_perf_event_output, bpf_probe_read_kernel as probe_read_raw},
-    },
-    macros::{classifier, fentry, kprobe},
-    programs::{FEntryContext, ProbeContext, TcContext},
+    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_raw},
+    macros::{fentry, kprobe},
+    programs::{FEntryContext, ProbeContext},
 };
 use verdict_agent_ebpf::{
     account::{Notification, account, count},
-    maps::{BENCH_EMITTED, BENCH_EVENTS, TAP_CONFIG},
-    packet::copy_packet,
+    maps::TAP_CONFIG,
 };
-use verdict_common::{
-    cilium::capture_hdr::LEN_CAP,
-    maps::{MAX_NOTIFICATION_SIZE, Stat},
-};
+use verdict_common::maps::{MAX_NOTIFICATION_SIZE, Stat};
 
 /// Argument positions of `bpf_skb_event_output`.
 const ARG_MAP: usize = 1;
@@ -83,77 +76,6 @@ fn tap(map: u64, meta: u64, meta_size: u64) {
         }
     }
     account(&buf, meta_size as usize);
-}
-
-/// Replay entry: the packet data is one notification, accounted exactly as
-/// the tap would account it. Run with BPF_PROG_TEST_RUN.
-#[classifier]
-pub fn replay(ctx: TcContext) -> i32 {
-    let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
-    copy_packet(&ctx, &mut buf);
-    // The packet's length is the notification's length (`meta_size`), even
-    // beyond the bytes copied, exactly as the tap sees it.
-    account(&buf, ctx.len() as usize);
-    TC_ACT_OK
-}
-
-/// Does nothing: the benchmark's baseline for the cost of a test run.
-#[classifier]
-pub fn bench_empty(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
-}
-
-/// Cilium's default `--trace-payloadlen`: at most this many packet bytes
-/// follow a notification in its perf record (`len_cap`).
-const TRACE_PAYLOAD_LEN: usize = 128;
-
-/// A perf record the size Cilium's would be: the notification, then
-/// `len_cap` bytes of (here zeroed) packet.
-#[repr(C)]
-struct BenchRecord {
-    notification: Notification,
-    packet: [u8; TRACE_PAYLOAD_LEN],
-}
-
-/// Benchmark only: one notification from packet data, accounted exactly as
-/// `replay` does AND offered to a userspace perf reader (`BENCH_EVENTS`),
-/// so one test run is one verdict both counted in the kernel and delivered
-/// to (or lost by) a Hubble-style consumer. The record carries `len_cap`
-/// packet bytes after the notification, as Cilium's do, so the ring holds
-/// as many records as `cilium_events` would. `BENCH_EMITTED` counts the
-/// offers and their outcome independently of both.
-#[classifier]
-pub fn bench_replay_and_emit(ctx: TcContext) -> i32 {
-    let mut record = BenchRecord { notification: [0; MAX_NOTIFICATION_SIZE], packet: [0; TRACE_PAYLOAD_LEN] };
-    let n = copy_packet(&ctx, &mut record.notification);
-    account(&record.notification, ctx.len() as usize);
-    bench_bump(0);
-    if n > 0 {
-        let cap = u16::from_ne_bytes([record.notification[LEN_CAP], record.notification[LEN_CAP + 1]]) as usize;
-        let size = n + cap.min(TRACE_PAYLOAD_LEN);
-        // SAFETY: `size` <= size of `record`; BENCH_EVENTS is a perf event array of this object.
-        let rc = unsafe {
-            bpf_perf_event_output(
-                ctx.as_ptr(),
-                (&BENCH_EVENTS as *const aya_ebpf::maps::PerfEventArray<u32>).cast_mut().cast(),
-                BPF_F_CURRENT_CPU,
-                (&mut record as *mut BenchRecord).cast(),
-                size as u64,
-            )
-        };
-        bench_bump(if rc == 0 { 1 } else { 2 });
-    } else {
-        bench_bump(2);
-    }
-    TC_ACT_OK
-}
-
-#[inline(always)]
-fn bench_bump(index: u32) {
-    if let Some(slot) = BENCH_EMITTED.get_ptr_mut(index) {
-        // SAFETY: this CPU's slot; tc programs do not nest on one CPU.
-        unsafe { *slot += 1 };
-    }
 }
 
 #[cfg(not(test))]

@@ -6,8 +6,34 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
+use thiserror::Error;
 use tracing::warn;
 use verdict_common::maps::{FLOW_LEDGER, FlowKey, LedgerRecord};
+
+#[derive(Debug, Error)]
+pub enum LedgerStoreError {
+    #[error(
+        "cannot open the pinned flow ledger {path}; it holds the bases that keep flow counters monotonic, \
+         so it is not replaced: fix its permissions, or remove it by hand to start the bases over"
+    )]
+    Unreadable {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot remove the flow ledger of another shape at {path}; remove it by hand")]
+    Replace {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create and pin the flow ledger at {path}")]
+    Create {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+}
 
 pub struct LedgerStore {
     map: HashMap<MapData, FlowKey, LedgerRecord>,
@@ -17,32 +43,31 @@ pub struct LedgerStore {
 
 impl LedgerStore {
     /// Opens the pinned ledger under `pins`, or creates and pins it. A
-    /// pinned ledger of another shape is replaced (its bases start over).
-    pub fn open(pins: &Path, capacity: u32) -> Result<LedgerStore, MapError> {
+    /// pinned ledger of another shape is replaced (its bases start over,
+    /// and the log says so); one that cannot be opened is an error.
+    pub fn open(pins: &Path, capacity: u32) -> Result<LedgerStore, LedgerStoreError> {
         let path = pins.join(FLOW_LEDGER);
+        let unreadable = |source| LedgerStoreError::Unreadable { path: path.display().to_string(), source };
         if path.exists() {
-            let shaped = MapData::from_pin(&path).and_then(|m| {
-                let i = m.info()?;
-                let ok = i.key_size() as usize == size_of::<FlowKey>()
-                    && i.value_size() as usize == size_of::<LedgerRecord>()
-                    && i.max_entries() == capacity;
-                Ok((m, ok))
-            });
-            match shaped {
-                Ok((data, true)) => {
-                    let map = HashMap::try_from(Map::HashMap(data))?;
-                    return Ok(LedgerStore { map, path, full_warned: false });
-                }
-                _ => {
-                    warn!(path = %path.display(), "pinned flow ledger has another shape (resized?); starting a new one");
-                    let _ = std::fs::remove_file(&path);
-                }
+            let data = MapData::from_pin(&path).map_err(unreadable)?;
+            let i = data.info().map_err(unreadable)?;
+            let shape = (i.key_size() as usize, i.value_size() as usize, i.max_entries());
+            if shape == (size_of::<FlowKey>(), size_of::<LedgerRecord>(), capacity) {
+                let map = HashMap::try_from(Map::HashMap(data)).map_err(unreadable)?;
+                return Ok(LedgerStore { map, path, full_warned: false });
             }
+            warn!(path = %path.display(), pinned_entries = shape.2, wanted_entries = capacity,
+                pinned_key = shape.0, pinned_value = shape.1,
+                "pinned flow ledger has another shape (resized?); replacing it: the bases of evicted flows are lost, \
+                 their exported flow totals may restart lower");
+            std::fs::remove_file(&path)
+                .map_err(|source| LedgerStoreError::Replace { path: path.display().to_string(), source })?;
         }
-        let map: HashMap<MapData, FlowKey, LedgerRecord> = HashMap::create(capacity, 0)?;
+        let create = |source| LedgerStoreError::Create { path: path.display().to_string(), source };
+        let map: HashMap<MapData, FlowKey, LedgerRecord> = HashMap::create(capacity, 0).map_err(create)?;
         // Pinning consumes the handle; reopen through the pin.
-        map.pin(&path).map_err(|error| MapError::PinError { name: Some(FLOW_LEDGER.into()), error })?;
-        let map = HashMap::try_from(Map::HashMap(MapData::from_pin(&path)?))?;
+        map.pin(&path).map_err(|error| create(MapError::PinError { name: Some(FLOW_LEDGER.into()), error }))?;
+        let map = HashMap::try_from(Map::HashMap(MapData::from_pin(&path).map_err(create)?)).map_err(create)?;
         Ok(LedgerStore { map, path, full_warned: false })
     }
 

@@ -3,7 +3,13 @@
 //! The counting maps are pinned under `<pin dir>/<layout version>/` so an
 //! agent restart or upgrade continues the same counters. aya reuses a pinned
 //! map without checking its shape, so [`check_pins`] does: a map whose shape
-//! changed is unpinned with a warning, never silently misread.
+//! changed is replaced with a warning that says what was lost, never
+//! silently misread; a pin that cannot be opened at all stops the agent
+//! with the path and the cause (deleting it would lose counts that may be
+//! fine). One agent per pin directory: [`PinLock`].
+//!
+//! Only the tap programs are in the object: nothing loaded here can write
+//! the counters except from a notification the hook saw.
 
 use std::{
     io,
@@ -13,7 +19,7 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, MapData},
-    programs::{FEntry, KProbe, SchedClassifier, TestRun, TestRunOptions},
+    programs::{FEntry, KProbe},
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -22,7 +28,7 @@ use verdict_common::maps::{
     TAP_CONFIG, TapConfig,
 };
 
-use super::{btf::KernelBtf, objects::TAP_OBJECT};
+use super::{btf::KernelBtf, objects::TAP_OBJECT, privileges};
 
 /// The kernel function behind `bpf_perf_event_output` in tc programs.
 pub const HOOKED_FUNCTION: &str = "bpf_skb_event_output";
@@ -36,9 +42,12 @@ pub enum TapChoice {
     Fentry,
     /// kprobe on the function: kernels without trampolines (CONFIG_KPROBES).
     Kprobe,
-    /// No hook: notifications arrive only through the replay program
-    /// (tests, demo, and kernels that allow neither hook).
-    Replay,
+    /// No hook: the counting maps are created, pinned and read, but this
+    /// agent counts nothing itself; they move only if another program
+    /// feeds them (the testkit's replay entry, for demos and tests on
+    /// kernels that allow no hook). Shown as `tap="none"` and
+    /// `verdict_agent_tap_attached 0`.
+    None,
 }
 
 /// The tap that is actually in place.
@@ -46,7 +55,8 @@ pub enum TapChoice {
 pub enum TapKind {
     Fentry,
     Kprobe,
-    Replay,
+    /// `--tap none`: no hook attached, counters fed externally.
+    None,
 }
 
 impl TapKind {
@@ -54,8 +64,13 @@ impl TapKind {
         match self {
             TapKind::Fentry => "fentry",
             TapKind::Kprobe => "kprobe",
-            TapKind::Replay => "replay",
+            TapKind::None => "none",
         }
+    }
+
+    /// Whether a hook is in the kernel.
+    pub fn attached(self) -> bool {
+        !matches!(self, TapKind::None)
     }
 }
 
@@ -67,10 +82,12 @@ pub enum LoadError {
     NoBpffs(String),
     #[error("cannot create pin directory {path}: {source}")]
     PinDir { path: String, source: io::Error },
-    #[error(
-        "loading the tap object failed: {0}; the agent needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN on kernels before 5.8)"
-    )]
-    Load(#[source] aya::EbpfError),
+    #[error("loading the tap object failed: {hint}")]
+    Load {
+        hint: String,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
     #[error("the tap object has no {0}; the binary is broken, rebuild it")]
     MissingInObject(&'static str),
     #[error("BPF map {map}: {source}")]
@@ -79,8 +96,22 @@ pub enum LoadError {
     Btf(#[from] super::btf::BtfError),
     #[error("could not attach a tap to {HOOKED_FUNCTION}: {0}")]
     Attach(String),
-    #[error("replay run failed: {0}")]
-    Replay(#[source] aya::programs::ProgramError),
+    #[error(
+        "cannot open the pinned map {path} ({cause}); it may hold this node's counts, so it is not replaced: \
+         fix its permissions or ownership, or remove it by hand to start the counts over"
+    )]
+    PinUnreadable { path: String, cause: String },
+    #[error(
+        "another verdict-agent already uses the pin directory {path} ({holder}); \
+         run one agent per node, or give this one its own --pin-dir"
+    )]
+    PinDirLocked { path: String, holder: String },
+    #[error("cannot lock the pin directory {path}")]
+    PinLock {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Settings of the in-kernel pipeline.
@@ -108,6 +139,8 @@ pub struct Pipeline {
     ebpf: Ebpf,
     tap: TapKind,
     map_id_offset: u32,
+    /// Held while the pipeline lives: one agent per pin directory.
+    _lock: PinLock,
 }
 
 impl Pipeline {
@@ -117,7 +150,15 @@ impl Pipeline {
         ensure_bpffs(&config.pin_dir)?;
         std::fs::create_dir_all(&pins)
             .map_err(|source| LoadError::PinDir { path: pins.display().to_string(), source })?;
-        check_pins(&pins, config.flow_table_size);
+        let lock = PinLock::acquire(&config.pin_dir)?;
+        check_pins(&pins, config.flow_table_size)?;
+        let memlock = privileges::raise_memlock();
+        if let Some(m) = memlock {
+            info!(
+                memlock_kib = m.soft_bytes.map(|b| b / 1024),
+                "kernel charges BPF maps to RLIMIT_MEMLOCK (before 5.11)"
+            );
+        }
 
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(ENDPOINT_COUNTERS, pins.join(ENDPOINT_COUNTERS))
@@ -125,16 +166,22 @@ impl Pipeline {
             .map_pin_path(STATS, pins.join(STATS))
             .map_max_entries(FLOWS, config.flow_table_size)
             .load(TAP_OBJECT)
-            .map_err(LoadError::Load)?;
-
-        // The replay entry is always loaded: tests and the demo feed it even
-        // when a hook is attached.
-        program_mut::<SchedClassifier>(&mut ebpf, "replay")
-            .and_then(|p| p.load().map_err(|e| error_chain(&e)))
-            .map_err(|e| LoadError::Attach(format!("replay program: {e}")))?;
+            .map_err(|source| LoadError::Load {
+                hint: privileges::diagnose(
+                    privileges::refused_for_permission(&source),
+                    privileges::kernel_version(),
+                    privileges::effective_capabilities(),
+                    memlock,
+                ),
+                source: Box::new(source),
+            })?;
 
         let (tap, map_id_offset) = match config.tap {
-            TapChoice::Replay => (TapKind::Replay, 0),
+            TapChoice::None => {
+                warn!(pins = %pins.display(),
+                    "--tap none: no hook attached; the counters move only if another program feeds the pinned maps (tests and demos)");
+                (TapKind::None, 0)
+            }
             choice => {
                 let kernel_btf = KernelBtf::load(&config.btf_path)?;
                 if !kernel_btf.has_function(HOOKED_FUNCTION)? {
@@ -144,7 +191,7 @@ impl Pipeline {
                 (attach(&mut ebpf, choice, &config.btf_path)?, offset)
             }
         };
-        let mut pipeline = Pipeline { ebpf, tap, map_id_offset };
+        let mut pipeline = Pipeline { ebpf, tap, map_id_offset, _lock: lock };
         pipeline.set_events_map_id(0)?;
         info!(tap = tap.as_str(), pins = %pins.display(), flow_table_size = config.flow_table_size, "in-kernel pipeline ready");
         Ok(pipeline)
@@ -164,38 +211,9 @@ impl Pipeline {
             .map_err(|source| LoadError::Map { map: TAP_CONFIG, source })
     }
 
-    /// Runs the replay program once on `notification`, exactly as the tap
-    /// would account it.
-    pub fn replay(&self, notification: &[u8]) -> Result<(), LoadError> {
-        replay_with(&self.ebpf, notification, 1)
-    }
-
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
     }
-
-    /// For the benchmark, which loads `bench_empty` beside the replay entry.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
-    }
-}
-
-/// Runs the replay program of `ebpf` `repeat` times on one notification.
-pub fn replay_with(ebpf: &Ebpf, notification: &[u8], repeat: u32) -> Result<(), LoadError> {
-    let prog: &SchedClassifier = ebpf
-        .program("replay")
-        .ok_or(LoadError::MissingInObject("program replay"))?
-        .try_into()
-        .map_err(LoadError::Replay)?;
-    // BPF_PROG_TEST_RUN wants at least an Ethernet header's worth of data.
-    let mut data = notification.to_vec();
-    let len = data.len();
-    if len < 14 {
-        data.resize(14, 0);
-    }
-    prog.test_run(TestRunOptions { data_in: Some(&data[..len.max(14)]), repeat, ..Default::default() })
-        .map_err(LoadError::Replay)?;
-    Ok(())
 }
 
 fn attach(ebpf: &mut Ebpf, choice: TapChoice, btf_path: &Path) -> Result<TapKind, LoadError> {
@@ -220,7 +238,7 @@ fn attach(ebpf: &mut Ebpf, choice: TapChoice, btf_path: &Path) -> Result<TapKind
     }
     Err(LoadError::Attach(format!(
         "{}. fentry needs BPF trampolines (x86-64 kernel >= 5.5 with CONFIG_DEBUG_INFO_BTF, not blocked by lockdown); \
-         kprobe needs CONFIG_KPROBES and the kprobe PMU. `--tap replay` runs without a hook (tests only).",
+         kprobe needs CONFIG_KPROBES and the kprobe PMU. `--tap none` starts without a hook (nothing is counted then).",
         failures.join("; ")
     )))
 }
@@ -288,33 +306,108 @@ fn expected_shapes(flow_table_size: u32) -> [(&'static str, u32, u32, u32); 3] {
     ]
 }
 
-/// Unpins maps whose shape does not match this binary's, so they are
-/// recreated instead of misread.
-fn check_pins(pins: &Path, flow_table_size: u32) {
+/// Replaces pinned maps whose shape does not match this binary's, so they
+/// are recreated instead of misread, saying what is lost. A pin that cannot
+/// be opened is an error: its counts may be intact.
+fn check_pins(pins: &Path, flow_table_size: u32) -> Result<(), LoadError> {
     for (name, key, value, entries) in expected_shapes(flow_table_size) {
         let path = pins.join(name);
         if !path.exists() {
             continue;
         }
-        let shape =
-            MapData::from_pin(&path).and_then(|m| m.info()).map(|i| (i.key_size(), i.value_size(), i.max_entries()));
-        match shape {
-            Ok(s) if s == (key, value, entries) => {}
-            Ok((k, v, e)) => {
-                warn!(
-                    map = name,
-                    pinned_entries = e,
-                    wanted_entries = entries,
-                    pinned_key = k,
-                    pinned_value = v,
-                    "pinned map has another shape (resized or upgraded); recreating it, its counts start over"
-                );
-                let _ = std::fs::remove_file(&path);
-            }
-            Err(e) => {
-                warn!(map = name, error = %e, "pinned map unreadable; recreating it");
-                let _ = std::fs::remove_file(&path);
-            }
+        let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|e| unreadable(&path, &e))?;
+        let shape = (info.key_size(), info.value_size(), info.max_entries());
+        if shape == (key, value, entries) {
+            continue;
         }
+        let (k, v, e) = shape;
+        warn!(
+            map = name,
+            path = %path.display(),
+            pinned_entries = e,
+            wanted_entries = entries,
+            pinned_key = k,
+            pinned_value = v,
+            wanted_key = key,
+            wanted_value = value,
+            lost = lost_counts(name, &path).as_str(),
+            "pinned map has another shape (resized or upgraded); replacing it, the counts it held are lost"
+        );
+        std::fs::remove_file(&path).map_err(|e| unreadable(&path, &e))?;
     }
+    Ok(())
+}
+
+/// What a replaced map held, for the warning.
+fn lost_counts(name: &str, path: &Path) -> String {
+    if name == STATS
+        && let Ok(map) = MapData::from_pin(path)
+        && let Ok(stats) = aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(map))
+        && let Ok(counted) = stats.get(&(Stat::Counted as u32), 0)
+    {
+        return format!("{} notifications counted so far", counted.iter().sum::<u64>());
+    }
+    "every count in it".to_string()
+}
+
+fn unreadable(path: &Path, e: &dyn std::error::Error) -> LoadError {
+    LoadError::PinUnreadable { path: path.display().to_string(), cause: error_chain(e) }
+}
+
+/// An exclusive `flock` on the pin directory, held for the agent's life:
+/// two agents counting into (and reading) the same maps would each report
+/// the other's verdicts. Released by the kernel when the process exits,
+/// however it exits.
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+impl PinLock {
+    pub fn acquire(pin_dir: &Path) -> Result<PinLock, LoadError> {
+        let path = pin_dir.display().to_string();
+        let dir = std::fs::File::open(pin_dir).map_err(|source| LoadError::PinLock { path: path.clone(), source })?;
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(PinLock { _dir: dir });
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(LoadError::PinLock { path, source: error });
+        }
+        let holder = match lock_holder(&dir) {
+            Some(pid) => {
+                let command = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .map(|c| c.replace('\0', " ").trim().escape_debug().to_string())
+                    .unwrap_or_default();
+                format!("held by pid {pid} {command}").trim_end().to_string()
+            }
+            None => "held by a process this one cannot see".to_string(),
+        };
+        Err(LoadError::PinDirLocked { path, holder })
+    }
+}
+
+/// The pid holding a `flock` on `file`, from `/proc/locks` (pids there are
+/// in this process's pid namespace; 0 or absent when not visible).
+fn lock_holder(file: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let inode = meta.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:1f:5678 0 EOF"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (kind, pid, id) = (fields.get(1)?, fields.get(4)?, fields.get(5)?);
+        let mut parts = id.split(':');
+        let (maj, min, ino) = (parts.next()?, parts.next()?, parts.next()?);
+        let matches = *kind == "FLOCK"
+            && u32::from_str_radix(maj, 16).ok()? == major
+            && u32::from_str_radix(min, 16).ok()? == minor
+            && ino.parse::<u64>().ok()? == inode;
+        let pid: u32 = pid.parse().ok()?;
+        (matches && pid != 0 && pid != std::process::id()).then_some(pid)
+    })
 }

@@ -3,9 +3,9 @@
 //! counters back ([`snapshot`], in batches where the kernel can: [`batch`]).
 pub mod batch;
 pub mod btf;
-pub mod emitter;
 pub mod events_map;
 pub mod ledger_store;
 pub mod loader;
 pub mod objects;
+pub mod privileges;
 pub mod snapshot;

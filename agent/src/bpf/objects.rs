@@ -1,6 +1,35 @@
-//! The BPF objects built by `build.rs`, embedded in the binary.
+//! The BPF object built by `build.rs`, embedded in the binary: the tap
+//! (fentry, kprobe) and its counting maps, nothing else. The replay,
+//! benchmark and emitter programs are the testkit's (`testkit/ebpf`).
 
-/// Tap, replay and benchmark programs plus the agent's maps.
+/// Tap programs plus the agent's maps.
 pub static TAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/verdict-tap"));
-/// Test and demo emitter of Cilium-compatible notifications.
-pub static EMITTER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cilium-emitter"));
+
+#[cfg(test)]
+mod tests {
+    use aya_obj::{Object, ProgramSection};
+    use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, STATS, TAP_CONFIG};
+
+    use super::TAP_OBJECT;
+
+    /// What ships can only count what a hook saw: no tc (or any other)
+    /// program that could be fed notifications, no benchmark or emitter map.
+    #[test]
+    fn the_shipped_object_holds_only_the_tap_and_its_counting_maps() {
+        let object = Object::parse(TAP_OBJECT).expect("the embedded tap object parses");
+        let mut programs: Vec<(&str, &ProgramSection)> =
+            object.programs.iter().map(|(name, p)| (name.as_str(), &p.section)).collect();
+        programs.sort_by_key(|(name, _)| *name);
+        let names: Vec<&str> = programs.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["tap_fentry", "tap_kprobe"], "programs of the shipped object");
+        for (name, section) in &programs {
+            assert!(
+                matches!(section, ProgramSection::FEntry { .. } | ProgramSection::KProbe),
+                "{name} is a {section:?} program, not a tap"
+            );
+        }
+        let mut maps: Vec<&str> = object.maps.keys().map(String::as_str).filter(|m| !m.starts_with('.')).collect();
+        maps.sort_unstable();
+        assert_eq!(maps, [ENDPOINT_COUNTERS, FLOWS, STATS, TAP_CONFIG], "maps of the shipped object");
+    }
+}

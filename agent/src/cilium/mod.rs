@@ -2,8 +2,12 @@
 //! notification decoders (mirroring `pkg/monitor`), and readers of the
 //! text and JSON that Cilium's own tools print.
 pub mod endpoint_list;
-pub mod golden;
 pub mod hubble_json;
 pub mod identity;
 pub mod monitor;
 pub mod monitor_text;
+
+/// Golden vectors are test support (`verdict-testkit`); the agent's own unit
+/// tests read them under this path.
+#[cfg(test)]
+pub use verdict_testkit::golden;

@@ -16,8 +16,8 @@ use aya::{
     maps::PerCpuArray,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use verdict_agent::{
-    bpf::loader::{LoaderConfig, Pipeline, TapChoice},
+use verdict_testkit::{
+    replay::{self, Replayer},
     scenario::{Layout, PolicyVerdict},
 };
 
@@ -73,44 +73,31 @@ impl Drop for PinDir {
     }
 }
 
-/// The tap object with the agent's counting maps (pinned, shared with a
-/// running agent using the same pin directory and flow table size) and
-/// the benchmark programs loaded.
+/// The testkit's replay object on the agent's counting maps (pinned,
+/// shared with a running `--tap none` agent using the same pin directory
+/// and flow table size) with the benchmark programs loaded.
 pub struct Bench {
-    pub pipeline: Pipeline,
+    pub pipeline: Replayer,
 }
 
-pub const REPLAY: &str = "replay";
-pub const EMPTY: &str = "bench_empty";
-pub const REPLAY_AND_EMIT: &str = "bench_replay_and_emit";
+pub const REPLAY: &str = replay::REPLAY;
+pub const EMPTY: &str = replay::BENCH_EMPTY;
+pub const REPLAY_AND_EMIT: &str = replay::BENCH_REPLAY_AND_EMIT;
 
 impl Bench {
     pub fn load(pins: &Path, flow_table_size: u32, extra: &[&str]) -> Result<Bench> {
-        let mut pipeline = Pipeline::load(&LoaderConfig {
-            pin_dir: pins.to_path_buf(),
-            flow_table_size,
-            tap: TapChoice::Replay,
-            btf_path: "/sys/kernel/btf/vmlinux".into(),
-        })
-        .context("loading the tap object (root and bpffs needed)")?;
-        for name in extra {
-            let p: &mut SchedClassifier = pipeline
-                .ebpf_mut()
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing: rebuild the agent"))?
-                .try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-        }
+        let pipeline = Replayer::load_with(pins, flow_table_size, extra).context("loading the replay object")?;
         Ok(Bench { pipeline })
     }
 
     pub fn prog(&self, name: &str) -> Result<&SchedClassifier> {
-        Ok(self.pipeline.ebpf().program(name).with_context(|| name.to_string())?.try_into()?)
+        Ok(self.pipeline.program(name)?)
     }
 
     /// `BENCH_EMITTED` summed over CPUs: [offered, written to the ring, refused].
     pub fn emitted(&self) -> Result<[u64; 3]> {
-        let map = self.pipeline.ebpf().map("BENCH_EMITTED").context("map BENCH_EMITTED missing: rebuild the agent")?;
+        let map =
+            self.pipeline.ebpf().map("BENCH_EMITTED").context("map BENCH_EMITTED missing: rebuild verdict-testkit")?;
         let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
         let mut out = [0u64; 3];
         for (i, o) in out.iter_mut().enumerate() {
@@ -256,14 +243,14 @@ pub fn free_addr() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-/// Starts `verdict-agent run --tap replay` on `pins`, without Kubernetes
+/// Starts `verdict-agent run --tap none` on `pins`, without Kubernetes
 /// or the Cilium API (nothing to enrich from on a bench machine).
 pub fn start_agent(pins: &PinDir, flow_table_size: u32, extra: &[&str], log_name: &str) -> Result<AgentProcess> {
     let addr = free_addr()?;
     let size = flow_table_size.to_string();
     let mut args = vec![
         "--tap",
-        "replay",
+        "none",
         "--pin-dir",
         pins.as_str(),
         "--flow-table-size",

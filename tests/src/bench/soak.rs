@@ -16,7 +16,7 @@ use std::{
 
 use crate::scrape::Scrape;
 use anyhow::Result;
-use verdict_agent::scenario::{Layout, PolicyVerdict};
+use verdict_testkit::scenario::{Layout, PolicyVerdict};
 
 use super::{
     Report,

@@ -13,11 +13,11 @@
 use std::{net::SocketAddr, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, bail, ensure};
-use verdict_agent::{
-    bpf::emitter::{Emitter, Target},
+use verdict_agent_tests::agent_process::AgentProcess;
+use verdict_testkit::{
+    emitter::{Emitter, Target},
     scenario::{Layout, PolicyVerdict},
 };
-use verdict_agent_tests::agent_process::AgentProcess;
 
 const EVENTS: &str = "/sys/fs/bpf/tc/globals/cilium_events";
 const N: u32 = 1000;

@@ -12,7 +12,7 @@ use aya::{
 };
 use thiserror::Error;
 
-use super::objects::EMITTER_OBJECT;
+use crate::objects::EMITTER_OBJECT;
 
 #[derive(Debug, Error)]
 pub enum EmitterError {

@@ -1,14 +1,12 @@
 //! Built-in traffic scenarios, written as the notifications Cilium's
 //! datapath would emit for them, byte for byte (`NotificationBuilder`).
 //! Played through the emitter (the real tap path) or the replay entry by
-//! `verdict-agent scenario`, the demo, the tests and the benchmark.
-
-use std::path::PathBuf;
+//! `verdict-scenario`, the demo, the tests and the benchmark.
 
 use serde::{Deserialize, Serialize};
 use verdict_common::cilium::{capture_hdr, drop_notify, notify_type, policy_verdict};
 
-use crate::{
+use verdict_agent::{
     cilium::identity,
     model::{DirectionPolicy, EndpointInfo, EndpointKind, FactSource},
 };
@@ -323,36 +321,4 @@ pub fn cilium_endpoint_list(endpoints: &[EndpointInfo]) -> serde_json::Value {
         })
         .collect();
     serde_json::Value::Array(list)
-}
-
-/// Where `verdict-agent scenario` sends the notifications.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Via {
-    /// The Cilium-compatible emitter: through `bpf_skb_event_output` and
-    /// the attached tap, exactly the path Cilium's verdicts take.
-    Emitter,
-    /// The replay entry on the agent's pinned maps (no hook needed).
-    Replay,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ScenarioArgs {
-    #[arg(long, default_value = "demo")]
-    pub name: String,
-    #[arg(long, value_enum, default_value = "emitter")]
-    pub via: Via,
-    #[arg(long, value_enum, default_value = "v1-19")]
-    pub layout: Layout,
-    /// Pin path of the cilium_events map the emitter writes (emitter only).
-    #[arg(long, default_value = crate::bpf::events_map::DEFAULT_PATH)]
-    pub cilium_events_map: PathBuf,
-    /// The agent's pin directory (replay only).
-    #[arg(long, default_value = verdict_common::maps::PIN_DIR)]
-    pub pin_dir: PathBuf,
-    /// Play the scenario this many times.
-    #[arg(long, default_value_t = 1)]
-    pub rounds: u32,
-    /// Print the scenario's endpoints as `cilium endpoint list -o json` prints them, and exit.
-    #[arg(long)]
-    pub print_endpoints: bool,
 }

@@ -5,14 +5,12 @@
 use std::collections::BTreeMap;
 
 use aya::maps::PerCpuHashMap;
-use verdict_agent::{
-    bpf::{
-        batch::{self, Batched},
-        loader::{LoaderConfig, Pipeline, TapChoice},
-    },
+use verdict_agent::bpf::batch::{self, Batched};
+use verdict_common::maps::{FLOWS, FlowCounters, FlowKey};
+use verdict_testkit::{
+    replay::Replayer,
     scenario::{Layout, PolicyVerdict},
 };
-use verdict_common::maps::{FLOWS, FlowCounters, FlowKey};
 
 fn verdict(i: u32) -> Vec<u8> {
     PolicyVerdict {
@@ -35,13 +33,8 @@ fn verdict(i: u32) -> Vec<u8> {
 fn batched_read_equals_a_walk_of_the_map() {
     let dir = format!("/sys/fs/bpf/verdict-batch-{}", std::process::id());
     let _ = std::fs::remove_dir_all(&dir);
-    let p = Pipeline::load(&LoaderConfig {
-        pin_dir: dir.clone().into(),
-        flow_table_size: 16_384,
-        tap: TapChoice::Replay,
-        btf_path: "/sys/kernel/btf/vmlinux".into(),
-    })
-    .expect("loading the tap object (root and bpffs needed)");
+    let p =
+        Replayer::load(std::path::Path::new(&dir), 16_384).expect("loading the replay object (root and bpffs needed)");
     // 10 000 flows: three batches of 4096. Replayed from two threads so
     // that the per-CPU values differ between CPUs.
     std::thread::scope(|s| {

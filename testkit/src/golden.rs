@@ -11,7 +11,7 @@
 
 use verdict_common::maps::{FlowKey, VerdictClass};
 
-use crate::cilium::monitor::DecodeErrorKind;
+use verdict_agent::cilium::monitor::DecodeErrorKind;
 
 /// One vector.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -339,6 +339,16 @@ mod tests {
         assert_eq!(names.len(), v.len());
         for g in &v {
             assert!(g.bytes.len() <= 64, "{} exceeds the tap's copy", g.name);
+        }
+    }
+
+    /// The userspace decoder gives every vector its expected outcome (the
+    /// kernel side of the same check is `tests/tests/kernel_agreement.rs`).
+    #[test]
+    fn golden_vectors_match_expected_keys() {
+        for g in golden_notifications() {
+            let got = verdict_agent::cilium::monitor::expected_flow_key(&g.bytes).map_err(|e| e.kind());
+            assert_eq!(got, g.expected, "{} ({})", g.name, g.cilium_versions);
         }
     }
 }

@@ -1,19 +1,14 @@
-use verdict_agent::bpf::{
-    loader::{LoaderConfig, Pipeline, TapChoice},
-    snapshot::{CountingMaps, MapSnapshot},
-};
+//! One hand-built v1.19 policy verdict, replayed three times through the
+//! testkit's replay entry, reads back from the agent's counting maps.
+
+use verdict_agent::bpf::snapshot::{CountingMaps, MapSnapshot};
 use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, STATS, Stat};
+use verdict_testkit::replay::Replayer;
 
 #[test]
 fn smoke() {
     let dir = format!("/sys/fs/bpf/verdict-smoke-{}", std::process::id());
-    let cfg = LoaderConfig {
-        pin_dir: dir.clone().into(),
-        flow_table_size: 128,
-        tap: TapChoice::Replay,
-        btf_path: "/sys/kernel/btf/vmlinux".into(),
-    };
-    let p = Pipeline::load(&cfg).expect("load");
+    let p = Replayer::load(std::path::Path::new(&dir), 128).expect("load");
     let mut n = [0u8; 40];
     n[0] = 5;
     n[2..4].copy_from_slice(&7u16.to_ne_bytes());

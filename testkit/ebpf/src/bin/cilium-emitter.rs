@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use verdict_agent_ebpf::packet::copy_packet;
 use verdict_common::maps::MAX_NOTIFICATION_SIZE;
+use verdict_testkit_ebpf::packet::copy_packet;
 
 /// Same name, type, key and value as Cilium's map; pinned by userspace at
 /// the path the agent watches.

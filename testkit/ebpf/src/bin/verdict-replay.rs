@@ -1,0 +1,117 @@
+//! Test-support object (never shipped): the tap's accounting core fed from
+//! packet data instead of a hook.
+//!
+//! `replay` accounts one notification per BPF_PROG_TEST_RUN into the same
+//! counting maps the tap writes (declared once in `verdict_agent_ebpf::maps`
+//! and, in use, reopened from the agent's pins), exactly as the tap would
+//! account it. `bench_empty` and `bench_replay_and_emit` are the
+//! benchmark's baseline and its Hubble-style reader's feed; their maps live
+//! here, so the shipped tap object has none of them.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_CURRENT_CPU, TC_ACT_OK},
+    helpers::generated::bpf_perf_event_output,
+    macros::{classifier, map},
+    maps::{PerCpuArray, PerfEventArray},
+    programs::TcContext,
+};
+use verdict_agent_ebpf::account::{Notification, account};
+use verdict_common::{cilium::capture_hdr::LEN_CAP, maps::MAX_NOTIFICATION_SIZE};
+use verdict_testkit_ebpf::packet::copy_packet;
+
+/// Benchmark only: the perf ring the benchmark's baseline reader (a
+/// stand-in for `cilium monitor` / Hubble reading `cilium_events`) consumes.
+/// Never pinned; each load of the object gets its own.
+#[map(name = "BENCH_EVENTS")]
+static BENCH_EVENTS: PerfEventArray<u32> = PerfEventArray::new(0);
+
+/// Benchmark only: index 0 notifications offered (program runs), 1 perf
+/// outputs written into `BENCH_EVENTS`, 2 perf outputs refused (ring full,
+/// or no reader on this CPU). Counted in the kernel, independently of both
+/// the agent and the reader.
+#[map(name = "BENCH_EMITTED")]
+static BENCH_EMITTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+
+/// Replay entry: the packet data is one notification, accounted exactly as
+/// the tap would account it. Run with BPF_PROG_TEST_RUN.
+#[classifier]
+pub fn replay(ctx: TcContext) -> i32 {
+    let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
+    copy_packet(&ctx, &mut buf);
+    // The packet's length is the notification's length (`meta_size`), even
+    // beyond the bytes copied, exactly as the tap sees it.
+    account(&buf, ctx.len() as usize);
+    TC_ACT_OK
+}
+
+/// Does nothing: the benchmark's baseline for the cost of a test run.
+#[classifier]
+pub fn bench_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// Cilium's default `--trace-payloadlen`: at most this many packet bytes
+/// follow a notification in its perf record (`len_cap`).
+const TRACE_PAYLOAD_LEN: usize = 128;
+
+/// A perf record the size Cilium's would be: the notification, then
+/// `len_cap` bytes of (here zeroed) packet.
+#[repr(C)]
+struct BenchRecord {
+    notification: Notification,
+    packet: [u8; TRACE_PAYLOAD_LEN],
+}
+
+/// Benchmark only: one notification from packet data, accounted exactly as
+/// `replay` does AND offered to a userspace perf reader (`BENCH_EVENTS`),
+/// so one test run is one verdict both counted in the kernel and delivered
+/// to (or lost by) a Hubble-style consumer. The record carries `len_cap`
+/// packet bytes after the notification, as Cilium's do, so the ring holds
+/// as many records as `cilium_events` would. `BENCH_EMITTED` counts the
+/// offers and their outcome independently of both.
+#[classifier]
+pub fn bench_replay_and_emit(ctx: TcContext) -> i32 {
+    let mut record = BenchRecord { notification: [0; MAX_NOTIFICATION_SIZE], packet: [0; TRACE_PAYLOAD_LEN] };
+    let n = copy_packet(&ctx, &mut record.notification);
+    account(&record.notification, ctx.len() as usize);
+    bench_bump(0);
+    if n > 0 {
+        let cap = u16::from_ne_bytes([record.notification[LEN_CAP], record.notification[LEN_CAP + 1]]) as usize;
+        let size = n + cap.min(TRACE_PAYLOAD_LEN);
+        // SAFETY: `size` <= size of `record`; BENCH_EVENTS is a perf event array of this object.
+        let rc = unsafe {
+            bpf_perf_event_output(
+                ctx.as_ptr(),
+                (&BENCH_EVENTS as *const PerfEventArray<u32>).cast_mut().cast(),
+                BPF_F_CURRENT_CPU,
+                (&mut record as *mut BenchRecord).cast(),
+                size as u64,
+            )
+        };
+        bench_bump(if rc == 0 { 1 } else { 2 });
+    } else {
+        bench_bump(2);
+    }
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn bench_bump(index: u32) {
+    if let Some(slot) = BENCH_EMITTED.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot; tc programs do not nest on one CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

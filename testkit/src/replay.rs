@@ -1,0 +1,144 @@
+//! The replay object on the agent's counting maps.
+//!
+//! [`Replayer::load`] opens the counting maps pinned under
+//! `<pin dir>/<layout version>/` (creating and pinning them when no agent
+//! made them yet, with the shape the agent would give them) and loads the
+//! `replay` program over them. A notification replayed here is accounted by
+//! the very code the tap runs (`verdict_agent_ebpf::account::account`), so
+//! an agent started with `--tap none` on the same pin directory counts it
+//! exactly as it would count one the hook saw.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapData,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use thiserror::Error;
+use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, LAYOUT_VERSION, STATS};
+
+use crate::objects::REPLAY_OBJECT;
+
+/// The replay entry; the benchmark's programs are [`BENCH_EMPTY`] and
+/// [`BENCH_REPLAY_AND_EMIT`].
+pub const REPLAY: &str = "replay";
+pub const BENCH_EMPTY: &str = "bench_empty";
+pub const BENCH_REPLAY_AND_EMIT: &str = "bench_replay_and_emit";
+
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    #[error("cannot create the pin directory {path}; run as root with bpffs mounted at /sys/fs/bpf")]
+    PinDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the replay object on the maps pinned under {path} (root and bpffs needed)")]
+    Load {
+        path: String,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("replay object program {program} (rebuild verdict-testkit)")]
+    Program {
+        program: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+}
+
+/// The replay object, loaded on pinned counting maps.
+pub struct Replayer {
+    ebpf: Ebpf,
+    pins: PathBuf,
+}
+
+impl Replayer {
+    /// Loads the replay object on the counting maps pinned under
+    /// `pin_dir/<layout version>`; `flow_table_size` sizes the flow table
+    /// only if no agent pinned one yet (a pinned one is reused as it is).
+    pub fn load(pin_dir: &Path, flow_table_size: u32) -> Result<Replayer, ReplayError> {
+        Replayer::load_with(pin_dir, flow_table_size, &[])
+    }
+
+    /// Like [`Replayer::load`], also loading the benchmark programs `extra`.
+    pub fn load_with(pin_dir: &Path, flow_table_size: u32, extra: &[&str]) -> Result<Replayer, ReplayError> {
+        let pins = pin_dir.join(LAYOUT_VERSION);
+        std::fs::create_dir_all(&pins)
+            .map_err(|source| ReplayError::PinDir { path: pins.display().to_string(), source })?;
+        let pinned_size = MapData::from_pin(pins.join(FLOWS)).and_then(|m| m.info()).map(|i| i.max_entries()).ok();
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(ENDPOINT_COUNTERS, pins.join(ENDPOINT_COUNTERS))
+            .map_pin_path(FLOWS, pins.join(FLOWS))
+            .map_pin_path(STATS, pins.join(STATS))
+            .map_max_entries(FLOWS, pinned_size.unwrap_or(flow_table_size))
+            .load(REPLAY_OBJECT)
+            .map_err(|source| ReplayError::Load { path: pins.display().to_string(), source: Box::new(source) })?;
+        for program in std::iter::once(&REPLAY).chain(extra) {
+            program_mut(&mut ebpf, program)?
+                .load()
+                .map_err(|source| ReplayError::Program { program: program.to_string(), source: Box::new(source) })?;
+        }
+        Ok(Replayer { ebpf, pins })
+    }
+
+    /// Accounts `notification` once, exactly as the tap would.
+    pub fn replay(&self, notification: &[u8]) -> Result<(), ReplayError> {
+        replay_with(&self.ebpf, notification, 1)
+    }
+
+    /// Where the counting maps are pinned (`<pin dir>/<layout version>`).
+    pub fn pins(&self) -> &Path {
+        &self.pins
+    }
+
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    /// For the benchmark, which takes `BENCH_EVENTS` out to read it.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// A loaded program of this object, for timing it.
+    pub fn program(&self, name: &str) -> Result<&SchedClassifier, ReplayError> {
+        let missing = || ReplayError::Program {
+            program: name.to_string(),
+            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+        };
+        self.ebpf
+            .program(name)
+            .ok_or_else(missing)?
+            .try_into()
+            .map_err(|source| ReplayError::Program { program: name.to_string(), source: Box::new(source) })
+    }
+}
+
+/// Runs the replay program of `ebpf` `repeat` times on one notification.
+pub fn replay_with(ebpf: &Ebpf, notification: &[u8], repeat: u32) -> Result<(), ReplayError> {
+    let program_error = |source| ReplayError::Program { program: REPLAY.to_string(), source: Box::new(source) };
+    let prog: &SchedClassifier = ebpf
+        .program(REPLAY)
+        .ok_or_else(|| program_error(aya::programs::ProgramError::UnexpectedProgramType))?
+        .try_into()
+        .map_err(program_error)?;
+    // BPF_PROG_TEST_RUN wants at least an Ethernet header's worth of data.
+    let mut data = notification.to_vec();
+    let len = data.len();
+    if len < 14 {
+        data.resize(14, 0);
+    }
+    prog.test_run(TestRunOptions { data_in: Some(&data[..len.max(14)]), repeat, ..Default::default() })
+        .map_err(program_error)?;
+    Ok(())
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, ReplayError> {
+    let error = |source| ReplayError::Program { program: name.to_string(), source: Box::new(source) };
+    ebpf.program_mut(name)
+        .ok_or_else(|| error(aya::programs::ProgramError::UnexpectedProgramType))?
+        .try_into()
+        .map_err(error)
+}
