@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::scrape::{Scrape, http_get, scrape};
+use crate::{
+    privileges::PodPrivileges,
+    scrape::{Scrape, http_get, scrape},
+};
 
 pub struct AgentProcess {
     pub child: Child,
@@ -35,6 +38,17 @@ impl AgentProcess {
     /// Starts the agent with `args` (after `run`) listening on `addr`, and
     /// waits until /readyz answers 200.
     pub fn start(addr: SocketAddr, args: &[&str], log: &Path) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_as(addr, args, log, None)
+    }
+
+    /// Like [`AgentProcess::start`], with exactly `privileges` (a pod's
+    /// securityContext) instead of this process's.
+    pub fn start_as(
+        addr: SocketAddr,
+        args: &[&str],
+        log: &Path,
+        privileges: Option<&PodPrivileges>,
+    ) -> anyhow::Result<AgentProcess> {
         let bin = agent_binary();
         if !bin.exists() {
             bail!(
@@ -43,15 +57,12 @@ impl AgentProcess {
             );
         }
         let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(&bin)
-            .arg("run")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut command = Command::new(&bin);
+        command.arg("run").arg("--listen").arg(addr.to_string()).args(args).stdout(Stdio::null()).stderr(logf);
+        if let Some(p) = privileges {
+            p.apply(&mut command)?;
+        }
+        let child = command.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let mut agent = AgentProcess { child, addr, log: log.to_path_buf() };
         agent.wait_ready(Duration::from_secs(60))?;
         Ok(agent)
@@ -69,6 +80,44 @@ impl AgentProcess {
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("agent not ready after {timeout:?}; log:\n{}", self.log_text())
+    }
+
+    /// Runs `verdict-agent run <args>` expecting it to fail at start:
+    /// waits (at most `timeout`) for it to exit and returns its exit code
+    /// and stderr. An agent that is still running then is killed and
+    /// reported as an error.
+    pub fn run_to_failure(
+        args: &[&str],
+        privileges: Option<&PodPrivileges>,
+        timeout: Duration,
+    ) -> anyhow::Result<(Option<i32>, String)> {
+        let bin = agent_binary();
+        let log = std::env::temp_dir().join(format!("verdict-agent-fail-{}.log", std::process::id()));
+        let logf = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = Command::new(&bin);
+        command.arg("run").args(args).stdout(Stdio::null()).stderr(logf);
+        if let Some(p) = privileges {
+            p.apply(&mut command)?;
+        }
+        let mut child = command.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the agent kept running for {timeout:?}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        Ok((status.code(), text))
     }
 
     pub fn log_text(&self) -> String {

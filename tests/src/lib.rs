@@ -4,4 +4,5 @@
 
 pub mod agent_process;
 pub mod bench;
+pub mod privileges;
 pub mod scrape;
