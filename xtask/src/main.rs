@@ -10,6 +10,7 @@ mod bench;
 mod demo;
 mod deploy;
 mod e2e;
+mod rehearsal;
 mod test;
 mod tools;
 mod vm;
@@ -37,6 +38,8 @@ enum Command {
     Test(test::TestArgs),
     /// Render the Helm chart to deploy/manifests and check everything under deploy/.
     Deploy(deploy::DeployArgs),
+    /// Run the installers in a clean Debian 12 root (mmdebstrap, chroot) and check that every external program the suite and the demo start is then found and runs.
+    Rehearse(rehearsal::RehearseArgs),
 }
 
 /// The eBPF crate is built by aya-build from agent/build.rs, so building
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Rehearse(args) => rehearsal::run_cli(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

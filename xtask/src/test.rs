@@ -2,7 +2,8 @@
 //!
 //! Steps, each reported as passed or failed (a failed step does not stop
 //! the others, so one run shows everything that is broken):
-//! 1. install what is missing (rust-src, bpf-linker, Debian packages, kernels);
+//! 1. install what is missing (rust-src, bpf-linker, Debian packages, kernels),
+//!    and rehearse that install in a clean Debian 12 root (`rehearsal.rs`);
 //! 2. the host tests (`cargo test`, as root: they load real BPF programs
 //!    through the host kernel's verifier and run them with BPF_PROG_TEST_RUN);
 //! 3. the tap on real kernels: one QEMU VM per Debian kernel (5.10, 6.1,
@@ -55,6 +56,7 @@ pub fn run(args: TestArgs) -> Result<()> {
         outcomes.push(Outcome { name: name.to_string(), result, took: started.elapsed() });
     };
 
+    step("rehearsal (installers in a clean Debian 12 root, every program found)", &mut crate::rehearsal::run);
     step("build", &mut build);
     step("lint (rustfmt, clippy -D warnings)", &mut lint);
     step("host tests", &mut host_tests);
@@ -88,7 +90,7 @@ fn setup() -> Result<()> {
     tools::ensure_root("the suite loads BPF programs and boots VMs")?;
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
-    tools::ensure_apt(tools::HOST_PACKAGES)?;
+    tools::ensure_apt(&tools::host_packages())?;
     ensure_bpffs()
 }
 
