@@ -7,9 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cross;
 mod demo;
 mod deploy;
 mod e2e;
+mod image;
 mod rehearsal;
 mod test;
 mod tools;
@@ -40,6 +42,8 @@ enum Command {
     Deploy(deploy::DeployArgs),
     /// Run the installers in a clean Debian 12 root (mmdebstrap, chroot) and check that every external program the suite and the demo start is then found and runs.
     Rehearse(rehearsal::RehearseArgs),
+    /// Build the container image for linux/amd64 and linux/arm64 (static binaries, no container engine) as an OCI layout and archive under target/image/, and check it.
+    Image(image::ImageArgs),
 }
 
 /// The eBPF crate is built by aya-build from agent/build.rs, so building
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Rehearse(args) => rehearsal::run_cli(args),
+        Command::Image(args) => image::run_cli(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

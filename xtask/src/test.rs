@@ -8,6 +8,7 @@
 //!    through the host kernel's verifier and run them with BPF_PROG_TEST_RUN);
 //! 3. the tap on real kernels: one QEMU VM per Debian kernel (5.10, 6.1,
 //!    6.12) runs `vm-driver` (fentry and kprobe, end to end);
+//!    The container image for amd64 and arm64 is built and checked (`image.rs`);
 //! 4. the deploy/ checks (Helm, manifests, Prometheus rules);
 //! 5. the agent end to end with a real Prometheus evaluating the alerts.
 //!
@@ -58,6 +59,7 @@ pub fn run(args: TestArgs) -> Result<()> {
 
     step("rehearsal (installers in a clean Debian 12 root, every program found)", &mut crate::rehearsal::run);
     step("build", &mut build);
+    step("image (linux/amd64 + linux/arm64, static, OCI archive)", &mut crate::image::build_and_check);
     step("lint (rustfmt, clippy -D warnings)", &mut lint);
     step("host tests", &mut host_tests);
     let kernels = kernels::ensure_kernels();

@@ -68,6 +68,9 @@ pub const EXTERNAL_PROGRAMS: &[ExternalProgram] = &[
     apt("promtool", "prometheus", &["--version"]),
     apt("python3", "python3", &["--version"]),
     apt("pip3", "python3-pip", &["--version"]),
+    // The image: the commit it names, and skopeo as a second reader of the layout.
+    apt("git", "git", &["--version"]),
+    apt("skopeo", "skopeo", &["--version"]),
     // The rehearsal: a clean Debian 12 root, unpacked and entered.
     apt("mmdebstrap", "mmdebstrap", &["--version"]),
     apt("tar", "tar", &["--version"]),
