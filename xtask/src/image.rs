@@ -167,7 +167,6 @@ fn write_layout(version: &str, binaries: &[(Platform, PathBuf)]) -> Result<()> {
             "Entrypoint": [ENTRYPOINT],
             "Cmd": ["run"],
             "Env": ["PATH=/usr/local/bin"],
-            "ExposedPorts": { "9965/tcp": {} },
             "Labels": labels(version, &source),
         });
         config["rootfs"] = json!({ "type": "layers", "diff_ids": [diff_id] });
