@@ -22,33 +22,8 @@ const AARCH64_PACKAGES: &[&str] = &["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cr
 /// Builds `verdict-agent` static for `rust_target`, checks that it starts
 /// (`--version`, under qemu-user for a foreign arch), returns its path.
 pub fn build_static_agent(rust_target: &str) -> Result<PathBuf> {
-    tools::ensure_rust_src()?;
-    tools::ensure_bpf_linker()?;
-    let env_target = rust_target.to_uppercase().replace('-', "_");
-    let mut cmd = tools::cargo();
-    cmd.args(["build", "--release", "--locked", "-p", "verdict-agent", "--bin", "verdict-agent", "--target"])
-        .arg(rust_target)
-        // Target-specific: reaches neither build scripts nor the BPF build.
-        .env(format!("CARGO_TARGET_{env_target}_RUSTFLAGS"), "-C target-feature=+crt-static");
-    let mut runner: Vec<String> = Vec::new();
-    match rust_target {
-        "x86_64-unknown-linux-gnu" => {}
-        "aarch64-unknown-linux-gnu" => {
-            tools::ensure_apt(AARCH64_PACKAGES)?;
-            cmd.args(["-Z", "build-std=std,panic_abort"])
-                .env("RUSTC_BOOTSTRAP", "1")
-                .env(format!("CARGO_TARGET_{env_target}_LINKER"), "aarch64-linux-gnu-gcc")
-                // ring compiles C and assembly for the target.
-                .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
-                .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar");
-            runner.push("qemu-aarch64-static".into());
-        }
-        other => anyhow::bail!("no cross build for {other}: only x86_64 and aarch64 images are made"),
-    }
-    println!("image: building verdict-agent for {rust_target} (release, static)");
-    tools::run(&mut cmd).with_context(|| format!("building verdict-agent for {rust_target}"))?;
-    let bin = target_dir().join(rust_target).join("release").join("verdict-agent");
-    let mut smoke = match runner.first() {
+    let bin = build_static(rust_target, "verdict-agent", "verdict-agent")?;
+    let mut smoke = match emulator(rust_target) {
         Some(emulator) => {
             let mut c = Command::new(emulator);
             c.arg(&bin);
@@ -60,4 +35,37 @@ pub fn build_static_agent(rust_target: &str) -> Result<PathBuf> {
     ensure!(version.contains(env!("CARGO_PKG_VERSION")), "{} --version printed {version:?}", bin.display());
     println!("image: {rust_target}: {}", version.trim());
     Ok(bin)
+}
+
+/// The user-mode emulator that runs `rust_target` binaries here, if foreign.
+fn emulator(rust_target: &str) -> Option<&'static str> {
+    rust_target.starts_with("aarch64-").then_some("qemu-aarch64-static")
+}
+
+/// `cargo build --release` of one binary of one package, static, for `rust_target`.
+pub fn build_static(rust_target: &str, package: &str, bin: &str) -> Result<PathBuf> {
+    tools::ensure_rust_src()?;
+    tools::ensure_bpf_linker()?;
+    let env_target = rust_target.to_uppercase().replace('-', "_");
+    let mut cmd = tools::cargo();
+    cmd.args(["build", "--release", "--locked", "-p", package, "--bin", bin, "--target"])
+        .arg(rust_target)
+        // Target-specific: reaches neither build scripts nor the BPF build.
+        .env(format!("CARGO_TARGET_{env_target}_RUSTFLAGS"), "-C target-feature=+crt-static");
+    match rust_target {
+        "x86_64-unknown-linux-gnu" => {}
+        "aarch64-unknown-linux-gnu" => {
+            tools::ensure_apt(AARCH64_PACKAGES)?;
+            cmd.args(["-Z", "build-std=std,panic_abort"])
+                .env("RUSTC_BOOTSTRAP", "1")
+                .env(format!("CARGO_TARGET_{env_target}_LINKER"), "aarch64-linux-gnu-gcc")
+                // ring compiles C and assembly for the target.
+                .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
+                .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar");
+        }
+        other => anyhow::bail!("no cross build for {other}: only x86_64 and aarch64 are built"),
+    }
+    println!("cross: building {package} {bin} for {rust_target} (release, static)");
+    tools::run(&mut cmd).with_context(|| format!("building {bin} for {rust_target}"))?;
+    Ok(target_dir().join(rust_target).join("release").join(bin))
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod arm64;
 mod bench;
 mod cross;
 mod demo;

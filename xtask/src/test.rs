@@ -9,6 +9,7 @@
 //! 3. the tap on real kernels: one QEMU VM per Debian kernel (5.10, 6.1,
 //!    6.12) runs `vm-driver` (fentry and kprobe, end to end);
 //!    The container image for amd64 and arm64 is built and checked (`image.rs`);
+//!    The same on Debian's arm64 kernels in qemu-system-aarch64 (`arm64.rs`);
 //! 4. the deploy/ checks (Helm, manifests, Prometheus rules);
 //! 5. the agent end to end with a real Prometheus evaluating the alerts.
 //!
@@ -70,6 +71,14 @@ pub fn run(args: TestArgs) -> Result<()> {
             }
         }
         Err(e) => step("vm kernels", &mut || Err(anyhow::anyhow!("{e:#}"))),
+    }
+    match crate::arm64::kernels() {
+        Ok(kernels) => {
+            for k in kernels {
+                step(&format!("vm arm64 {} ({})", k.series, k.version), &mut || crate::arm64::vm_test(&k));
+            }
+        }
+        Err(e) => step("vm arm64 kernels", &mut || Err(anyhow::anyhow!("{e:#}"))),
     }
     step("bench smoke (runs, reports every key; no timing asserted)", &mut bench_smoke);
     step("deploy checks", &mut crate::deploy::check);

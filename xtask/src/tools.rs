@@ -79,6 +79,7 @@ pub const EXTERNAL_PROGRAMS: &[ExternalProgram] = &[
     // The arm64 cross build: linker and C compiler for aarch64 (ring), and
     // the agent run under user-mode emulation as a smoke test.
     apt("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", &["--version"]),
+    apt("aarch64-linux-gnu-strip", "binutils-aarch64-linux-gnu", &["--version"]),
     apt("qemu-aarch64-static", "qemu-user-static", &["--version"]),
     ExternalProgram { name: "cargo", source: Source::Toolchain, probe: &["--version"] },
     ExternalProgram { name: "rustc", source: Source::Toolchain, probe: &["--version"] },
