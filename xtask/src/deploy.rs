@@ -59,6 +59,12 @@ const TARGET_LABELS: &[&str] = &["instance", "job", "node"];
 /// Series Prometheus makes itself; the rules may use them, a scrape of the
 /// agent never has them.
 const SYNTHETIC_METRICS: &[&str] = &["up"];
+/// Series of other exporters the rules use, with their labels: no scrape
+/// of the agent has them. kube-state-metrics' DaemonSet status (its
+/// docs/metrics/workload/daemonset-metrics.md): the only view of agent pods
+/// that are Pending or not Ready, which are no scrape target.
+const EXTERNAL_METRICS: &[(&str, &[&str])] =
+    &[("kube_daemonset_status_number_unavailable", &["namespace", "daemonset"])];
 
 #[derive(clap::Args)]
 pub struct DeployArgs {
@@ -423,6 +429,9 @@ fn check_in(tools: &Tools, work: &Path) -> Result<()> {
             "agnet.tap=kprobe",
             "seccompProfile.type=Nothing",
             "image.digest=latest",
+            // Relative or missing runbook links are dead in every receiver.
+            "prometheusRule.enabled=true,prometheusRule.runbookBaseUrl=docs/operations.md",
+            "prometheusRule.enabled=true",
         ] {
             let out = helm(tools).args(["template", RELEASE, CHART, "--set", bad]).output()?;
             ensure!(!out.status.success(), "helm template accepted --set {bad}");
@@ -531,12 +540,19 @@ fn check_crd_object(tools: &Tools, d: &Doc, docs: &[Doc], work: &Path) -> Result
             m.insert("groups".into(), groups.clone());
             fs::write(&file, serde_yaml::to_string(&m)?)?;
             tools::run(Command::new(&tools.promtool).args(["check", "rules"]).arg(&file))?;
+            // Every runbook link absolute (the chart's runbookBaseUrl).
+            let m: Yaml = m.into();
+            for a in alerts(&m) {
+                let url = a.annotations.get("runbook_url").map(String::as_str).unwrap_or("");
+                ensure!(
+                    url.starts_with("https://") || url.starts_with("http://"),
+                    "{}: runbook_url {url:?} is not absolute",
+                    a.name
+                );
+            }
             // Same alerts as the canonical file.
             let canonical: Yaml = serde_yaml::from_str(&read(RULES)?)?;
-            ensure!(
-                alert_names(&canonical) == alert_names(&m.into()),
-                "the PrometheusRule's alerts differ from {RULES}"
-            );
+            ensure!(alert_names(&canonical) == alert_names(&m), "the PrometheusRule's alerts differ from {RULES}");
         }
         "ServiceMonitor" => {
             let service =
@@ -1056,6 +1072,9 @@ fn check_metric_usage() -> Result<BTreeMap<String, BTreeSet<String>>> {
     for labels in known.values_mut() {
         labels.extend(TARGET_LABELS.iter().map(|s| s.to_string()));
     }
+    for (m, labels) in EXTERNAL_METRICS {
+        known.insert(m.to_string(), labels.iter().map(|l| l.to_string()).collect());
+    }
     let mut usage: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut problems = Vec::new();
     for (place, expr, template_uses) in expressions()? {
@@ -1093,6 +1112,7 @@ pub fn metric_names_in_rules_and_dashboard() -> Result<Vec<(String, Vec<String>)
     Ok(usage
         .into_iter()
         .filter(|(m, _)| !SYNTHETIC_METRICS.contains(&m.as_str()))
+        .filter(|(m, _)| !EXTERNAL_METRICS.iter().any(|(e, _)| e == m))
         .map(|(m, labels)| (m, labels.into_iter().filter(|l| !TARGET_LABELS.contains(&l.as_str())).collect()))
         .collect())
 }
