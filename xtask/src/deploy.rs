@@ -432,6 +432,9 @@ fn check_in(tools: &Tools, work: &Path) -> Result<()> {
             // Relative or missing runbook links are dead in every receiver.
             "prometheusRule.enabled=true,prometheusRule.runbookBaseUrl=docs/operations.md",
             "prometheusRule.enabled=true",
+            // The container writes only to bpffs; one override source.
+            "extraVolumeMounts[0].name=x,extraVolumeMounts[0].mountPath=/x,extraVolumeMounts[0].readOnly=false",
+            "agent.criticalFlows.inline=replace: true,agent.criticalFlows.configMap=mine",
         ] {
             let out = helm(tools).args(["template", RELEASE, CHART, "--set", bad]).output()?;
             ensure!(!out.status.success(), "helm template accepted --set {bad}");
