@@ -1139,99 +1139,14 @@ pub fn prometheus_e2e_config(target: &str, dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A PromQL parser just big enough to know which metric each label belongs
-/// to: selectors, functions, aggregations, binary operators with vector
-/// matching, ranges, subqueries, offset and @.
+/// Which metric each label of an alert or panel expression belongs to.
+/// Parsing is promql-parser's (the Prometheus grammar, ported); its syntax
+/// tree is lowered here to the few shapes the label bookkeeping needs.
 mod promql {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use anyhow::{Result, bail};
-
-    #[derive(Debug, Clone, PartialEq)]
-    enum Tok {
-        Ident(String),
-        Num,
-        Str,
-        Dur,
-        Op(String),
-        LParen,
-        RParen,
-        LBrace,
-        RBrace,
-        LBracket,
-        RBracket,
-        Comma,
-        Colon,
-        At,
-    }
-
-    fn lex(src: &str) -> Result<Vec<Tok>> {
-        let s: Vec<char> = src.chars().collect();
-        let mut i = 0;
-        let mut out = Vec::new();
-        while i < s.len() {
-            let c = s[i];
-            if c.is_whitespace() {
-                i += 1;
-            } else if c == '#' {
-                while i < s.len() && s[i] != '\n' {
-                    i += 1;
-                }
-            } else if c == '"' || c == '\'' || c == '`' {
-                i += 1;
-                while i < s.len() && s[i] != c {
-                    if s[i] == '\\' && c != '`' {
-                        i += 1;
-                    }
-                    i += 1;
-                }
-                if i >= s.len() {
-                    bail!("unterminated string");
-                }
-                i += 1;
-                out.push(Tok::Str);
-            } else if c.is_ascii_digit() || (c == '.' && s.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
-                let start = i;
-                while i < s.len() && (s[i].is_ascii_alphanumeric() || s[i] == '.') {
-                    i += 1;
-                }
-                let w: String = s[start..i].iter().collect();
-                let is_dur = w.chars().last().is_some_and(|c| c.is_ascii_alphabetic())
-                    && !w.starts_with("0x")
-                    && !w.contains('e');
-                out.push(if is_dur { Tok::Dur } else { Tok::Num });
-            } else if c.is_alphabetic() || c == '_' {
-                let start = i;
-                while i < s.len() && (s[i].is_alphanumeric() || s[i] == '_' || s[i] == ':') {
-                    i += 1;
-                }
-                let w: String = s[start..i].iter().collect();
-                out.push(Tok::Ident(w));
-            } else {
-                let two: String = s[i..(i + 2).min(s.len())].iter().collect();
-                if ["==", "!=", ">=", "<=", "=~", "!~"].contains(&two.as_str()) {
-                    out.push(Tok::Op(two));
-                    i += 2;
-                    continue;
-                }
-                i += 1;
-                out.push(match c {
-                    '(' => Tok::LParen,
-                    ')' => Tok::RParen,
-                    '{' => Tok::LBrace,
-                    '}' => Tok::RBrace,
-                    '[' => Tok::LBracket,
-                    ']' => Tok::RBracket,
-                    ',' => Tok::Comma,
-                    ':' => Tok::Colon,
-                    '@' => Tok::At,
-                    '+' | '-' | '*' | '/' | '%' | '^' | '>' | '<' | '=' => Tok::Op(c.to_string()),
-                    _ => bail!("unexpected character {c:?}"),
-                });
-            }
-        }
-        Ok(out)
-    }
+    use anyhow::{Result, anyhow};
+    use promql_parser::parser::{self as pp, LabelModifier, VectorMatchCardinality};
 
     #[derive(Debug)]
     pub enum Expr {
@@ -1246,38 +1161,20 @@ mod promql {
         },
         Agg {
             op: String,
+            /// (true: `by`, false: `without`, the labels)
             by: Option<(bool, Vec<String>)>,
+            /// The parameter (topk's k, quantile's q) first, the vector last.
             args: Vec<Expr>,
         },
         Binary {
             op: String,
             lhs: Box<Expr>,
             rhs: Box<Expr>,
+            /// (true: `on`, false: `ignoring`, the labels)
             on: Option<(bool, Vec<String>)>,
+            /// (true: `group_left`, false: `group_right`, the extra labels)
             group: Option<(bool, Vec<String>)>,
         },
-    }
-
-    const AGGREGATIONS: &[&str] = &[
-        "sum",
-        "min",
-        "max",
-        "avg",
-        "group",
-        "stddev",
-        "stdvar",
-        "count",
-        "count_values",
-        "bottomk",
-        "topk",
-        "quantile",
-        "limitk",
-        "limit_ratio",
-    ];
-
-    struct Parser {
-        toks: Vec<Tok>,
-        pos: usize,
     }
 
     /// Grafana's interval variables become a duration before parsing.
@@ -1286,218 +1183,56 @@ mod promql {
         for v in ["$__rate_interval", "$__interval", "$__range", "${__rate_interval}", "${__interval}", "${__range}"] {
             s = s.replace(v, "5m");
         }
-        let mut p = Parser { toks: lex(&s)?, pos: 0 };
-        let e = p.expr(0)?;
-        if p.pos != p.toks.len() {
-            bail!("unexpected {:?}", p.toks[p.pos]);
-        }
-        Ok(e)
+        let ast = pp::parse(&s).map_err(|e| anyhow!("not PromQL: {e}"))?;
+        Ok(lower(&ast))
     }
 
-    fn precedence(t: &Tok) -> Option<(u8, String)> {
-        let op = match t {
-            Tok::Op(o) => o.clone(),
-            Tok::Ident(w) if ["and", "or", "unless", "atan2"].contains(&w.as_str()) => w.clone(),
-            _ => return None,
-        };
-        let p = match op.as_str() {
-            "or" => 1,
-            "and" | "unless" => 2,
-            "==" | "!=" | ">" | "<" | ">=" | "<=" => 3,
-            "+" | "-" => 4,
-            "*" | "/" | "%" | "atan2" => 5,
-            "^" => 6,
-            _ => return None,
-        };
-        Some((p, op))
+    fn modifier(m: &LabelModifier) -> (bool, Vec<String>) {
+        match m {
+            LabelModifier::Include(l) => (true, l.labels.clone()),
+            LabelModifier::Exclude(l) => (false, l.labels.clone()),
+        }
     }
 
-    impl Parser {
-        fn peek(&self) -> Option<&Tok> {
-            self.toks.get(self.pos)
+    fn selector(vs: &pp::VectorSelector) -> Expr {
+        let all = vs.matchers.matchers.iter().chain(vs.matchers.or_matchers.iter().flatten());
+        let named = all.clone().find(|m| m.name == "__name__").map(|m| m.value.clone());
+        Expr::Selector {
+            name: vs.name.clone().or(named).unwrap_or_default(),
+            matchers: all.map(|m| m.name.clone()).filter(|n| n != "__name__").collect(),
         }
-        fn next(&mut self) -> Result<Tok> {
-            let t = self.toks.get(self.pos).cloned();
-            self.pos += 1;
-            t.ok_or_else(|| anyhow::anyhow!("unexpected end of expression"))
-        }
-        fn expect(&mut self, t: Tok) -> Result<()> {
-            let got = self.next()?;
-            if got != t {
-                bail!("expected {t:?}, found {got:?}");
-            }
-            Ok(())
-        }
-        fn ident_is(&self, w: &str) -> bool {
-            matches!(self.peek(), Some(Tok::Ident(x)) if x == w)
-        }
+    }
 
-        fn expr(&mut self, min: u8) -> Result<Expr> {
-            let mut lhs = self.unary()?;
-            while let Some((prec, op)) = self.peek().and_then(precedence) {
-                if prec < min {
-                    break;
-                }
-                self.pos += 1;
-                if self.ident_is("bool") {
-                    self.pos += 1;
-                }
-                let mut on = None;
-                let mut group = None;
-                if self.ident_is("on") || self.ident_is("ignoring") {
-                    let is_on = self.ident_is("on");
-                    self.pos += 1;
-                    on = Some((is_on, self.label_list()?));
-                }
-                if self.ident_is("group_left") || self.ident_is("group_right") {
-                    let left = self.ident_is("group_left");
-                    self.pos += 1;
-                    let labels = if self.peek() == Some(&Tok::LParen) { self.label_list()? } else { Vec::new() };
-                    group = Some((left, labels));
-                }
-                // ^ is right-associative.
-                let next_min = if op == "^" { prec } else { prec + 1 };
-                let rhs = self.expr(next_min)?;
-                lhs = Expr::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs), on, group };
+    fn lower(e: &pp::Expr) -> Expr {
+        match e {
+            pp::Expr::Aggregate(a) => {
+                let mut args: Vec<Expr> = a.param.iter().map(|p| lower(p)).collect();
+                args.push(lower(&a.expr));
+                Expr::Agg { op: a.op.to_string(), by: a.modifier.as_ref().map(modifier), args }
             }
-            Ok(lhs)
-        }
-
-        fn unary(&mut self) -> Result<Expr> {
-            if matches!(self.peek(), Some(Tok::Op(o)) if o == "-" || o == "+") {
-                self.pos += 1;
-                return self.unary();
+            pp::Expr::Unary(u) => lower(&u.expr),
+            pp::Expr::Paren(p) => lower(&p.expr),
+            pp::Expr::Subquery(q) => lower(&q.expr),
+            pp::Expr::NumberLiteral(_) | pp::Expr::StringLiteral(_) | pp::Expr::Extension(_) => Expr::Scalar,
+            pp::Expr::VectorSelector(vs) => selector(vs),
+            pp::Expr::MatrixSelector(m) => selector(&m.vs),
+            pp::Expr::Call(c) => {
+                Expr::Call { func: c.func.name.to_string(), args: c.args.args.iter().map(|a| lower(a)).collect() }
             }
-            let e = self.primary()?;
-            self.postfix(e)
-        }
-
-        fn postfix(&mut self, e: Expr) -> Result<Expr> {
-            loop {
-                match self.peek() {
-                    Some(Tok::LBracket) => {
-                        self.pos += 1;
-                        self.expect(Tok::Dur)?;
-                        if self.peek() == Some(&Tok::Colon) {
-                            self.pos += 1;
-                            if self.peek() == Some(&Tok::Dur) {
-                                self.pos += 1;
-                            }
-                        }
-                        self.expect(Tok::RBracket)?;
-                    }
-                    Some(Tok::Ident(w)) if w == "offset" => {
-                        self.pos += 1;
-                        if matches!(self.peek(), Some(Tok::Op(o)) if o == "-") {
-                            self.pos += 1;
-                        }
-                        self.expect(Tok::Dur)?;
-                    }
-                    Some(Tok::At) => {
-                        self.pos += 1;
-                        match self.next()? {
-                            Tok::Num => {}
-                            Tok::Ident(w) if w == "start" || w == "end" => {
-                                self.expect(Tok::LParen)?;
-                                self.expect(Tok::RParen)?;
-                            }
-                            t => bail!("unexpected {t:?} after @"),
-                        }
-                    }
-                    _ => return Ok(e),
+            pp::Expr::Binary(b) => {
+                let on = b.modifier.as_ref().and_then(|m| m.matching.as_ref()).map(modifier);
+                let group = b.modifier.as_ref().and_then(|m| match &m.card {
+                    VectorMatchCardinality::ManyToOne(l) => Some((true, l.labels.clone())),
+                    VectorMatchCardinality::OneToMany(l) => Some((false, l.labels.clone())),
+                    VectorMatchCardinality::OneToOne | VectorMatchCardinality::ManyToMany => None,
+                });
+                Expr::Binary {
+                    op: b.op.to_string(),
+                    lhs: Box::new(lower(&b.lhs)),
+                    rhs: Box::new(lower(&b.rhs)),
+                    on,
+                    group,
                 }
-            }
-        }
-
-        fn label_list(&mut self) -> Result<Vec<String>> {
-            self.expect(Tok::LParen)?;
-            let mut out = Vec::new();
-            loop {
-                match self.next()? {
-                    Tok::RParen => return Ok(out),
-                    Tok::Ident(w) => out.push(w),
-                    Tok::Comma => {}
-                    t => bail!("unexpected {t:?} in a label list"),
-                }
-            }
-        }
-
-        fn args(&mut self) -> Result<Vec<Expr>> {
-            self.expect(Tok::LParen)?;
-            let mut out = Vec::new();
-            if self.peek() == Some(&Tok::RParen) {
-                self.pos += 1;
-                return Ok(out);
-            }
-            loop {
-                if self.peek() == Some(&Tok::Str) {
-                    self.pos += 1;
-                    out.push(Expr::Scalar);
-                } else {
-                    out.push(self.expr(0)?);
-                }
-                match self.next()? {
-                    Tok::Comma => {}
-                    Tok::RParen => return Ok(out),
-                    t => bail!("unexpected {t:?} in arguments"),
-                }
-            }
-        }
-
-        fn matchers(&mut self) -> Result<Vec<String>> {
-            self.expect(Tok::LBrace)?;
-            let mut out = Vec::new();
-            loop {
-                match self.next()? {
-                    Tok::RBrace => return Ok(out),
-                    Tok::Comma => {}
-                    Tok::Ident(l) => {
-                        match self.next()? {
-                            Tok::Op(o) if ["=", "!=", "=~", "!~"].contains(&o.as_str()) => {}
-                            t => bail!("unexpected {t:?} after label {l}"),
-                        }
-                        self.expect(Tok::Str)?;
-                        out.push(l);
-                    }
-                    t => bail!("unexpected {t:?} in a selector"),
-                }
-            }
-        }
-
-        fn primary(&mut self) -> Result<Expr> {
-            match self.next()? {
-                Tok::Num | Tok::Str => Ok(Expr::Scalar),
-                Tok::LParen => {
-                    let e = self.expr(0)?;
-                    self.expect(Tok::RParen)?;
-                    Ok(e)
-                }
-                Tok::LBrace => bail!("a selector without a metric name"),
-                Tok::Ident(w) if w == "Inf" || w == "NaN" || w == "inf" || w == "nan" => Ok(Expr::Scalar),
-                Tok::Ident(w)
-                    if AGGREGATIONS.contains(&w.as_str())
-                        && matches!(self.peek(), Some(Tok::LParen) | Some(Tok::Ident(_))) =>
-                {
-                    let mut by = None;
-                    if self.ident_is("by") || self.ident_is("without") {
-                        let is_by = self.ident_is("by");
-                        self.pos += 1;
-                        by = Some((is_by, self.label_list()?));
-                    }
-                    let args = self.args()?;
-                    if self.ident_is("by") || self.ident_is("without") {
-                        let is_by = self.ident_is("by");
-                        self.pos += 1;
-                        by = Some((is_by, self.label_list()?));
-                    }
-                    Ok(Expr::Agg { op: w, by, args })
-                }
-                Tok::Ident(w) if self.peek() == Some(&Tok::LParen) => Ok(Expr::Call { func: w, args: self.args()? }),
-                Tok::Ident(name) => {
-                    let matchers = if self.peek() == Some(&Tok::LBrace) { self.matchers()? } else { Vec::new() };
-                    Ok(Expr::Selector { name, matchers })
-                }
-                t => bail!("unexpected {t:?}"),
             }
         }
     }
@@ -1657,7 +1392,10 @@ mod promql {
             assert_eq!(problems("a_total and on (x) b").len(), 1);
             assert!(problems("max by (instance) (a_total / b) > 0.9 or vector(0)").is_empty());
             assert!(problems("topk(20, sum by (x, y) (rate(a_total[5m] offset 1m)))").is_empty());
-            assert!(parse("sum(a_total[5m:1m])").is_ok());
+            assert!(problems("max_over_time(sum by (x) (rate(a_total[5m]))[30m:1m])").is_empty());
+            // A range vector where an instant vector belongs is not PromQL.
+            assert!(parse("sum(a_total[5m:1m])").is_err());
+            assert_eq!(problems("a_total * on (instance) group_left (z) b").len(), 1);
             assert!(parse("sum(").is_err());
         }
     }
