@@ -19,13 +19,41 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::tools::{self, output, run};
 
-/// Kernel series under test and the Debian release that ships each.
+/// Kernel series under test and the Debian release that ships each, for
+/// both architectures: Debian builds a `cloud-amd64` and a `cloud-arm64`
+/// flavour of each.
 pub const SERIES: &[(&str, &str)] = &[("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie")];
+
+/// The architecture a kernel (and the payload that runs on it) is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// Debian's name, as in `linux-image-*-cloud-<arch>-unsigned` and `[arch=...]`.
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// Each architecture has its own cache (lists, choice, debs, unpacked
+    /// trees), so pruning one never removes the other's kernels.
+    pub fn kernels_dir(self) -> PathBuf {
+        match self {
+            Arch::Amd64 => tools::target_dir().join("vm/kernels"),
+            Arch::Arm64 => tools::target_dir().join("vm/kernels-arm64"),
+        }
+    }
+}
 
 const MIRROR: &str = "http://deb.debian.org/debian";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -35,6 +63,7 @@ const REFRESH_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Clone, Debug)]
 pub struct Kernel {
+    pub arch: Arch,
     /// "5.10", "6.1" or "6.12".
     pub series: &'static str,
     /// `uname -r` inside the VM, e.g. "6.1.0-50-cloud-amd64".
@@ -185,31 +214,33 @@ fn module_name(path: &str) -> String {
     strip_compression(file).trim_end_matches(".ko").replace('-', "_")
 }
 
-pub fn kernels_dir() -> PathBuf {
-    tools::target_dir().join("vm/kernels")
-}
-
-/// All three kernels, downloading and unpacking what is not cached yet.
+/// All three amd64 kernels, downloading and unpacking what is not cached yet.
 pub fn ensure_kernels() -> Result<Vec<Kernel>> {
-    ensure_series(&SERIES.iter().map(|(s, _)| *s).collect::<Vec<_>>(), false)
+    ensure_kernels_for(Arch::Amd64)
 }
 
-/// The kernels of the given series ("5.10", "6.1", "6.12"). `refresh` asks
-/// the archive for newer packages even when the cached choice is recent.
-pub fn ensure_series(series: &[&str], refresh: bool) -> Result<Vec<Kernel>> {
+/// All three kernels of `arch`.
+pub fn ensure_kernels_for(arch: Arch) -> Result<Vec<Kernel>> {
+    ensure_series_for(arch, &SERIES.iter().map(|(s, _)| *s).collect::<Vec<_>>(), false)
+}
+
+/// The kernels of `arch` of the given series ("5.10", "6.1", "6.12").
+/// `refresh` asks the archive for newer packages even when the cached
+/// choice is recent.
+pub fn ensure_series_for(arch: Arch, series: &[&str], refresh: bool) -> Result<Vec<Kernel>> {
     for s in series {
         if !SERIES.iter().any(|(name, _)| name == s) {
             bail!("unknown kernel series `{s}`; known: {}", series_names());
         }
     }
-    let dir = kernels_dir();
+    let dir = arch.kernels_dir();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // Several engineers and test binaries share this cache.
     let lock_path = dir.join(".lock");
     let lock = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
     lock.lock().with_context(|| format!("cannot lock {}", lock_path.display()))?;
 
-    let apt = PrivateApt::new(&dir)?;
+    let apt = PrivateApt::new(&dir, arch)?;
     let cached = Resolved::load(&dir);
     let cache_covers = cached.as_ref().is_some_and(|c| series.iter().all(|s| c.packages.contains_key(*s)));
     let cache_fresh = cached.as_ref().is_some_and(|c| c.age() < REFRESH_AFTER);
@@ -233,7 +264,7 @@ pub fn ensure_series(series: &[&str], refresh: bool) -> Result<Vec<Kernel>> {
     for s in series {
         let series: &'static str = SERIES.iter().find(|(n, _)| n == s).map(|(n, _)| *n).unwrap();
         let pkg = &resolved.packages[series];
-        kernels.push(ensure_unpacked(&apt, &dir, series, pkg)?);
+        kernels.push(ensure_unpacked(&apt, &dir, arch, series, pkg)?);
     }
     prune(&dir, &resolved);
     Ok(kernels)
@@ -289,21 +320,32 @@ impl Resolved {
     }
 }
 
-/// apt-get/apt-cache pointed at our own source list, lists and cache.
+/// apt-get/apt-cache pointed at our own source list, lists and cache, for
+/// one architecture (which need not be the machine's: nothing is installed).
 struct PrivateApt {
     root: PathBuf,
+    arch: Arch,
 }
 
 impl PrivateApt {
-    fn new(kernels_dir: &Path) -> Result<PrivateApt> {
+    fn new(kernels_dir: &Path, arch: Arch) -> Result<PrivateApt> {
         tools::ensure_apt(&["debian-archive-keyring"])?;
         let root = kernels_dir.join("apt");
         for sub in ["lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("cannot create {}", root.join(sub).display()))?;
         }
-        let sources: String =
-            SERIES.iter().map(|(_, suite)| format!("deb [signed-by={KEYRING}] {MIRROR} {suite} main\n")).collect();
+        let sources: String = SERIES
+            .iter()
+            .map(|(_, suite)| {
+                if arch == Arch::Amd64 {
+                    // As it always was: an unchanged list keeps the cached lists valid.
+                    format!("deb [signed-by={KEYRING}] {MIRROR} {suite} main\n")
+                } else {
+                    format!("deb [arch={} signed-by={KEYRING}] {MIRROR} {suite} main\n", arch.debian())
+                }
+            })
+            .collect();
         write_if_changed(&root.join("sources.list"), &sources)?;
         // The machine's apt.conf.d has update/dpkg hooks that delete
         // /var/cache/apt/archives/*.deb; running them from here could pull
@@ -312,7 +354,7 @@ impl PrivateApt {
             &root.join("apt.conf"),
             "#clear APT::Update::Pre-Invoke;\n#clear APT::Update::Post-Invoke;\n#clear APT::Update::Post-Invoke-Success;\n#clear DPkg::Post-Invoke;\n",
         )?;
-        Ok(PrivateApt { root })
+        Ok(PrivateApt { root, arch })
     }
 
     fn command(&self, program: &str) -> Command {
@@ -329,6 +371,9 @@ impl PrivateApt {
             "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".to_string(),
             // Our directories belong to root; apt's _apt sandbox user cannot write them.
             "APT::Sandbox::User=root".to_string(),
+            // Plain package names mean this architecture's packages.
+            format!("APT::Architecture={}", self.arch.debian()),
+            format!("APT::Architectures={}", self.arch.debian()),
         ] {
             cmd.arg("-o").arg(opt);
         }
@@ -351,18 +396,19 @@ impl PrivateApt {
             .unwrap_or(false)
     }
 
-    /// The newest `linux-image-<series>.*-cloud-amd64-unsigned` of each series,
+    /// The newest `linux-image-<series>.*-cloud-<arch>-unsigned` of each series,
     /// taken only from that series' own suite (bullseye also carries 6.1
     /// backports, which are not the kernel we mean by "6.1").
     fn resolve(&self) -> Result<Resolved> {
+        let arch = self.arch.debian();
         let names = output(self.command("apt-cache").args([
             "search",
             "--names-only",
-            "^linux-image-.*-cloud-amd64-unsigned$",
+            &format!("^linux-image-.*-cloud-{arch}-unsigned$"),
         ]))?;
         let names: Vec<&str> = names.lines().filter_map(|l| l.split_whitespace().next()).collect();
         if names.is_empty() {
-            bail!("apt-cache found no linux-image-*-cloud-amd64-unsigned packages in the private lists");
+            bail!("apt-cache found no linux-image-*-cloud-{arch}-unsigned packages in the private lists");
         }
         let madison = output(self.command("apt-cache").arg("madison").args(&names))?;
         let mut best: BTreeMap<String, Package> = BTreeMap::new();
@@ -387,7 +433,7 @@ impl PrivateApt {
         }
         for (series, suite) in SERIES {
             if !best.contains_key(*series) {
-                bail!("no linux-image-{series}.*-cloud-amd64-unsigned in Debian {suite} main");
+                bail!("no linux-image-{series}.*-cloud-{arch}-unsigned in Debian {suite} main");
             }
         }
         let resolved_at_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -456,7 +502,7 @@ fn find_modules_dir(root: &Path, uname: &str) -> Option<PathBuf> {
     ["lib/modules", "usr/lib/modules"].iter().map(|d| root.join(d).join(uname)).find(|p| p.is_dir())
 }
 
-fn ensure_unpacked(apt: &PrivateApt, dir: &Path, series: &'static str, pkg: &Package) -> Result<Kernel> {
+fn ensure_unpacked(apt: &PrivateApt, dir: &Path, arch: Arch, series: &'static str, pkg: &Package) -> Result<Kernel> {
     let uname = pkg.uname()?;
     let root = dir.join(&uname);
     let complete = root.join(".verdict-complete");
@@ -494,6 +540,7 @@ fn ensure_unpacked(apt: &PrivateApt, dir: &Path, series: &'static str, pkg: &Pac
         bail!("{} is missing; delete {} to unpack again", vmlinuz.display(), root.display());
     }
     Ok(Kernel {
+        arch,
         series,
         version: uname,
         package: pkg.name.clone(),
@@ -525,4 +572,43 @@ fn prune(dir: &Path, resolved: &Resolved) {
             }
         }
     }
+}
+
+/// The guest's /bin/busybox for a foreign architecture: Debian's
+/// busybox-static built for it, from bookworm through the private lists,
+/// unpacked under that architecture's cache. (amd64 guests get the
+/// machine's own, see vm.rs.)
+pub fn foreign_busybox(arch: Arch) -> Result<PathBuf> {
+    ensure!(arch != Arch::Amd64, "amd64 guests use the machine's own busybox");
+    let dir = arch.kernels_dir();
+    let unpacked = dir.join("busybox");
+    let busybox = unpacked.join("bin/busybox");
+    if busybox.is_file() {
+        return Ok(busybox);
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    lock.lock().with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    let apt = PrivateApt::new(&dir, arch)?;
+    if !apt.lists_present() {
+        apt.update()?;
+    }
+    let partial = dir.join(format!("busybox-partial-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&partial);
+    fs::create_dir_all(&partial)?;
+    println!("kernels: downloading busybox-static for {}", arch.debian());
+    output(apt.command("apt-get").current_dir(&partial).args(["-q", "download", "busybox-static/bookworm"]))
+        .with_context(|| format!("cannot download busybox-static for {}", arch.debian()))?;
+    let deb = fs::read_dir(&partial)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download busybox-static left no .deb in {}", partial.display()))?;
+    let tmp = partial.join("root");
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
+    ensure!(tmp.join("bin/busybox").is_file(), "{} has no bin/busybox", deb.display());
+    let _ = fs::remove_dir_all(&unpacked);
+    fs::rename(&tmp, &unpacked)?;
+    let _ = fs::remove_dir_all(&partial);
+    Ok(busybox)
 }

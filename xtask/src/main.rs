@@ -6,10 +6,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod arm64;
 mod bench;
+mod cross;
 mod demo;
 mod deploy;
 mod e2e;
+mod image;
+mod rehearsal;
 mod test;
 mod tools;
 mod vm;
@@ -37,6 +41,10 @@ enum Command {
     Test(test::TestArgs),
     /// Render the Helm chart to deploy/manifests and check everything under deploy/.
     Deploy(deploy::DeployArgs),
+    /// Run the installers in a clean Debian 12 root (mmdebstrap, chroot) and check that every external program the suite and the demo start is then found and runs.
+    Rehearse(rehearsal::RehearseArgs),
+    /// Build the container image for linux/amd64 and linux/arm64 (static binaries, no container engine) as an OCI layout and archive under target/image/, and check it.
+    Image(image::ImageArgs),
 }
 
 /// The eBPF crate is built by aya-build from agent/build.rs, so building
@@ -67,6 +75,8 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Rehearse(args) => rehearsal::run_cli(args),
+        Command::Image(args) => image::run_cli(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

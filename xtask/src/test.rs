@@ -2,11 +2,14 @@
 //!
 //! Steps, each reported as passed or failed (a failed step does not stop
 //! the others, so one run shows everything that is broken):
-//! 1. install what is missing (rust-src, bpf-linker, Debian packages, kernels);
+//! 1. install what is missing (rust-src, bpf-linker, Debian packages, kernels),
+//!    and rehearse that install in a clean Debian 12 root (`rehearsal.rs`);
 //! 2. the host tests (`cargo test`, as root: they load real BPF programs
 //!    through the host kernel's verifier and run them with BPF_PROG_TEST_RUN);
 //! 3. the tap on real kernels: one QEMU VM per Debian kernel (5.10, 6.1,
 //!    6.12) runs `vm-driver` (fentry and kprobe, end to end);
+//!    The container image for amd64 and arm64 is built and checked (`image.rs`);
+//!    The same on Debian's arm64 kernels in qemu-system-aarch64 (`arm64.rs`);
 //! 4. the deploy/ checks (Helm, manifests, Prometheus rules);
 //! 5. the agent end to end with a real Prometheus evaluating the alerts.
 //!
@@ -55,7 +58,9 @@ pub fn run(args: TestArgs) -> Result<()> {
         outcomes.push(Outcome { name: name.to_string(), result, took: started.elapsed() });
     };
 
+    step("rehearsal (installers in a clean Debian 12 root, every program found)", &mut crate::rehearsal::run);
     step("build", &mut build);
+    step("image (linux/amd64 + linux/arm64, static, OCI archive)", &mut crate::image::build_and_check);
     step("lint (rustfmt, clippy -D warnings)", &mut lint);
     step("host tests", &mut host_tests);
     let kernels = kernels::ensure_kernels();
@@ -66,6 +71,14 @@ pub fn run(args: TestArgs) -> Result<()> {
             }
         }
         Err(e) => step("vm kernels", &mut || Err(anyhow::anyhow!("{e:#}"))),
+    }
+    match crate::arm64::kernels() {
+        Ok(kernels) => {
+            for k in kernels {
+                step(&format!("vm arm64 {} ({})", k.series, k.version), &mut || crate::arm64::vm_test(&k));
+            }
+        }
+        Err(e) => step("vm arm64 kernels", &mut || Err(anyhow::anyhow!("{e:#}"))),
     }
     step("bench smoke (runs, reports every key; no timing asserted)", &mut bench_smoke);
     step("deploy checks", &mut crate::deploy::check);
@@ -88,7 +101,7 @@ fn setup() -> Result<()> {
     tools::ensure_root("the suite loads BPF programs and boots VMs")?;
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
-    tools::ensure_apt(tools::HOST_PACKAGES)?;
+    tools::ensure_apt(&tools::host_packages())?;
     ensure_bpffs()
 }
 

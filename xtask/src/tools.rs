@@ -8,15 +8,112 @@ use std::sync::Once;
 
 use anyhow::{Context, Result, bail};
 
-/// The packages `cargo xtask setup` installs on the host.
-pub const HOST_PACKAGES: &[&str] =
-    &["qemu-system-x86", "busybox-static", "cpio", "bpftool", "iproute2", "prometheus", "kmod"];
+/// Where an external program that xtask, the tests or the demo run comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A Debian package, installed by [`ensure_apt`] from [`host_packages`].
+    Apt(&'static str),
+    /// The Rust toolchain the README asks for (rustup, cargo, rustc).
+    Toolchain,
+    /// Built by `cargo install` ([`ensure_bpf_linker`]).
+    CargoInstall,
+}
+
+/// One external program: its name on PATH, where it comes from, and a
+/// call that shows it is there and runs (the fresh-root rehearsal makes it).
+#[derive(Clone, Copy, Debug)]
+pub struct ExternalProgram {
+    pub name: &'static str,
+    pub source: Source,
+    pub probe: &'static [&'static str],
+}
+
+const fn apt(name: &'static str, package: &'static str, probe: &'static [&'static str]) -> ExternalProgram {
+    ExternalProgram { name, source: Source::Apt(package), probe }
+}
+
+/// Every program that `cargo xtask` (setup, test, demo, deploy, image,
+/// vm, bench) and the test binaries start, with the package that provides
+/// it. [`host_packages`] installs them and the rehearsal
+/// (`cargo xtask rehearse`) installs them in a clean Debian 12 root and
+/// runs each probe there; a test fails when the sources start a program
+/// (`Command::new("...")`) that is missing here.
+pub const EXTERNAL_PROGRAMS: &[ExternalProgram] = &[
+    // Package management: the installers themselves and the kernel unpacking.
+    apt("apt-get", "apt", &["--version"]),
+    apt("dpkg", "dpkg", &["--version"]),
+    apt("dpkg-query", "dpkg", &["--version"]),
+    // The VM tests: QEMU, the initramfs' busybox, modules.dep for the guest kernels.
+    apt("qemu-system-x86_64", "qemu-system-x86", &["--version"]),
+    apt("qemu-system-aarch64", "qemu-system-arm", &["--version"]),
+    apt("busybox", "busybox-static", &["--list-full"]),
+    apt("cpio", "cpio", &["--version"]),
+    apt("depmod", "kmod", &["--version"]),
+    apt("strip", "binutils", &["--version"]),
+    apt("ldd", "libc-bin", &["--version"]),
+    apt("xz", "xz-utils", &["--version"]),
+    apt("zstd", "zstd", &["--version"]),
+    apt("gzip", "gzip", &["--version"]),
+    // bpffs and the rehearsal's own mounts, capability sets for the tests.
+    apt("mount", "mount", &["--version"]),
+    apt("umount", "mount", &["--version"]),
+    apt("mountpoint", "util-linux", &["--version"]),
+    apt("setpriv", "util-linux", &["--version"]),
+    apt("unshare", "util-linux", &["--version"]),
+    // Looking at BPF state and network namespaces when a test fails.
+    apt("bpftool", "bpftool", &["version"]),
+    apt("ip", "iproute2", &["-V"]),
+    // deploy checks and the end-to-end step.
+    apt("prometheus", "prometheus", &["--version"]),
+    apt("promtool", "prometheus", &["--version"]),
+    apt("python3", "python3", &["--version"]),
+    apt("pip3", "python3-pip", &["--version"]),
+    // The image: the commit it names, and skopeo as a second reader of the layout.
+    apt("git", "git", &["--version"]),
+    apt("skopeo", "skopeo", &["--version"]),
+    // The rehearsal: a clean Debian 12 root, unpacked and entered.
+    apt("mmdebstrap", "mmdebstrap", &["--version"]),
+    apt("tar", "tar", &["--version"]),
+    apt("chroot", "coreutils", &["--version"]),
+    apt("mknod", "coreutils", &["--version"]),
+    // The arm64 cross build: linker and C compiler for aarch64 (ring), and
+    // the agent run under user-mode emulation as a smoke test.
+    apt("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", &["--version"]),
+    apt("aarch64-linux-gnu-strip", "binutils-aarch64-linux-gnu", &["--version"]),
+    apt("qemu-aarch64-static", "qemu-user-static", &["--version"]),
+    ExternalProgram { name: "cargo", source: Source::Toolchain, probe: &["--version"] },
+    ExternalProgram { name: "rustc", source: Source::Toolchain, probe: &["--version"] },
+    ExternalProgram { name: "rustup", source: Source::Toolchain, probe: &["--version"] },
+    ExternalProgram { name: "bpf-linker", source: Source::CargoInstall, probe: &["--version"] },
+];
+
+/// Packages that provide no program of their own but that the installers
+/// need: the Debian archive key for the private kernel source list, the
+/// aarch64 C library for the cross build.
+const SUPPORT_PACKAGES: &[&str] = &["debian-archive-keyring", "ca-certificates", "libc6-dev-arm64-cross"];
+
+/// The packages `cargo xtask setup` (and `test`, `demo`, and the
+/// rehearsal) install on the host: every package named in
+/// [`EXTERNAL_PROGRAMS`] and [`SUPPORT_PACKAGES`], each once, in table order.
+pub fn host_packages() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    let named = EXTERNAL_PROGRAMS.iter().filter_map(|p| match p.source {
+        Source::Apt(package) => Some(package),
+        Source::Toolchain | Source::CargoInstall => None,
+    });
+    for package in named.chain(SUPPORT_PACKAGES.iter().copied()) {
+        if !out.contains(&package) {
+            out.push(package);
+        }
+    }
+    out
+}
 
 /// Install everything the project's build, tests and VMs need.
 pub fn setup_all() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
-    ensure_apt(HOST_PACKAGES)?;
+    ensure_apt(&host_packages())?;
     let kernels = crate::vm::kernels::ensure_kernels()?;
     for k in &kernels {
         println!("kernel {}: {} ({})", k.series, k.version, k.vmlinuz.display());

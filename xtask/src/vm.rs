@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-pub use kernels::{Kernel, ensure_kernels};
+pub use kernels::{Arch, Kernel, ensure_kernels};
 
 use crate::tools;
 
@@ -60,6 +60,9 @@ pub struct VmArgs {
     /// Kernel series to boot: 5.10, 6.1, 6.12 or all.
     #[arg(long, default_value = "all")]
     kernel: String,
+    /// Kernel architecture: amd64 (qemu-system-x86_64) or arm64 (qemu-system-aarch64; payload files must be aarch64).
+    #[arg(long, default_value = "amd64")]
+    arch: String,
     /// Copy a host file into the VM (repeatable); shared libraries of ELF files come along.
     #[arg(long = "file", value_name = "HOST:GUEST")]
     files: Vec<String>,
@@ -98,7 +101,12 @@ pub fn run_cli(args: VmArgs) -> Result<()> {
         modules: args.modules.clone(),
         timeout: Duration::from_secs(args.timeout),
     };
-    let kernels = kernels::ensure_series(&series, args.refresh_kernels)?;
+    let arch = match args.arch.as_str() {
+        "amd64" => Arch::Amd64,
+        "arm64" => Arch::Arm64,
+        other => bail!("--arch {other}: expected amd64 or arm64"),
+    };
+    let kernels = kernels::ensure_series_for(arch, &series, args.refresh_kernels)?;
 
     let mut summary = Vec::new();
     let mut first_failure = 0;
@@ -161,15 +169,28 @@ pub fn run_matrix(payload: &VmPayload) -> Result<Vec<(Kernel, VmOutcome)>> {
     Ok(results)
 }
 
-fn ensure_vm_tools() -> Result<()> {
+fn ensure_vm_tools(arch: Arch) -> Result<()> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(|| tools::ensure_apt(&["qemu-system-x86", "busybox-static"]).map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
+    static DONE_ARM64: OnceLock<Result<(), String>> = OnceLock::new();
+    let (done, packages): (_, &[&str]) = match arch {
+        Arch::Amd64 => (&DONE, &["qemu-system-x86", "busybox-static"]),
+        // qemu-user runs the arm64 busybox on the host to list its applets.
+        Arch::Arm64 => (&DONE_ARM64, &["qemu-system-arm", "qemu-user-static"]),
+    };
+    done.get_or_init(|| tools::ensure_apt(packages).map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
+}
+
+/// Log and scratch file names: the series for amd64 (as they always were),
+/// `arm64-<series>` for arm64.
+fn vm_name(kernel: &Kernel) -> String {
+    match kernel.arch {
+        Arch::Amd64 => kernel.series.to_string(),
+        Arch::Arm64 => format!("{}-{}", kernel.arch.debian(), kernel.series),
+    }
 }
 
 fn run(kernel: &Kernel, payload: &VmPayload, echo: bool) -> Result<VmOutcome> {
-    ensure_vm_tools()?;
+    ensure_vm_tools(kernel.arch)?;
     let vm_dir = tools::target_dir().join("vm");
     let logs = vm_dir.join("logs");
     let scratch = vm_dir.join("initramfs");
@@ -177,16 +198,20 @@ fn run(kernel: &Kernel, payload: &VmPayload, echo: bool) -> Result<VmOutcome> {
         fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     // Per process: several test binaries may boot VMs at the same time.
-    let initrd = scratch.join(format!("{}-{}.cpio", kernel.series, std::process::id()));
+    let initrd = scratch.join(format!("{}-{}.cpio", vm_name(kernel), std::process::id()));
     let result = build_initramfs(kernel, payload, &initrd)
         .with_context(|| format!("cannot build the initramfs for kernel {}", kernel.version))
-        .and_then(|()| boot(kernel, payload, &initrd, &logs.join(format!("{}.log", kernel.series)), echo));
+        .and_then(|()| boot(kernel, payload, &initrd, &logs.join(format!("{}.log", vm_name(kernel))), echo));
     let _ = fs::remove_file(&initrd);
     result
 }
 
 fn boot(kernel: &Kernel, payload: &VmPayload, initrd: &Path, log_path: &Path, echo: bool) -> Result<VmOutcome> {
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let (qemu, console) = match kernel.arch {
+        Arch::Amd64 => ("qemu-system-x86_64", "ttyS0"),
+        Arch::Arm64 => ("qemu-system-aarch64", "ttyAMA0"),
+    };
+    let mut cmd = Command::new(qemu);
     // Nested KVM hangs at boot on these machines, so TCG. Debian's 6.12
     // kernel meets TCG faults (measured 2026-11-22): with two vCPUs it panics
     // in ACPI init in about one boot in five (0 of 30 with one); with
@@ -196,15 +221,28 @@ fn boot(kernel: &Kernel, payload: &VmPayload, initrd: &Path, log_path: &Path, ec
     // costs nothing with one vCPU). The per-CPU summing is covered by the
     // host tests (2 CPUs). VERDICT_VM_CPU / VERDICT_VM_ACCEL override, for
     // debugging the harness.
-    let cpu = std::env::var("VERDICT_VM_CPU").unwrap_or_else(|_| "Skylake-Client-v4".into());
+    //
+    // arm64: QEMU's `virt` board (PL011 serial on ttyAMA0, no firmware:
+    // -kernel takes Debian's gzip-compressed Image directly) with `-cpu
+    // max`; pointer authentication is emulated with QEMU's own cheap
+    // algorithm (pauth-impdef) instead of QARMA, which costs TCG most of
+    // its time, and the guest cannot tell the difference.
+    let default_cpu = match kernel.arch {
+        Arch::Amd64 => "Skylake-Client-v4",
+        Arch::Arm64 => "max,pauth-impdef=on",
+    };
+    let cpu = std::env::var("VERDICT_VM_CPU").unwrap_or_else(|_| default_cpu.into());
     let accel = std::env::var("VERDICT_VM_ACCEL").unwrap_or_else(|_| "tcg,thread=single".into());
+    if kernel.arch == Arch::Arm64 {
+        cmd.args(["-machine", "virt"]);
+    }
     cmd.args(["-accel", &accel, "-cpu", &cpu, "-m", "1024", "-smp", "1"])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(["-append", &format!("console={console} panic=-1 quiet")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -213,7 +251,8 @@ fn boot(kernel: &Kernel, payload: &VmPayload, initrd: &Path, log_path: &Path, ec
     let mut log = File::create(log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     writeln!(log, "# {shown}")?;
     let started = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("cannot start `{shown}`; is qemu-system-x86 installed?"))?;
+    let mut child =
+        cmd.spawn().with_context(|| format!("cannot start `{shown}`; is {qemu} installed (cargo xtask setup)?"))?;
 
     let console = Arc::new(Mutex::new(Vec::<u8>::new()));
     let marker_seen = Arc::new(Mutex::new(None::<Instant>));
@@ -345,8 +384,18 @@ fn build_initramfs(kernel: &Kernel, payload: &VmPayload, out: &Path) -> Result<(
     // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
     entries.insert("dev/console".into(), Entry::CharDev { major: 5, minor: 1 });
 
-    let busybox = which("busybox").context("busybox not found on PATH; run `cargo xtask setup`")?;
-    let applets = tools::output(Command::new(&busybox).arg("--list-full"))?;
+    let (busybox, applets) = match kernel.arch {
+        Arch::Amd64 => {
+            let busybox = which("busybox").context("busybox not found on PATH; run `cargo xtask setup`")?;
+            let applets = tools::output(Command::new(&busybox).arg("--list-full"))?;
+            (busybox, applets)
+        }
+        Arch::Arm64 => {
+            let busybox = kernels::foreign_busybox(kernel.arch)?;
+            let applets = tools::output(Command::new("qemu-aarch64-static").arg(&busybox).arg("--list-full"))?;
+            (busybox, applets)
+        }
+    };
     for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
         entries.insert(applet.trim_start_matches('/').to_string(), Entry::Symlink("/bin/busybox".into()));
     }

@@ -63,3 +63,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - SYS_RESOURCE
 {{- end }}
 {{- end }}
+
+{{/*
+The ConfigMap holding the critical-flow override: the chart's own when
+agent.criticalFlows.inline is set, else agent.criticalFlows.configMap; empty
+when there is no override.
+*/}}
+{{- define "verdict-agent.criticalFlowsConfigMap" -}}
+{{- $cf := .Values.agent.criticalFlows }}
+{{- if and $cf.inline $cf.configMap }}
+{{- fail "agent.criticalFlows: set inline or configMap, not both" }}
+{{- else if $cf.inline }}
+{{- printf "%s-critical-flows" (include "verdict-agent.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- else if $cf.configMap }}
+{{- $cf.configMap }}
+{{- end }}
+{{- end }}
