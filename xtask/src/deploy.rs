@@ -235,7 +235,11 @@ fn ensure_promtool() -> Result<PathBuf> {
 }
 
 fn helm(tools: &Tools) -> Command {
-    let mut c = Command::new(&tools.helm);
+    helm_at(&tools.helm)
+}
+
+fn helm_at(helm: &Path) -> Command {
+    let mut c = Command::new(helm);
     let home = tools_dir().join("helm-home");
     c.env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))
@@ -282,6 +286,56 @@ fn split_docs(rendered: &str) -> Result<Vec<Doc>> {
         docs.push(Doc { source, text, value });
     }
     Ok(docs)
+}
+
+/// The agent container's privileges as the chart ships them: uid and the
+/// capabilities it adds after dropping ALL, read from `helm template` of
+/// the chart with its default values plus `set` (`key=value`, as for
+/// `--set`). The VM step runs the agent with exactly these.
+pub struct AgentPrivileges {
+    pub uid: u32,
+    pub capabilities: Vec<String>,
+}
+
+pub fn agent_privileges(set: &[&str]) -> Result<AgentPrivileges> {
+    ensure_pip()?;
+    let (helm, _) = ensure_helm_kubectl()?;
+    let mut c = helm_at(&helm);
+    c.args(["template", RELEASE, CHART, "--namespace", NAMESPACE]);
+    for s in set {
+        c.args(["--set", s]);
+    }
+    let docs = split_docs(&tools::output(&mut c)?)?;
+    let ds = docs
+        .iter()
+        .find(|d| d.kind() == "DaemonSet" && !d.is_hook())
+        .context("the chart renders no agent DaemonSet")?;
+    let pod = &ds.value["spec"]["template"]["spec"];
+    let agent = pod["containers"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"].as_str() == Some("agent"))
+        .context("the agent DaemonSet has no container named agent")?;
+    let sc = &agent["securityContext"];
+    let drop: Vec<&str> =
+        sc["capabilities"]["drop"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+    ensure!(
+        drop == ["ALL"],
+        "the agent container drops {drop:?}, not [ALL]: its capability set is not only what it adds"
+    );
+    ensure!(sc["allowPrivilegeEscalation"].as_bool() == Some(false), "the agent container allows privilege escalation");
+    let uid = sc["runAsUser"]
+        .as_u64()
+        .or_else(|| pod["securityContext"]["runAsUser"].as_u64())
+        .context("the agent container sets no runAsUser")? as u32;
+    let capabilities = sc["capabilities"]["add"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    Ok(AgentPrivileges { uid, capabilities })
 }
 
 fn helm_template(tools: &Tools, values: Option<&Path>, kube_version: Option<&str>) -> Result<String> {
@@ -422,6 +476,8 @@ fn check_in(tools: &Tools, work: &Path) -> Result<()> {
             "agent.tap=everything",
             "agnet.tap=kprobe",
             "seccompProfile.type=Nothing",
+            "appArmorProfile.type=Confined",
+            "appArmorProfile.type=Localhost",
             "image.digest=latest",
         ] {
             let out = helm(tools).args(["template", RELEASE, CHART, "--set", bad]).output()?;
@@ -673,6 +729,24 @@ fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                 }
                 if agent && !(add.contains("BPF") && add.contains("PERFMON")) {
                     problems.push(format!("{id}/{cname}: needs BPF and PERFMON"));
+                }
+                // Cilium's own agent settings: default LSM profiles block bpffs writes.
+                if agent && label == "default" {
+                    let se = &sc["seLinuxOptions"];
+                    if se["type"].as_str() != Some("spc_t") || se["level"].as_str() != Some("s0") {
+                        problems
+                            .push(format!("{id}/{cname}: default seLinuxOptions must be {{level: s0, type: spc_t}}"));
+                    }
+                    let annotation = d.value["spec"]["template"]["metadata"]["annotations"]
+                        [format!("container.apparmor.security.beta.kubernetes.io/{cname}").as_str()]
+                    .as_str();
+                    let field = sc["appArmorProfile"]["type"].as_str();
+                    if field != Some("Unconfined") && annotation != Some("unconfined") {
+                        problems.push(format!("{id}/{cname}: default AppArmor profile must be Unconfined"));
+                    }
+                    if field.is_some() && annotation.is_some() {
+                        problems.push(format!("{id}/{cname}: AppArmor set both as field and annotation"));
+                    }
                 }
                 for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
                     let path = m["mountPath"].as_str().unwrap_or("");

@@ -63,3 +63,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - SYS_RESOURCE
 {{- end }}
 {{- end }}
+
+{{/* The pre-1.30 AppArmor annotation value for an appArmorProfile. */}}
+{{- define "verdict-agent.appArmorAnnotation" -}}
+{{- if eq .type "Unconfined" -}}unconfined
+{{- else if eq .type "RuntimeDefault" -}}runtime/default
+{{- else -}}localhost/{{ .localhostProfile }}
+{{- end -}}
+{{- end }}
