@@ -62,7 +62,15 @@ pub struct PodPrivileges {
     pub uid: u32,
     /// Capability bit mask.
     pub capabilities: u64,
+    /// RLIMIT_MEMLOCK (soft and hard) the child starts with; None keeps
+    /// this process's. A pod inherits its runtime's, which may be as low
+    /// as the kernel's default.
+    pub memlock_bytes: Option<u64>,
 }
+
+/// The kernel's own RLIMIT_MEMLOCK for init before 5.16 (`MLOCK_LIMIT`,
+/// 64 KiB): what a runtime that does not raise it passes on.
+pub const KERNEL_DEFAULT_MEMLOCK: u64 = 64 * 1024;
 
 impl PodPrivileges {
     /// From a comma-separated list as Kubernetes spells it (`BPF,PERFMON`;
@@ -74,7 +82,7 @@ impl PodPrivileges {
             let bit = NAMES.iter().position(|n| *n == bare).with_context(|| format!("unknown capability {name:?}"))?;
             capabilities |= 1 << bit;
         }
-        Ok(PodPrivileges { uid, capabilities })
+        Ok(PodPrivileges { uid, capabilities, memlock_bytes: None })
     }
 
     /// The capabilities as Kubernetes spells them, e.g. `BPF,PERFMON`.
@@ -93,10 +101,17 @@ impl PodPrivileges {
             .parse()
             .context("parsing /proc/sys/kernel/cap_last_cap")?;
         let keep = self.capabilities;
+        let memlock = self.memlock_bytes;
         // SAFETY: the closure only makes raw syscalls (no allocation, no
         // locks), which is what may run between fork and exec.
         unsafe {
-            command.pre_exec(move || restrict(keep, last_cap));
+            command.pre_exec(move || {
+                if let Some(bytes) = memlock {
+                    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+                    check(libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) as libc::c_long)?;
+                }
+                restrict(keep, last_cap)
+            });
         }
         Ok(())
     }

@@ -220,13 +220,45 @@ fn stripped(bin: &str) -> Result<PathBuf> {
 /// Boots per kernel when the guest kernel itself panics (emulator faults).
 const MAX_BOOTS: u32 = 5;
 
+/// Chart values a kernel needs beyond the defaults, and why.
+fn chart_values_for(kernel: &kernels::Kernel) -> Vec<&'static str> {
+    let mut parts = kernel.version.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    // Before 5.11 BPF maps are charged to RLIMIT_MEMLOCK (64 KiB for init
+    // before 5.16): raising it takes CAP_SYS_RESOURCE.
+    if version < (5, 11) { vec!["memlockCapability=true"] } else { Vec::new() }
+}
+
 fn vm_test(kernel: &kernels::Kernel) -> Result<()> {
+    // The agent runs with exactly the DaemonSet's privileges, as the chart
+    // renders them (defaults, plus what this kernel needs).
+    let values = chart_values_for(kernel);
+    let needed = crate::deploy::agent_privileges(&values).context("rendering the chart's agent privileges")?;
+    let mut command = format!(
+        "VERDICT_AGENT_BIN=/bin/verdict-agent RUST_LOG=info VERDICT_AGENT_UID={} VERDICT_AGENT_CAPS={}",
+        needed.uid,
+        needed.capabilities.join(",")
+    );
+    if !values.is_empty() {
+        // ... and without those values the agent must say what it lacks.
+        let default = crate::deploy::agent_privileges(&[])?;
+        command.push_str(&format!(
+            " VERDICT_AGENT_CAPS_DEFAULT={} VERDICT_AGENT_NEEDED_VALUES={}",
+            default.capabilities.join(","),
+            values.join(",")
+        ));
+    }
+    command.push_str(" /bin/vm-driver");
+    println!(
+        "  agent privileges from the chart ({}): {command}",
+        if values.is_empty() { "defaults".to_string() } else { values.join(" ") }
+    );
     let payload = VmPayload {
         files: vec![
             (stripped("verdict-agent")?, "/bin/verdict-agent".into()),
             (stripped("vm-driver")?, "/bin/vm-driver".into()),
         ],
-        command: "VERDICT_AGENT_BIN=/bin/verdict-agent RUST_LOG=info /bin/vm-driver".into(),
+        command,
         modules: Vec::new(),
         timeout: Duration::from_secs(600),
     };

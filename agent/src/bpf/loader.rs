@@ -236,8 +236,9 @@ fn attach(ebpf: &mut Ebpf, choice: TapChoice, btf_path: &Path) -> Result<TapKind
             }
         }
     }
+    let refused = if failures.len() > 1 { "this kernel refused every hook" } else { "the kernel refused the hook" };
     Err(LoadError::Attach(format!(
-        "{}. fentry needs BPF trampolines (x86-64 kernel >= 5.5 with CONFIG_DEBUG_INFO_BTF, not blocked by lockdown); \
+        "{refused} ({}). fentry needs BPF trampolines (x86-64 kernel >= 5.5 with CONFIG_DEBUG_INFO_BTF, not blocked by lockdown); \
          kprobe needs CONFIG_KPROBES and the kprobe PMU. `--tap none` starts without a hook (nothing is counted then).",
         failures.join("; ")
     )))
@@ -254,7 +255,15 @@ fn attach_fentry(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
 fn attach_kprobe(ebpf: &mut Ebpf) -> Result<(), String> {
     let prog: &mut KProbe = program_mut(ebpf, "tap_kprobe")?;
     prog.load().map_err(|e| format!("load: {}", error_chain(&e)))?;
-    prog.attach(HOOKED_FUNCTION, 0).map_err(|e| format!("attach: {}", error_chain(&e)))?;
+    prog.attach(HOOKED_FUNCTION, 0).map_err(|e| {
+        let mut text = format!("attach: {}", error_chain(&e));
+        if let Some(hint) = privileges::perf_event_hint(&e) {
+            text.push_str(" (");
+            text.push_str(&hint);
+            text.push(')');
+        }
+        text
+    })?;
     Ok(())
 }
 

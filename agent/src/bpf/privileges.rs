@@ -74,18 +74,41 @@ pub fn raise_memlock() -> Option<Memlock> {
     Some(Memlock { soft_bytes: (soft != libc::RLIM_INFINITY).then_some(soft) })
 }
 
-/// Whether `e` or one of its causes is EPERM.
-pub fn refused_for_permission(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Why `perf_event_open` (the kprobe tap) was refused, when the node's
+/// `kernel.perf_event_paranoid` explains it: Debian and Ubuntu add a level
+/// 3 that refuses every perf_event_open without CAP_SYS_ADMIN, whatever
+/// CAP_PERFMON says (their `perf_event_paranoid` patch).
+pub fn perf_event_hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if !has_errno(e, libc::EACCES) && !has_errno(e, libc::EPERM) {
+        return None;
+    }
+    let paranoid: i32 = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid").ok()?.trim().parse().ok()?;
+    let caps = effective_capabilities().unwrap_or(0);
+    (paranoid > 2 && !has(caps, CAP_SYS_ADMIN)).then(|| {
+        format!(
+            "kernel.perf_event_paranoid is {paranoid}: this distribution's extra level refuses perf_event_open without \
+             CAP_SYS_ADMIN; set it to 2 on the node (sysctl kernel.perf_event_paranoid=2), or use the fentry tap, which \
+             does not need it"
+        )
+    })
+}
+
+fn has_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<io::Error>()
-            && io.raw_os_error() == Some(libc::EPERM)
+            && io.raw_os_error() == Some(errno)
         {
             return true;
         }
         cur = err.source();
     }
     false
+}
+
+/// Whether `e` or one of its causes is EPERM.
+pub fn refused_for_permission(e: &(dyn std::error::Error + 'static)) -> bool {
+    has_errno(e, libc::EPERM)
 }
 
 /// What to do about a load the kernel refused, given the kernel, this

@@ -1,4 +1,4 @@
-//! Userspace cost against the event rate: `verdict-agent run --tap replay`
+//! Userspace cost against the event rate: `verdict-agent run --tap none`
 //! as a child process (the release binary), verdicts driven through the
 //! replay entry into its pinned maps at stepped rates, /metrics scraped
 //! every 5 s, and the agent's CPU time (utime + stime of /proc/<pid>/stat)
@@ -81,7 +81,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     drop(pins);
 
     report.table(&format!(
-        "Agent CPU against the event rate (verdict-agent run --tap replay, map read every {poll}, /metrics every {} s, {} s per rate)",
+        "Agent CPU against the event rate (verdict-agent run --tap none, map read every {poll}, /metrics every {} s, {} s per rate)",
         scrape_every.as_secs(),
         step.as_secs()
     ));

@@ -2,7 +2,7 @@
 //!
 //! Every BPF_PROG_TEST_RUN of `bench_replay_and_emit` is one policy verdict
 //! that (a) goes through the agent's in-kernel accounting core into the
-//! maps a running `verdict-agent run --tap replay` reads (same pin
+//! maps a running `verdict-agent run --tap none` reads (same pin
 //! directory), and (b) is written with `bpf_perf_event_output` into a perf
 //! event array read by the baseline: what `cilium monitor` and Hubble do
 //! with `cilium_events`, i.e. one ring of 64 pages per CPU (Cilium's

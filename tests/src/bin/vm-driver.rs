@@ -8,12 +8,25 @@
 //! works) and the M ignored. Then recreate `cilium_events` (new map ID, as
 //! a Cilium restart does) and check the agent follows it.
 //!
+//! The agent runs with exactly the DaemonSet's privileges, which xtask
+//! reads from the rendered chart and passes as `VERDICT_AGENT_UID` and
+//! `VERDICT_AGENT_CAPS` (uid 0, only those capabilities: bounding,
+//! permitted and effective sets, nothing inheritable or ambient,
+//! no_new_privs); the driver checks the running agent's sets in /proc.
+//! Where the kernel needs a chart value beyond the defaults (5.10:
+//! `memlockCapability`), xtask also passes the default set
+//! (`VERDICT_AGENT_CAPS_DEFAULT`, `VERDICT_AGENT_NEEDED_VALUES`) and the
+//! driver checks that the agent started with it fails saying what it lacks.
+//!
 //! Prints one `VMTEST ...` line per check and `VMTEST RESULT pass|fail`.
 
 use std::{net::SocketAddr, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, bail, ensure};
-use verdict_agent_tests::agent_process::AgentProcess;
+use verdict_agent_tests::{
+    agent_process::AgentProcess,
+    privileges::{KERNEL_DEFAULT_MEMLOCK, PodPrivileges, capabilities_of, names},
+};
 use verdict_testkit::{
     emitter::{Emitter, Target},
     scenario::{Layout, PolicyVerdict},
@@ -53,7 +66,23 @@ fn emit(emitter: &Emitter, target: Target, count: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_tap(tap: &str, port: u16) -> anyhow::Result<()> {
+/// The DaemonSet's privileges, as xtask rendered them from the chart.
+fn chart_privileges(var: &str) -> anyhow::Result<PodPrivileges> {
+    let uid: u32 = std::env::var("VERDICT_AGENT_UID")
+        .context("VERDICT_AGENT_UID is not set: xtask passes the chart's runAsUser")?
+        .parse()
+        .context("VERDICT_AGENT_UID")?;
+    let caps =
+        std::env::var(var).with_context(|| format!("{var} is not set: xtask passes the chart's capabilities"))?;
+    let mut privileges = PodPrivileges::parse(uid, &caps)?;
+    // The worst a runtime passes on: the kernel's own default. Kernels that
+    // charge maps to it (before 5.11) make the agent raise it, which is
+    // what CAP_SYS_RESOURCE is for; later ones ignore it.
+    privileges.memlock_bytes = Some(KERNEL_DEFAULT_MEMLOCK);
+    Ok(privileges)
+}
+
+fn check_tap(tap: &str, port: u16, privileges: &PodPrivileges) -> anyhow::Result<()> {
     let pins = format!("/sys/fs/bpf/verdict-vmtest-{tap}");
     let _ = std::fs::remove_dir_all(&pins);
     let _ = std::fs::remove_file(EVENTS);
@@ -61,11 +90,26 @@ fn check_tap(tap: &str, port: u16) -> anyhow::Result<()> {
     let emitter = Emitter::load(Path::new(EVENTS)).context("loading the emitter")?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let log = format!("/tmp/agent-{tap}.log");
-    let agent = AgentProcess::start(
+    let agent = AgentProcess::start_as(
         addr,
         &["--tap", tap, "--pin-dir", &pins, "--cilium-events-map", EVENTS, "--poll-interval", "500ms"],
         Path::new(&log),
+        Some(privileges),
     )?;
+    let (effective, bounding) = capabilities_of(agent.child.id())?;
+    ensure!(
+        effective == privileges.capabilities && bounding == privileges.capabilities,
+        "{tap}: the agent runs with effective {} and bounding {}, not exactly the chart's {}",
+        names(effective),
+        names(bounding),
+        privileges.names()
+    );
+    println!(
+        "VMTEST {tap} privileges uid={} capabilities={} memlock={} KiB (effective = bounding = the chart's)",
+        privileges.uid,
+        names(effective),
+        privileges.memlock_bytes.unwrap_or(0) / 1024
+    );
     let s = agent
         .scrape_until(Duration::from_secs(20), |s| s.sum("verdict_agent_cilium_events_map_present", &[]) == 1.0)?;
     ensure!(s.has("verdict_agent_tap_info", &[&format!("tap=\"{tap}\"")]), "tap_info does not say {tap}");
@@ -104,6 +148,62 @@ fn check_tap(tap: &str, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With the chart's default set on a kernel that needs more, the agent
+/// must fail at start and name what it lacks and the chart value that
+/// grants it.
+fn check_default_set_is_refused_clearly(default: &PodPrivileges, needed_values: &str) -> anyhow::Result<()> {
+    let pins = "/sys/fs/bpf/verdict-vmtest-default-set";
+    let _ = std::fs::remove_dir_all(pins);
+    let (code, text) = AgentProcess::run_to_failure(
+        &["--listen", "127.0.0.1:19973", "--tap", "auto", "--pin-dir", pins, "--no-kube", "--no-cilium-api"],
+        Some(default),
+        Duration::from_secs(60),
+    )?;
+    let _ = std::fs::remove_dir_all(pins);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+    ensure!(code == Some(2), "with {} the agent exited with {code:?}:\n{text}", default.names());
+    for value in needed_values.split(',') {
+        let key = value.split('=').next().unwrap_or(value);
+        ensure!(last.contains(key), "the error does not name the chart value {key}: {last}");
+    }
+    ensure!(last.contains("CAP_SYS_RESOURCE"), "the error does not name CAP_SYS_RESOURCE: {last}");
+    println!("VMTEST default-set {} refused: {last}", default.names());
+    Ok(())
+}
+
+const PARANOID: &str = "/proc/sys/kernel/perf_event_paranoid";
+
+/// Debian's kernels (and Ubuntu's) add a `perf_event_paranoid` level 3
+/// that refuses perf_event_open without CAP_SYS_ADMIN, CAP_PERFMON or not:
+/// the kprobe tap cannot attach with the chart's set there. The agent must
+/// say so; then the node setting the docs prescribe (level 2, the upstream
+/// default) is applied and the kprobe tap must work with the chart's set.
+fn prepare_kprobe(privileges: &PodPrivileges) -> anyhow::Result<()> {
+    let paranoid: i32 = std::fs::read_to_string(PARANOID)?.trim().parse()?;
+    if paranoid <= 2 {
+        println!("VMTEST kprobe perf_event_paranoid={paranoid}: no node setting needed");
+        return Ok(());
+    }
+    let pins = "/sys/fs/bpf/verdict-vmtest-paranoid";
+    let _ = std::fs::remove_dir_all(pins);
+    let (code, text) = AgentProcess::run_to_failure(
+        &["--listen", "127.0.0.1:19974", "--tap", "kprobe", "--pin-dir", pins, "--no-kube", "--no-cilium-api"],
+        Some(privileges),
+        Duration::from_secs(60),
+    )?;
+    let _ = std::fs::remove_dir_all(pins);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+    ensure!(code == Some(2), "kprobe with perf_event_paranoid={paranoid}: the agent exited with {code:?}:\n{text}");
+    ensure!(
+        last.contains("kernel.perf_event_paranoid is 3") && last.contains("kernel.perf_event_paranoid=2"),
+        "the kprobe error does not name the node setting: {last}"
+    );
+    println!("VMTEST kprobe perf_event_paranoid={paranoid} refused: {last}");
+    std::fs::write(PARANOID, "2").context("setting kernel.perf_event_paranoid=2")?;
+    println!("VMTEST kprobe node setting kernel.perf_event_paranoid=2 applied");
+    Ok(())
+}
+
 fn map_id(s: &verdict_agent_tests::scrape::Scrape) -> anyhow::Result<String> {
     for k in s.series.keys() {
         if let Some(rest) = k.strip_prefix("verdict_agent_cilium_events_map_info{")
@@ -119,10 +219,27 @@ fn map_id(s: &verdict_agent_tests::scrape::Scrape) -> anyhow::Result<String> {
 fn main() -> ExitCode {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("VMTEST kernel {}", kernel.trim());
+    let privileges = match chart_privileges("VERDICT_AGENT_CAPS") {
+        Ok(p) => p,
+        Err(e) => {
+            println!("VMTEST privileges FAIL: {e:#}");
+            println!("VMTEST RESULT fail");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut ok = true;
     for (tap, port) in [("fentry", 19971), ("kprobe", 19972)] {
-        if let Err(e) = check_tap(tap, port) {
+        let checked = if tap == "kprobe" { prepare_kprobe(&privileges) } else { Ok(()) };
+        if let Err(e) = checked.and_then(|()| check_tap(tap, port, &privileges)) {
             println!("VMTEST {tap} FAIL: {e:#}");
+            ok = false;
+        }
+    }
+    if let Ok(values) = std::env::var("VERDICT_AGENT_NEEDED_VALUES") {
+        let checked = chart_privileges("VERDICT_AGENT_CAPS_DEFAULT")
+            .and_then(|default| check_default_set_is_refused_clearly(&default, &values));
+        if let Err(e) = checked {
+            println!("VMTEST default-set FAIL: {e:#}");
             ok = false;
         }
     }

@@ -235,6 +235,24 @@ pub(super) fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                 if agent && !(add.contains("BPF") && add.contains("PERFMON")) {
                     problems.push(format!("{id}/{cname}: needs BPF and PERFMON"));
                 }
+                // Cilium's own agent settings: default LSM profiles block bpffs writes.
+                if agent && label == "default" {
+                    let se = &sc["seLinuxOptions"];
+                    if se["type"].as_str() != Some("spc_t") || se["level"].as_str() != Some("s0") {
+                        problems
+                            .push(format!("{id}/{cname}: default seLinuxOptions must be {{level: s0, type: spc_t}}"));
+                    }
+                    let annotation = d.value["spec"]["template"]["metadata"]["annotations"]
+                        [format!("container.apparmor.security.beta.kubernetes.io/{cname}").as_str()]
+                    .as_str();
+                    let field = sc["appArmorProfile"]["type"].as_str();
+                    if field != Some("Unconfined") && annotation != Some("unconfined") {
+                        problems.push(format!("{id}/{cname}: default AppArmor profile must be Unconfined"));
+                    }
+                    if field.is_some() && annotation.is_some() {
+                        problems.push(format!("{id}/{cname}: AppArmor set both as field and annotation"));
+                    }
+                }
                 for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
                     let path = m["mountPath"].as_str().unwrap_or("");
                     if path != "/sys/fs/bpf" && m["readOnly"].as_bool() != Some(true) {

@@ -122,7 +122,11 @@ pub(super) fn ensure_promtool() -> Result<PathBuf> {
 }
 
 pub(super) fn helm(tools: &Tools) -> Command {
-    let mut c = Command::new(&tools.helm);
+    helm_at(&tools.helm)
+}
+
+pub(super) fn helm_at(helm: &Path) -> Command {
+    let mut c = Command::new(helm);
     let home = tools_dir().join("helm-home");
     c.env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))

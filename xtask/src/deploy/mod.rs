@@ -139,6 +139,7 @@ use dashboard::*;
 use install::*;
 use metrics::*;
 pub use metrics::{metric_names_in_rules_and_dashboard, prometheus_e2e_config};
+pub use render::{AgentPrivileges, agent_privileges};
 use render::*;
 use rules::*;
 
@@ -201,6 +202,8 @@ fn check_in(tools: &Tools, work: &Path) -> Result<()> {
             "agent.tap=everything",
             "agnet.tap=kprobe",
             "seccompProfile.type=Nothing",
+            "appArmorProfile.type=Confined",
+            "appArmorProfile.type=Localhost",
             "image.digest=latest",
             // Relative or missing runbook links are dead in every receiver.
             "prometheusRule.enabled=true,prometheusRule.runbookBaseUrl=docs/operations.md",

@@ -41,6 +41,56 @@ pub(super) fn split_docs(rendered: &str) -> Result<Vec<Doc>> {
     Ok(docs)
 }
 
+/// The agent container's privileges as the chart ships them: uid and the
+/// capabilities it adds after dropping ALL, read from `helm template` of
+/// the chart with its default values plus `set` (`key=value`, as for
+/// `--set`). The VM step runs the agent with exactly these.
+pub struct AgentPrivileges {
+    pub uid: u32,
+    pub capabilities: Vec<String>,
+}
+
+pub fn agent_privileges(set: &[&str]) -> Result<AgentPrivileges> {
+    ensure_pip()?;
+    let (helm, _) = ensure_helm_kubectl()?;
+    let mut c = helm_at(&helm);
+    c.args(["template", RELEASE, CHART, "--namespace", NAMESPACE]);
+    for s in set {
+        c.args(["--set", s]);
+    }
+    let docs = split_docs(&tools::output(&mut c)?)?;
+    let ds = docs
+        .iter()
+        .find(|d| d.kind() == "DaemonSet" && !d.is_hook())
+        .context("the chart renders no agent DaemonSet")?;
+    let pod = &ds.value["spec"]["template"]["spec"];
+    let agent = pod["containers"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"].as_str() == Some("agent"))
+        .context("the agent DaemonSet has no container named agent")?;
+    let sc = &agent["securityContext"];
+    let drop: Vec<&str> =
+        sc["capabilities"]["drop"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+    ensure!(
+        drop == ["ALL"],
+        "the agent container drops {drop:?}, not [ALL]: its capability set is not only what it adds"
+    );
+    ensure!(sc["allowPrivilegeEscalation"].as_bool() == Some(false), "the agent container allows privilege escalation");
+    let uid = sc["runAsUser"]
+        .as_u64()
+        .or_else(|| pod["securityContext"]["runAsUser"].as_u64())
+        .context("the agent container sets no runAsUser")? as u32;
+    let capabilities = sc["capabilities"]["add"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    Ok(AgentPrivileges { uid, capabilities })
+}
+
 pub(super) fn helm_template(tools: &Tools, values: Option<&Path>, kube_version: Option<&str>) -> Result<String> {
     let mut c = helm(tools);
     c.args(["template", RELEASE, CHART, "--namespace", NAMESPACE]);

@@ -79,3 +79,11 @@ when there is no override.
 {{- $cf.configMap }}
 {{- end }}
 {{- end }}
+
+{{/* The pre-1.30 AppArmor annotation value for an appArmorProfile. */}}
+{{- define "verdict-agent.appArmorAnnotation" -}}
+{{- if eq .type "Unconfined" -}}unconfined
+{{- else if eq .type "RuntimeDefault" -}}runtime/default
+{{- else -}}localhost/{{ .localhostProfile }}
+{{- end -}}
+{{- end }}
