@@ -139,7 +139,7 @@ use dashboard::*;
 use install::*;
 use metrics::*;
 pub use metrics::{metric_names_in_rules_and_dashboard, prometheus_e2e_config};
-pub use render::{AgentPrivileges, agent_privileges};
+pub use render::agent_privileges;
 use render::*;
 use rules::*;
 
