@@ -47,7 +47,9 @@ pub fn build_static(rust_target: &str, package: &str, bin: &str) -> Result<PathB
     tools::ensure_rust_src()?;
     tools::ensure_bpf_linker()?;
     let env_target = rust_target.to_uppercase().replace('-', "_");
+    let target_dir = build_dir(rust_target);
     let mut cmd = tools::cargo();
+    cmd.env("CARGO_TARGET_DIR", &target_dir);
     cmd.args(["build", "--release", "--locked", "-p", package, "--bin", bin, "--target"])
         .arg(rust_target)
         // Target-specific: reaches neither build scripts nor the BPF build.
@@ -67,5 +69,18 @@ pub fn build_static(rust_target: &str, package: &str, bin: &str) -> Result<PathB
     }
     println!("cross: building {package} {bin} for {rust_target} (release, static)");
     tools::run(&mut cmd).with_context(|| format!("building {bin} for {rust_target}"))?;
-    Ok(target_dir().join(rust_target).join("release").join(bin))
+    Ok(target_dir.join(rust_target).join("release").join(bin))
+}
+
+/// Where cargo builds for `rust_target`. A foreign target gets a target
+/// directory of its own: sharing target/ with the x86_64 build (whose
+/// environment differs: RUSTC_BOOTSTRAP, linker and C compiler variables)
+/// made cargo rebuild the host's build scripts and proc macros each time
+/// the two builds took turns (seen 2026-12-04), and the two could not run
+/// side by side under cargo's lock.
+fn build_dir(rust_target: &str) -> PathBuf {
+    match rust_target {
+        "x86_64-unknown-linux-gnu" => target_dir(),
+        other => target_dir().join(format!("cross-{}", other.split('-').next().unwrap_or(other))),
+    }
 }

@@ -64,11 +64,25 @@ pub struct Platform {
     pub rust_target: &'static str,
     /// ELF `e_machine` of that target.
     pub elf_machine: u16,
+    /// binutils' strip for that target.
+    pub strip: &'static str,
 }
 
 pub const PLATFORMS: &[Platform] = &[
-    Platform { oci_arch: "amd64", variant: None, rust_target: "x86_64-unknown-linux-gnu", elf_machine: 62 },
-    Platform { oci_arch: "arm64", variant: Some("v8"), rust_target: "aarch64-unknown-linux-gnu", elf_machine: 183 },
+    Platform {
+        oci_arch: "amd64",
+        variant: None,
+        rust_target: "x86_64-unknown-linux-gnu",
+        elf_machine: 62,
+        strip: "strip",
+    },
+    Platform {
+        oci_arch: "arm64",
+        variant: Some("v8"),
+        rust_target: "aarch64-unknown-linux-gnu",
+        elf_machine: 183,
+        strip: "aarch64-linux-gnu-strip",
+    },
 ];
 
 #[derive(clap::Args)]
@@ -76,19 +90,32 @@ pub struct ImageArgs {
     /// Only check an existing target/image/oci, do not build.
     #[arg(long)]
     pub check_only: bool,
+    /// Build and check only this platform (amd64 or arm64; repeatable). The
+    /// default, and what `cargo xtask test` does, is both.
+    #[arg(long = "platform", value_name = "ARCH")]
+    pub platforms: Vec<String>,
 }
 
 /// The `xtask test` step: both images built from this tree, then checked.
 pub fn build_and_check() -> Result<()> {
-    build()?;
-    check()
+    build(PLATFORMS)?;
+    check(PLATFORMS)
 }
 
 pub fn run_cli(args: ImageArgs) -> Result<()> {
-    if !args.check_only {
-        build()?;
+    let mut wanted = Vec::new();
+    for name in &args.platforms {
+        let p = PLATFORMS
+            .iter()
+            .find(|p| p.oci_arch == name)
+            .with_context(|| format!("--platform {name}: expected amd64 or arm64"))?;
+        wanted.push(*p);
     }
-    check()
+    let wanted = if wanted.is_empty() { PLATFORMS.to_vec() } else { wanted };
+    if !args.check_only {
+        build(&wanted)?;
+    }
+    check(&wanted)
 }
 
 /// The image's tag: the agent's version, which must be the chart's appVersion
@@ -114,16 +141,28 @@ pub fn archive_path(version: &str) -> PathBuf {
     image_dir().join(format!("verdict-agent-{version}.oci.tar"))
 }
 
-/// Builds both binaries, then writes the layout and the archive.
-pub fn build() -> Result<()> {
+/// Builds the binaries, then writes the layout and the archive.
+pub fn build(platforms: &[Platform]) -> Result<()> {
     let version = version()?;
     let mut binaries = Vec::new();
-    for platform in PLATFORMS {
-        binaries.push((*platform, crate::cross::build_static_agent(platform.rust_target)?));
+    for platform in platforms {
+        let built = crate::cross::build_static_agent(platform.rust_target)?;
+        binaries.push((*platform, stripped(platform, &built)?));
     }
     write_layout(&version, &binaries)?;
     println!("image: {}", archive_path(&version).display());
     Ok(())
+}
+
+/// The release profile keeps debug info (about 120 MB); the image carries
+/// the binary without it (symbols stay, for backtraces).
+fn stripped(platform: &Platform, built: &Path) -> Result<PathBuf> {
+    let dir = image_dir().join("bin").join(platform.oci_arch);
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let out = dir.join("verdict-agent");
+    tools::run(Command::new(platform.strip).arg("--strip-debug").arg(built).arg("-o").arg(&out))
+        .with_context(|| format!("stripping {}", built.display()))?;
+    Ok(out)
 }
 
 /// A blob store: each blob written once under blobs/sha256/, its descriptor returned.
@@ -272,7 +311,7 @@ fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
 
 /// Reads target/image/oci back: both platforms, digests and sizes, entrypoint,
 /// user, no shell; then the archive through skopeo.
-pub fn check() -> Result<()> {
+pub fn check(platforms: &[Platform]) -> Result<()> {
     let version = version()?;
     let layout = image_dir().join("oci");
     let blob = |descriptor: &Value| -> Result<Vec<u8>> {
@@ -343,13 +382,13 @@ pub fn check() -> Result<()> {
         check_static_elf(elf, platform.elf_machine).with_context(|| format!("{arch}: {ENTRYPOINT}"))?;
         seen.insert(arch.to_string(), descriptor["digest"].as_str().unwrap_or("").to_string());
     }
-    for p in PLATFORMS {
+    for p in platforms {
         ensure!(seen.contains_key(p.oci_arch), "the image index lacks linux/{}", p.oci_arch);
     }
     // A second reader: skopeo must accept the archive and each platform in it.
     tools::ensure_apt(&["skopeo"])?;
     let reference = format!("oci-archive:{}:{version}", archive_path(&version).display());
-    for p in PLATFORMS {
+    for p in platforms {
         let raw = tools::output(
             Command::new("skopeo")
                 .args(["inspect", "--override-os", "linux", "--override-arch", p.oci_arch])
