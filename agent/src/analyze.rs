@@ -1168,4 +1168,251 @@ mod tests {
             "egress: the destination"
         );
     }
+
+    /// Fixtures under `agent/tests/captures/`, written from Cilium's print
+    /// functions (see the README there for each file's sources and tags).
+    fn capture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/captures").join(name)
+    }
+
+    fn args_for(input: PathBuf) -> AnalyzeArgs {
+        AnalyzeArgs {
+            input,
+            format: None,
+            output: OutputFormat::Table,
+            host_endpoint: None,
+            endpoints: None,
+            window: None,
+            capture_duration: None,
+            min_evidence: None,
+            critical_flows: None,
+            node: None,
+            cilium_version: None,
+        }
+    }
+
+    fn run_capture(args: &AnalyzeArgs) -> (u8, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = run_with(args, &mut out, &mut err);
+        (code, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned())
+    }
+
+    /// Terminal- and page-wrapped lines, a redacted address, a deny verdict
+    /// with its drop, and every benign kind a `-v -v` session prints.
+    #[test]
+    fn wrapped_redacted_and_paired_monitor_capture() {
+        let opts = CaptureOptions {
+            host_endpoint: Some(227),
+            capture_duration: Some(Duration::from_secs(48 * 3600)),
+            node: Some("node-a".into()),
+            ..CaptureOptions::default()
+        };
+        let a = analyze_file(&capture("monitor-wrapped-redacted-v1.16.txt"), &opts).unwrap();
+        let c = &a.capture;
+        assert_eq!((a.result, c.rejected_verdict_lines, c.not_understood), ("complete", 0, 0), "{c:#?}");
+        assert_eq!((c.lines, c.verdicts, c.rejoined_verdicts, c.redacted_verdicts), (20, 5, 2, 1));
+        let benign: BTreeMap<&str, usize> = c.benign.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(
+            benign,
+            BTreeMap::from([
+                (kind::BANNER, 2),
+                (kind::LOG, 2),
+                (kind::TRACE, 1),
+                (kind::L7, 1),
+                (kind::SEPARATOR, 1),
+                (kind::DEBUG, 1),
+                (kind::DUMP, 3),
+                (kind::DUPLICATE_DROP, 1),
+            ])
+        );
+        assert!(c.warnings.iter().any(|w| w.contains("redacted address")), "{:?}", c.warnings);
+        let host = a.report.endpoints.iter().find(|e| e.endpoint_id == 227).unwrap();
+        let ports: BTreeSet<u16> = host.would_deny.iter().map(|f| f.port).collect();
+        // 22 and 10250 rejoined or plain; 6443 from the redacted line (port kept).
+        assert_eq!(ports, BTreeSet::from([22, 6443, 10250]));
+        let redacted = host.would_deny.iter().find(|f| f.port == 6443).unwrap();
+        assert!(redacted.remote_addrs.is_empty(), "a redacted address is unknown, not invented");
+        assert!(host.allowed.iter().any(|f| f.port == 6443 && f.remote == "kube-apiserver"));
+        // The deny verdict and its drop are one denied flow, with its port.
+        let pod = a.report.endpoints.iter().find(|e| e.endpoint_id == 1001).unwrap();
+        assert_eq!(pod.denied.iter().map(|f| (f.port, f.notifications)).collect::<Vec<_>>(), vec![(5432, 1)]);
+        let (code, _, err) = run_capture(&AnalyzeArgs {
+            host_endpoint: Some(227),
+            capture_duration: Some(Duration::from_secs(48 * 3600)),
+            ..args_for(capture("monitor-wrapped-redacted-v1.16.txt"))
+        });
+        assert_eq!(code, 0, "{err}");
+    }
+
+    /// `datapath_policy.go` of the 1.8 era: `remote ID %d, dst port %d,
+    /// proto %d, ingress %v, action %s, match %s, %s`.
+    #[test]
+    fn v1_8_verdict_lines_are_read() {
+        let p = parse_capture(
+            CaptureFormat::Monitor,
+            BufReader::new(std::fs::File::open(capture("monitor-v1.8.txt")).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(p.rejected_total + p.unknown_total, 0);
+        let got: Vec<_> = p
+            .verdicts
+            .iter()
+            .map(|v| (v.endpoint_id, v.direction, v.remote_identity, v.proto, v.dst_port, v.verdict))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1234, Direction::Ingress, 2, 6, 80, crate::model::Verdict::Allowed),
+                (1234, Direction::Egress, 41312, 17, 53, crate::model::Verdict::Denied),
+            ]
+        );
+    }
+
+    /// A line cut inside its port (6443 or 64?) is never read as port 64
+    /// and never dropped: the result is incomplete.
+    #[test]
+    fn a_cut_verdict_line_makes_the_result_incomplete() {
+        for output in [OutputFormat::Table, OutputFormat::Json] {
+            let (code, out, err) = run_capture(&AnalyzeArgs {
+                output,
+                host_endpoint: Some(227),
+                ..args_for(capture("monitor-cut-at-end.txt"))
+            });
+            assert_eq!(code, 3, "{err}");
+            assert!(
+                err.contains("incomplete: 1 verdict lines could not be read (first: line 2: the line ends before"),
+                "{err}"
+            );
+            if output == OutputFormat::Json {
+                let v: Value = serde_json::from_str(&out).unwrap();
+                assert_eq!(v["capture"]["rejected_verdict_lines"], 1);
+                assert_eq!(v["capture"]["rejected"][0]["line"], 2);
+                assert_eq!(v["result"], "incomplete");
+            }
+        }
+    }
+
+    #[test]
+    fn trace_only_captures_are_no_evidence_with_the_command() {
+        for (file, command) in [
+            ("monitor-trace-only.txt", "`cilium-dbg monitor -t policy-verdict`"),
+            ("hubble-trace-only.jsonl", "`hubble observe --type policy-verdict -o jsonpb`"),
+        ] {
+            let (code, out, err) = run_capture(&AnalyzeArgs { output: OutputFormat::Json, ..args_for(capture(file)) });
+            assert_eq!(code, 3, "{file}: {err}");
+            assert!(err.contains("no evidence") && err.contains("without a policy-verdict filter"), "{err}");
+            assert!(err.contains(command), "{err}");
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["result"], "no_evidence");
+            assert_eq!(v["capture"]["not_understood"], 0, "{file}: benign lines are not 'not understood'");
+        }
+    }
+
+    /// Hubble v1.16+ host-firewall flows: no ID for the host, drops all
+    /// labelled INGRESS; an exporter-aggregated flow; a flow without
+    /// event_type; drop reason 205; redacted addresses.
+    #[test]
+    fn hubble_host_firewall_flows_go_to_the_host() {
+        let file = capture("hubble-host-firewall-v1.16.jsonl");
+        let p = parse_capture(CaptureFormat::HubbleJson, BufReader::new(std::fs::File::open(&file).unwrap())).unwrap();
+        assert_eq!((p.rejected_total, p.unknown_total), (0, 0), "{:?}", p.rejected);
+        let got: Vec<_> = p
+            .verdicts
+            .iter()
+            .map(|v| (v.line, v.local_is_host, v.direction, v.remote_identity, v.proto, v.dst_port, v.events))
+            .collect();
+        use Direction::*;
+        assert_eq!(
+            got,
+            vec![
+                (1, true, Ingress, 2, 6, 6443, 1),
+                // Labelled INGRESS by Hubble; the host is the source: egress.
+                (2, true, Egress, 2, 17, 53, 1),
+                (3, true, Egress, 7, 6, 6443, 1),
+                (4, true, Ingress, 6, 6, 10250, 5),
+                (5, false, Ingress, 5123, 6, 8080, 1),
+                (8, true, Ingress, 2, 6, 22, 1),
+            ]
+        );
+        assert!(p.verdicts[5].redacted && p.verdicts[5].src_addr.is_none());
+        assert_eq!(p.benign, BTreeMap::from([(kind::TRACE, 1), (kind::NON_POLICY_DROP, 1)]));
+
+        let a = analyze_file(&file, &CaptureOptions::default()).unwrap();
+        assert_eq!(a.report.lockout.host_endpoint_id, Some(0));
+        assert!(a.report.notes.iter().any(|n| n.contains("shown as endpoint 0")));
+        assert_eq!(a.capture.events, 10);
+        let host = a.report.endpoints.iter().find(|e| e.endpoint_id == 0).unwrap();
+        assert_eq!(host.kind, EndpointKind::Host);
+        assert_eq!(host.would_deny.iter().find(|f| f.port == 10250).unwrap().notifications, 5);
+        assert!(host.denied.iter().any(|f| f.direction == Egress && f.port == 53 && f.protocol == "udp"));
+        let named =
+            analyze_file(&file, &CaptureOptions { host_endpoint: Some(227), ..CaptureOptions::default() }).unwrap();
+        assert_eq!(named.report.lockout.host_endpoint_id, Some(227));
+        assert!(named.report.endpoints.iter().all(|e| e.endpoint_id != 0));
+    }
+
+    #[test]
+    fn binary_input_is_refused_fast() {
+        let start = std::time::Instant::now();
+        let (code, _, err) = run_capture(&args_for(PathBuf::from("/dev/zero")));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("refused") && err.contains("binary data"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bin");
+        std::fs::write(&f, [0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, b'\n']).unwrap();
+        assert_eq!(run_capture(&args_for(f)).0, 2);
+    }
+
+    /// 20 MB of junk keeps a few examples and counts the rest; so do
+    /// verdict-looking junk lines, each a counted rejection.
+    #[test]
+    fn junk_is_counted_not_kept() {
+        use crate::cilium::capture_lines::{KEPT_EXAMPLES, KEPT_REJECTED, MAX_LINE_BYTES};
+        let mut junk = String::new();
+        let mut n = 0;
+        while junk.len() < 20 << 20 {
+            junk.push_str("some line that no Cilium tool prints, padded to look like a real log line\n");
+            n += 1;
+        }
+        let p = parse_capture(CaptureFormat::Monitor, junk.as_bytes()).unwrap();
+        assert_eq!((p.unknown_total, p.unknown.len(), p.lines), (n, KEPT_EXAMPLES, n));
+        drop(junk);
+        let bad = "Policy verdict log: flow 0x0 local EP ID x, remote ID y\n".repeat(50_000);
+        let p = parse_capture(CaptureFormat::Monitor, bad.as_bytes()).unwrap();
+        assert_eq!((p.rejected_total, p.rejected.len()), (50_000, KEPT_REJECTED));
+        let mut long = "Policy verdict log: ".to_owned();
+        long.push_str(&"a".repeat(4 * MAX_LINE_BYTES));
+        let p = parse_capture(CaptureFormat::Monitor, long.as_bytes()).unwrap();
+        assert_eq!(p.rejected_total, 1);
+        assert!(p.rejected[0].reason.contains("longer than the"), "{}", p.rejected[0].reason);
+        assert!(p.rejected[0].text.len() <= 1024);
+    }
+
+    #[test]
+    fn hostile_names_are_escaped_in_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("evil.jsonl");
+        let flow = serde_json::json!({"flow": {
+            "time": "2026-11-22T10:00:00Z", "verdict": "AUDIT", "event_type": {"type": 5},
+            "traffic_direction": "INGRESS",
+            "IP": {"source": "10.0.2.9", "destination": "10.0.1.5", "ipVersion": "IPv4"},
+            "l4": {"TCP": {"source_port": 33000, "destination_port": 8080}},
+            "source": {"identity": 5123},
+            "destination": {"ID": 3001, "identity": 41312, "namespace": "shop\u{202e}",
+                            "pod_name": "web\n---\nkind: Forged\r\u{2066}x", "labels": ["k8s:app=web"]}}});
+        std::fs::write(&f, format!("{flow}\n")).unwrap();
+        let (code, out, err) = run_capture(&args_for(f));
+        assert_eq!(code, 0, "{err}");
+        let table = out.split("Suggested policies:").next().unwrap();
+        assert!(!table.contains("\n---\nkind: Forged"), "{table}");
+        assert!(!table.contains('\u{202e}') && !table.contains('\u{2066}') && !table.contains('\r'), "{table}");
+        assert!(table.contains("web\\u{a}---\\u{a}kind: Forged"), "{table}");
+    }
+
+    #[test]
+    fn escape_text_leaves_plain_names_alone() {
+        assert_eq!(escape_text("shop/web-6d9f7c9b8-x2x7q café"), "shop/web-6d9f7c9b8-x2x7q café");
+        assert_eq!(escape_text("a\u{202e}b\u{0}c"), "a\\u{202e}b\\u{0}c");
+    }
 }
