@@ -1415,4 +1415,32 @@ mod tests {
         assert_eq!(escape_text("shop/web-6d9f7c9b8-x2x7q café"), "shop/web-6d9f7c9b8-x2x7q café");
         assert_eq!(escape_text("a\u{202e}b\u{0}c"), "a\\u{202e}b\\u{0}c");
     }
+
+    /// `suggest --input` reads captures through `analyze_file`: an
+    /// incomplete capture is never a clean exit there either.
+    #[test]
+    fn suggest_from_an_incomplete_capture_exits_3() {
+        let args = crate::suggest::SuggestArgs {
+            endpoint: None,
+            agent: crate::preflight::DEFAULT_AGENT.into(),
+            input: Some(capture("monitor-cut-at-end.txt")),
+            format: None,
+            endpoints: None,
+            host_endpoint: Some(227),
+            window: None,
+            node: Some("node-a".into()),
+            node_selector: vec![],
+            max_cidrs: 8,
+            output: None,
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let code = rt.block_on(crate::suggest::run_with(args, &mut out, &mut err));
+        let out = String::from_utf8_lossy(&out);
+        assert_eq!(code, 3, "{out}{}", String::from_utf8_lossy(&err));
+        assert!(
+            out.starts_with("# verdict-agent: the capture is incomplete (1 verdict lines could not be read"),
+            "{out}"
+        );
+    }
 }
