@@ -345,8 +345,15 @@ pub fn fold_drops_into_verdicts(verdicts: &mut Vec<CapturedVerdict>) -> usize {
     /// Per-CPU buffers interleave; the pair is never far apart.
     const LOOKBACK: usize = 64;
     type Tuple = (Option<std::net::IpAddr>, Option<std::net::IpAddr>, u16, u16, u8);
-    let tuple = |v: &CapturedVerdict| -> Option<Tuple> {
-        Some((v.src_addr, v.dst_addr, v.src_port?, v.dst_port, v.proto)).filter(|t| t.4 != 0)
+    let tuple =
+        |v: &CapturedVerdict| -> Option<Tuple> { Some((v.src_addr, v.dst_addr, v.src_port?, v.dst_port, v.proto)) };
+    // A `-j` drop names no protocol (0): the rest of the tuple must match.
+    let same = |verdict: &Tuple, drop: &Tuple| {
+        verdict.0 == drop.0
+            && verdict.1 == drop.1
+            && verdict.2 == drop.2
+            && verdict.3 == drop.3
+            && (verdict.4 == drop.4 || drop.4 == 0)
     };
     let mut recent: VecDeque<(usize, Tuple)> = VecDeque::new();
     let mut drop_idx = Vec::new();
@@ -360,7 +367,7 @@ pub fn fold_drops_into_verdicts(verdicts: &mut Vec<CapturedVerdict>) -> usize {
                 }
             }
             (NotifySource::PolicyDrop, _) => {
-                if let Some(pos) = recent.iter().position(|(_, rt)| *rt == t) {
+                if let Some(pos) = recent.iter().position(|(_, rt)| same(rt, &t)) {
                     recent.remove(pos);
                     drop_idx.push(i);
                 }
@@ -437,5 +444,52 @@ mod tests {
     fn crlf_and_missing_final_newline() {
         let v = lines(b"a\r\nb").unwrap();
         assert_eq!(v.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+    }
+
+    fn record(source: NotifySource, verdict: Verdict, sport: u16, proto: u8) -> CapturedVerdict {
+        CapturedVerdict {
+            line: 1,
+            endpoint_id: 7,
+            direction: crate::model::Direction::Egress,
+            remote_identity: 2,
+            proto,
+            dst_port: 443,
+            verdict,
+            match_type: 0,
+            source,
+            reason: 133,
+            ipv6: false,
+            src_addr: "10.0.1.5".parse().ok(),
+            dst_addr: "203.0.113.10".parse().ok(),
+            src_port: Some(sport),
+            time: None,
+            local_labels: vec![],
+            remote_labels: vec![],
+            namespace: None,
+            pod: None,
+            events: 1,
+            local_is_host: false,
+            redacted: false,
+        }
+    }
+
+    #[test]
+    fn a_drop_repeating_a_deny_verdict_is_folded_once() {
+        use NotifySource::{PolicyDrop as D, PolicyVerdict as V};
+        let mut v = vec![
+            record(V, Verdict::Denied, 1000, 6),
+            record(D, Verdict::Denied, 1000, 6),
+            // A retransmission: its own verdict and drop.
+            record(V, Verdict::Denied, 1000, 6),
+            record(D, Verdict::Denied, 1000, 0),
+            // A drop without a verdict (pre-1.16 host, -t drop) stays.
+            record(D, Verdict::Denied, 2000, 6),
+            // An audited verdict has no drop to fold.
+            record(V, Verdict::Audited, 3000, 6),
+            record(D, Verdict::Denied, 3000, 6),
+        ];
+        assert_eq!(fold_drops_into_verdicts(&mut v), 2);
+        let left: Vec<_> = v.iter().map(|r| (r.source, r.src_port)).collect();
+        assert_eq!(left, vec![(V, Some(1000)), (V, Some(1000)), (D, Some(2000)), (V, Some(3000)), (D, Some(3000))]);
     }
 }

@@ -652,7 +652,8 @@ fn drop_verdict(d: DropFields) -> Result<CapturedVerdict, Refusal> {
     };
     let s = &d.summary;
     let proto = s.proto().or_else(|| s.icmp_type.map(|_| if s.ipv6() { 58 } else { 1 })).unwrap_or(0);
-    let (src_port, dst_port) = ports_for(proto, s);
+    // `-j` summaries carry ports without a protocol: keep them (proto 0).
+    let (src_port, dst_port) = if proto == 0 { (s.src_port, s.dst_port.unwrap_or(0)) } else { ports_for(proto, s) };
     Ok(CapturedVerdict {
         line: d.line,
         endpoint_id,
@@ -667,7 +668,7 @@ fn drop_verdict(d: DropFields) -> Result<CapturedVerdict, Refusal> {
         ipv6: s.ipv6(),
         src_addr: s.src,
         dst_addr: s.dst,
-        src_port: src_port.or(s.src_port),
+        src_port,
         time: d.time,
         local_labels: Vec::new(),
         remote_labels: Vec::new(),
@@ -789,8 +790,7 @@ fn parse_json_drop(v: &serde_json::Value, line: usize, time: Option<SystemTime>)
 }
 
 /// `DissectSummary`: `l3 {src,dst}` addresses and `l4 {src,dst}` ports;
-/// `l4` carries no protocol name, so a ported summary reads as TCP/UDP
-/// unknown: the protocol stays 0.
+/// `l4` names no protocol, so the protocol stays 0.
 fn json_summary(s: &serde_json::Value) -> Summary {
     let field = |layer: &str, k: &str| s.get(layer).and_then(|l| l.get(k)).and_then(|x| x.as_str()).map(str::to_owned);
     let ip = |k| field("l3", k).and_then(|a| a.parse().ok());
