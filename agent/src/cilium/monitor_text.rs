@@ -180,6 +180,11 @@ fn is_continuation(text: &str) -> bool {
     if t.is_empty() || record_kind(t).is_some() || split_timestamp(t).0.is_some() {
         return false;
     }
+    // A page may wrap at the space before a summary's arrow: `-> 10.0.0.2:22
+    // tcp SYN` continues; a trace line's arrow is followed by a word.
+    if let Some(rest) = t.strip_prefix("-> ") {
+        return rest.split_whitespace().next().and_then(parse_endpoint).is_some();
+    }
     let starts = ["CPU ", "->", "<-", ">>", "{", "level=", "time=", "---", "Listening for events", "Press Ctrl-C"];
     !starts.iter().any(|s| t.starts_with(s))
 }
@@ -1193,5 +1198,60 @@ Ethernet\t{Contents=[..14..] Payload=[..60..] SrcMAC=aa:bb:cc:dd:ee:ff DstMAC=11
                 }
             }
         }
+    }
+
+    #[test]
+    fn wrapped_lines_are_rejoined_only_when_unambiguous() {
+        let full = "Policy verdict log: flow 0x0 local EP ID 227, remote ID world, proto 6, ingress, action audit, \
+                    auth: disabled, match none, 198.51.100.7:50022 -> 10.0.0.11:6443 tcp SYN";
+        // Cut at every position: a terminal (nothing lost) and a page (at a space, the space lost).
+        for at in 20..full.len() - 1 {
+            let (a, b) = full.split_at(at);
+            let term = parse(&format!("{a}\n{b}\n"));
+            let page = (a.ends_with(' ') || b.starts_with(' '))
+                .then(|| parse(&format!("{}\n{}\n", a.trim_end(), b.trim_start())));
+            for p in [Some(term), page].into_iter().flatten() {
+                assert_eq!(p.rejected_total, 0, "cut at {at}: {:?}", p.rejected);
+                if p.verdicts.len() == 1 {
+                    let v = &p.verdicts[0];
+                    assert_eq!((v.dst_port, v.src_port, v.remote_identity), (6443, Some(50022), 2), "cut at {at}");
+                    assert_eq!(p.rejoined, usize::from(p.lines == 2 && p.unknown_total == 0), "cut at {at}");
+                } else {
+                    panic!("cut at {at}: {:?} {:?}", p.verdicts, p.unknown);
+                }
+            }
+        }
+        // A trace line after a cut verdict is not its continuation.
+        let p = parse(
+            "Policy verdict log: flow 0x0 local EP ID 227, remote ID world, proto 6, ingress, action audit, \
+             auth: disabled, match none, 198.51.100.7:50022 -> 10.0.0.11:64\n\
+             -> endpoint 227 flow 0x0 , identity world->host state new ifindex 0 orig-ip 0.0.0.0: 1.1.1.1:1 -> 2.2.2.2:2 tcp SYN\n",
+        );
+        assert_eq!((p.verdicts.len(), p.rejected_total, p.benign[kind::TRACE]), (0, 1, 1));
+    }
+
+    #[test]
+    fn redacted_addresses_keep_ports() {
+        for (src, dst) in [
+            ("10.xxx.0.xxx:51512", "10.xxx.0.xxx:6443"),
+            ("x.x.x.x:51512", "<redacted>:6443"),
+            ("[xxxx::xxxx]:51512", "[2001:db8::1]:6443"),
+        ] {
+            let v = one(&format!(
+                "Policy verdict log: flow 0x0 local EP ID 227, remote ID world, proto 6, ingress, action audit, \
+                 auth: disabled, match none, {src} -> {dst} tcp SYN"
+            ));
+            assert!(v.redacted && v.src_addr.is_none(), "{src}");
+            assert_eq!((v.src_port, v.dst_port), (Some(51512), 6443), "{src}");
+        }
+    }
+
+    #[test]
+    fn aggregate_identity_names_of_main() {
+        let v = one(
+            "Policy verdict log: flow 0x0 local EP ID 9, remote ID aggregate-world, proto 6, egress, action allow, \
+             auth: disabled, match all, 10.0.0.1:1000 -> 1.1.1.1:443 tcp SYN",
+        );
+        assert_eq!((v.remote_identity, v.match_type), (13, 4));
     }
 }
