@@ -44,7 +44,9 @@ use verdict_common::cilium::{drop_reason, notify_type};
 
 use crate::{
     cilium::{
-        capture_lines::{CaptureError, CaptureParse, Line, LineOutcome, kind, read_capture},
+        capture_lines::{
+            CaptureError, CaptureParse, Line, LineOutcome, LineReader, MAX_LINE_BYTES, kind, read_capture,
+        },
         monitor::api::drop_reason_from_hubble_name,
     },
     model::{CapturedVerdict, Direction, NotifySource, Verdict},
@@ -53,7 +55,48 @@ use crate::{
 
 /// Reads a whole `hubble observe -o json` capture; fails only on binary input.
 pub fn parse_hubble_json<R: BufRead>(input: R) -> Result<CaptureParse, CaptureError> {
-    read_capture(input, |line, _| Ok((parse_line(line), 0)))
+    read_capture(input, |line, reader| {
+        if let Some((joined, n)) = rejoin_json(line, reader) {
+            return Ok((parse_line(&joined), n));
+        }
+        Ok((parse_line(line), 0))
+    })
+}
+
+/// Lines a JSON object may be wrapped over (a 2 KiB flow at 80 columns is 26).
+const MAX_JSON_LINES: usize = 64;
+
+/// A flow a terminal or page wrapped over several lines: the object that
+/// starts here and ends on a following line, joined directly. Whitespace
+/// between JSON tokens is insignificant, and no field read here (numbers,
+/// enums, addresses, names, labels) can hold a space, so a space lost at a
+/// page's wrap changes nothing read.
+fn rejoin_json<R: BufRead>(line: &Line, reader: &mut LineReader<R>) -> Option<(Line, usize)> {
+    let first = line.text.trim();
+    if !first.starts_with('{') || !serde_json::from_str::<Value>(first).err()?.is_eof() {
+        return None;
+    }
+    let mut joined = first.to_owned();
+    for n in 1..=MAX_JSON_LINES {
+        let next = reader.peek(n - 1).ok()??;
+        let t = next.text.trim();
+        if next.binary || next.overlong.is_some() || t.starts_with("{\"flow\"") || t.is_empty() {
+            return None;
+        }
+        joined.push_str(t);
+        if joined.len() > MAX_LINE_BYTES {
+            return None;
+        }
+        match serde_json::from_str::<Value>(&joined) {
+            Ok(_) => {
+                reader.consume_ahead(n);
+                return Some((Line { text: joined, ..line.clone() }, n));
+            }
+            Err(e) if e.is_eof() => continue,
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Keys whose presence makes a line look like a verdict.
@@ -592,5 +635,50 @@ mod tests {
             .replace(r#""verdict":"FORWARDED""#, r#""verdict":1"#)
             .replace(r#""traffic_direction":"INGRESS""#, r#""traffic_direction":1"#);
         assert_eq!(parse(&line).verdicts[0].verdict, Verdict::Allowed);
+    }
+
+    #[test]
+    fn a_wrapped_flow_is_rejoined() {
+        let chunks: Vec<String> = AUDIT.as_bytes().chunks(80).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect();
+        let input = format!("{}\n{FORWARDED}\n", chunks.join("\n"));
+        let p = parse(&input);
+        assert_eq!((p.rejected_total, p.unknown_total, p.rejoined), (0, 0, 1), "{:?}", p.rejected);
+        assert_eq!(p.verdicts.len(), 2);
+        assert_eq!((p.verdicts[0].line, p.verdicts[0].dst_port), (1, 53));
+        assert_eq!(p.verdicts[1].line, chunks.len() + 1);
+        // A flow cut off for good is rejected, and the next one still read.
+        let p = parse(&format!("{}\n{FORWARDED}\n", &AUDIT[..300]));
+        assert_eq!((p.rejected_total, p.verdicts.len()), (1, 1));
+    }
+
+    #[test]
+    fn host_firewall_drop_labelled_ingress_is_the_hosts_egress() {
+        let line = r#"{"flow":{"time":"2026-11-22T10:01:00Z","verdict":"DROPPED","IP":{"source":"10.0.0.11","destination":"203.0.113.53","ipVersion":"IPv4"},"l4":{"UDP":{"source_port":41000,"destination_port":53}},"source":{"identity":1,"labels":["reserved:host"]},"destination":{"identity":2,"labels":["reserved:world"]},"event_type":{"type":1,"sub_type":133},"traffic_direction":"INGRESS"}}"#;
+        let v = &parse(line).verdicts[0];
+        assert_eq!(
+            (v.direction, v.local_is_host, v.remote_identity, v.proto, v.dst_port),
+            (Direction::Egress, true, 2, 17, 53)
+        );
+        // No ID and not the host: not attributable.
+        let p = parse(&line.replace(r#"{"identity":1,"labels":["reserved:host"]}"#, r#"{"identity":41312}"#));
+        assert_eq!(p.rejected_total, 1);
+        assert!(p.rejected[0].reason.contains("cannot be attributed"), "{}", p.rejected[0].reason);
+    }
+
+    #[test]
+    fn aggregated_flows_and_flows_without_event_type() {
+        let agg = FORWARDED
+            .replace(r#""Summary""#, r#""aggregate":{"ingress_flow_count":"7","egress_flow_count":2},"Summary""#);
+        assert_eq!(parse(&agg).verdicts[0].events, 9);
+        let unreadable = FORWARDED.replace(r#""Summary""#, r#""aggregate":{"state":"x"},"Summary""#);
+        assert_eq!(parse(&unreadable).rejected_total, 1);
+        let no_type = FORWARDED.replace(r#""event_type":{"type":5},"#, "");
+        // FORWARDED with policy_match_type 2: a verdict.
+        assert_eq!(parse(&no_type).verdicts[0].verdict, Verdict::Allowed);
+        let bare = no_type.replace(r#""policy_match_type":2,"#, "");
+        let p = parse(&bare);
+        assert_eq!(p.rejected_total, 1, "FORWARDED alone cannot be told from a trace");
+        let drop205 = POLICY_DROP.replace(r#""sub_type":133"#, r#""sub_type":205"#);
+        assert_eq!(parse(&drop205).benign[kind::NON_POLICY_DROP], 1);
     }
 }

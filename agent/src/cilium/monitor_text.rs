@@ -71,8 +71,9 @@ pub fn parse_monitor_text<R: BufRead>(input: R) -> Result<CaptureParse, CaptureE
 
 const VERDICT_MARK: &str = "Policy verdict log: ";
 const DROP_MARK: &str = "xx drop (";
-/// Continuation lines tried when a record was wrapped.
-const MAX_JOINED: usize = 2;
+/// Continuation lines tried when a record was wrapped (an IPv6 verdict with
+/// a tunnel summary spans four 80-column terminal lines).
+const MAX_JOINED: usize = 3;
 
 /// What a verdict-looking text read as: the verdict, and whether the line
 /// ended the way Cilium ends it (else it may have been cut).
