@@ -497,7 +497,7 @@ fn host_endpoint_id(listed: &[EndpointInfo], verdicts: &[CapturedVerdict], given
     given.or_else(|| listed.iter().find(|e| e.kind == EndpointKind::Host).map(|e| e.id)).or_else(|| {
         verdicts
             .iter()
-            .find(|v| !v.local_is_host && v.endpoint_id != 0 && v.local_labels.iter().any(|l| l == "reserved:host"))
+            .find(|v| v.endpoint_id != 0 && (v.local_is_host || v.local_labels.iter().any(|l| l == "reserved:host")))
             .map(|v| v.endpoint_id)
     })
 }
@@ -510,7 +510,7 @@ fn attribute_host_flows(verdicts: &mut [CapturedVerdict], host: Option<u16>) -> 
         return host;
     }
     let id = host.unwrap_or(0);
-    for v in verdicts.iter_mut().filter(|v| v.local_is_host) {
+    for v in verdicts.iter_mut().filter(|v| v.local_is_host && v.endpoint_id == 0) {
         v.endpoint_id = id;
     }
     Some(id)

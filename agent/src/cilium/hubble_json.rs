@@ -356,7 +356,8 @@ fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Res
         Direction::Ingress => (dst, src),
         Direction::Egress => (src, dst),
     };
-    let local_id = if local_is_host { 0 } else { u64_of(local.get("ID")).unwrap_or(0) };
+    // 0 for the host unless Hubble names its ID (host correlation, main 2026-08).
+    let local_id = u64_of(local.get("ID")).unwrap_or(0);
     let endpoint_id =
         u16::try_from(local_id).map_err(|_| format!("endpoint ID {local_id} is outside Cilium's range"))?;
     let remote_identity = u64_of(remote.get("identity")).unwrap_or(0);
@@ -659,6 +660,9 @@ mod tests {
             (v.direction, v.local_is_host, v.remote_identity, v.proto, v.dst_port),
             (Direction::Egress, true, 2, 17, 53)
         );
+        // Where Hubble names the host's ID (main), it is kept.
+        let v = &parse(&line.replace(r#""source":{"identity":1,"#, r#""source":{"ID":5,"identity":1,"#)).verdicts[0];
+        assert_eq!((v.endpoint_id, v.direction, v.local_is_host), (5, Direction::Egress, true));
         // No ID and not the host: not attributable.
         let p = parse(&line.replace(r#"{"identity":1,"labels":["reserved:host"]}"#, r#"{"identity":41312}"#));
         assert_eq!(p.rejected_total, 1);
