@@ -555,7 +555,15 @@ pub fn analyze_capture(
     input.host_endpoint = host;
     input.node = opts.node.clone();
     input.source_ports = Some(&source_ports);
-    input.environment = EvidenceEnvironment { cilium_version: opts.cilium_version, ..EvidenceEnvironment::default() };
+    // Verdict lines without `auth:` were printed by Cilium before 1.14: the
+    // host-firewall gates must not take host verdicts as a sign of 1.16+.
+    let inferred_version = (opts.cilium_version.is_none() && parsed.pre_v1_14_verdicts > 0).then_some(CiliumVersion {
+        major: 1,
+        minor: 13,
+        patch: 0,
+    });
+    let cilium_version = opts.cilium_version.or(inferred_version);
+    input.environment = EvidenceEnvironment { cilium_version, ..EvidenceEnvironment::default() };
     let mut report = readiness::evaluate(&input, &config);
     report.notes.push(match span {
         Some(d) => format!("Capture covers {}.", format_duration(d)),
@@ -571,7 +579,14 @@ pub fn analyze_capture(
                 .into(),
         );
     }
-    if let Some(v) = opts.cilium_version.filter(|v| !v.at_least(1, 16)) {
+    if inferred_version.is_some() {
+        report.notes.push(format!(
+            "{} verdict lines have no `auth:` field: they were printed by Cilium 1.13 or earlier, which the host \
+             gates below call 1.13.0; pass --cilium-version for the exact release.",
+            parsed.pre_v1_14_verdicts
+        ));
+    }
+    if let Some(v) = cilium_version.filter(|v| !v.at_least(1, 16)) {
         report.notes.push(format!(
             "Cilium {v}: before 1.16 bpf_host is compiled with the host's verdict filter when it is loaded and is not \
              reloaded on policy changes (cilium#21884): host verdicts in this capture are real, but a direction whose \
@@ -1442,5 +1457,34 @@ mod tests {
             out.starts_with("# verdict-agent: the capture is incomplete (1 verdict lines could not be read"),
             "{out}"
         );
+    }
+
+    /// Seed captures of 1.13 host firewalls show verdicts (cilium#21884):
+    /// read, the version inferred from the line format, and the host gate
+    /// passes while saying what may be missing.
+    #[test]
+    fn pre_1_14_host_verdicts_are_trusted_with_what_may_be_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("v1.13-host.txt");
+        std::fs::write(
+            &f,
+            "Policy verdict log: flow 0x0 local EP ID 227, remote ID world, proto 6, ingress, action audit, match none, \
+             198.51.100.7:50022 -> 10.0.0.11:22 tcp SYN\n\
+             Policy verdict log: flow 0x0 local EP ID 227, remote ID kube-apiserver, proto 6, egress, action allow, \
+             match L3-L4, 10.0.0.11:42000 -> 10.0.0.21:6443 tcp SYN\n",
+        )
+        .unwrap();
+        let opts = CaptureOptions { host_endpoint: Some(227), ..CaptureOptions::default() };
+        let a = analyze_file(&f, &opts).unwrap();
+        assert!(a.report.notes.iter().any(|n| n.contains("no `auth:` field") && n.contains("1.13 or earlier")));
+        assert!(a.report.notes.iter().any(|n| n.contains("cilium#21884") && n.contains("-t drop")));
+        let host = a.report.endpoints.iter().find(|e| e.endpoint_id == 227).unwrap();
+        let gate = host.gates.iter().find(|g| g.name == "host_program_version").unwrap();
+        assert_eq!(gate.status, crate::readiness::GateStatus::Passed, "{}", gate.detail);
+        assert!(!gate.detail.contains("upgrade"), "{}", gate.detail);
+        // An explicit version wins over the inference.
+        let given = CaptureOptions { cilium_version: Some("1.16.3".parse().unwrap()), ..opts };
+        let a = analyze_file(&f, &given).unwrap();
+        assert!(!a.report.notes.iter().any(|n| n.contains("no `auth:` field")));
     }
 }

@@ -247,6 +247,8 @@ pub struct CaptureParse {
     pub redacted: usize,
     /// Verdict records read from lines a terminal or page had wrapped.
     pub rejoined: usize,
+    /// Monitor verdict lines without `auth:`: printed by Cilium before 1.14.
+    pub pre_v1_14_verdicts: usize,
 }
 
 impl CaptureParse {

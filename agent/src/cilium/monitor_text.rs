@@ -66,7 +66,21 @@ use crate::{
 /// Reads a whole capture. Fails only on binary input; every other problem
 /// is a counted rejection or unknown line.
 pub fn parse_monitor_text<R: BufRead>(input: R) -> Result<CaptureParse, CaptureError> {
-    read_capture(input, |line, reader| Ok(parse_record(line, reader)))
+    let mut pre_v1_14 = 0;
+    let mut parsed = read_capture(input, |line, reader| {
+        let (outcome, joined) = parse_record(line, reader);
+        // `auth: %s, ` is printed from v1.14 on (`datapath_policy.go@v1.14.4`).
+        if let LineOutcome::Verdict(v) = &outcome
+            && v.source == NotifySource::PolicyVerdict
+            && joined == 0
+            && !line.text.contains(", auth: ")
+        {
+            pre_v1_14 += 1;
+        }
+        Ok((outcome, joined))
+    })?;
+    parsed.pre_v1_14_verdicts = pre_v1_14;
+    Ok(parsed)
 }
 
 const VERDICT_MARK: &str = "Policy verdict log: ";
