@@ -69,7 +69,7 @@ fn exit_codes_and_bounds_of_the_shipped_binary() {
     let mut written = 0;
     let mut i = 0u64;
     while written < 20 << 20 {
-        let line = if i % 2 == 0 {
+        let line = if i.is_multiple_of(2) {
             format!("line {i} of junk that no Cilium tool prints, padded a little further\n")
         } else {
             format!("Policy verdict log: flow 0x{i:x} local EP ID {i}, remote ID not-a-name, proto 6, egress\n")
