@@ -1184,10 +1184,10 @@ mod tests {
         );
     }
 
-    /// Fixtures under `agent/tests/captures/`, written from Cilium's print
+    /// Fixtures under `agent/src/cilium/captures/`, written from Cilium's print
     /// functions (see the README there for each file's sources and tags).
     fn capture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/captures").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cilium/captures").join(name)
     }
 
     fn args_for(input: PathBuf) -> AnalyzeArgs {

@@ -1,5 +1,5 @@
 //! `verdict-agent analyze` as shipped: the binary's exit codes and its
-//! memory on hostile input, on the capture fixtures in `tests/captures/`.
+//! memory on hostile input, on the capture fixtures in `src/cilium/captures/`.
 
 use std::{
     io::Write,
@@ -13,7 +13,7 @@ fn bin() -> &'static str {
 }
 
 fn capture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/captures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cilium/captures").join(name)
 }
 
 fn analyze(input: &Path, extra: &[&str]) -> Output {

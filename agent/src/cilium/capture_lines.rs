@@ -135,9 +135,6 @@ impl<R: BufRead> LineReader<R> {
                 break;
             }
         }
-        if !any && self.read_error.is_none() {
-            return Ok(None);
-        }
         if !any {
             return Ok(None);
         }
