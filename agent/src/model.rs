@@ -252,6 +252,16 @@ pub struct CapturedVerdict {
     pub remote_labels: Vec<String>,
     pub namespace: Option<String>,
     pub pod: Option<String>,
+    /// How many events the record stands for: 1, or the count of a Hubble
+    /// exporter-aggregated flow.
+    pub events: u64,
+    /// The local side is the host, named by identity (Hubble host-firewall
+    /// flows carry no endpoint ID for it): `endpoint_id` is 0 until the
+    /// analysis knows the host endpoint's ID.
+    pub local_is_host: bool,
+    /// An address was redacted by the capture's author: it is `None` here,
+    /// every other field is as printed.
+    pub redacted: bool,
 }
 
 /// Whether host-firewall policies select this node.

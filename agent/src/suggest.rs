@@ -853,7 +853,8 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 }
 
 /// Runs `suggest`; exit 0 with policies written, 1 when nothing could be
-/// suggested for an endpoint that has would-deny flows, 2 on errors.
+/// suggested for an endpoint that has would-deny flows, 2 on errors, 3 when
+/// the `--input` capture is incomplete (unreadable verdict lines, lost events).
 pub async fn run(args: SuggestArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
@@ -883,7 +884,24 @@ pub async fn run_with(args: SuggestArgs, out: &mut dyn Write, err: &mut dyn Writ
 }
 
 async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
+    let (yaml, code, incomplete) = suggest_inner(args).await?;
+    // A capture with unreadable verdict lines or lost events never gives a
+    // clean answer: a missing flow may be the one a policy must allow.
+    Ok(match incomplete {
+        Some((rejected, lost)) => (
+            format!(
+                "# verdict-agent: the capture is incomplete ({rejected} verdict lines could not be read, {lost} events \
+                 lost): flows may be missing from these suggestions; run `verdict-agent analyze` for the lines\n{yaml}"
+            ),
+            3,
+        ),
+        None => (yaml, code),
+    })
+}
+
+async fn suggest_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8, Option<(usize, u64)>)> {
     let mut times_unknown = false;
+    let mut incomplete = None;
     let report = match &args.input {
         Some(path) => {
             let opts = crate::analyze::CaptureOptions {
@@ -895,6 +913,9 @@ async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
             };
             let analysis = crate::analyze::analyze_file(path, &opts)?;
             times_unknown = !analysis.capture.timestamps;
+            if analysis.incomplete_because.is_some() {
+                incomplete = Some((analysis.capture.rejected_verdict_lines, analysis.capture.lost_events));
+            }
             analysis.report
         }
         None => {
@@ -914,11 +935,11 @@ async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
     };
     let suggestions = suggest(&report, args.endpoint.as_deref(), &opts)?;
     if suggestions.is_empty() {
-        return Ok(("# verdict-agent: no endpoint has would-deny flows; nothing to suggest\n".into(), 0));
+        return Ok(("# verdict-agent: no endpoint has would-deny flows; nothing to suggest\n".into(), 0, incomplete));
     }
     let missing = suggestions.iter().any(|s| s.policy.is_none() && !s.rule_comments.is_empty())
         || suggestions.iter().any(|s| s.policy.is_none() && s.notes.iter().any(|n| n.starts_with("no policy")));
-    Ok((render(&suggestions)?, if missing { 1 } else { 0 }))
+    Ok((render(&suggestions)?, if missing { 1 } else { 0 }, incomplete))
 }
 
 #[cfg(test)]

@@ -15,12 +15,27 @@
 //!   so an audited proxy redirect reads as redirected here while the
 //!   kernel counts it as audited.
 //! * `event_type.type == 1` (drop) whose `sub_type` is a policy reason:
-//!   denied, source `PolicyDrop`. Drops with any other reason are skipped.
+//!   denied, source `PolicyDrop`. Drops with any other reason (205 and 207,
+//!   new on main, included) are counted as benign.
+//! * A flow without `event_type` (exporters with a field mask, older
+//!   relays) is a verdict when it says so itself: verdict AUDIT, a
+//!   `policy_match_type`, `*_allowed_by`/`*_denied_by`, or DROPPED with a
+//!   policy drop reason. Any other such flow with a verdict is rejected:
+//!   what it was cannot be told.
+//! * Trace, debug, capture, L7 and agent events are benign, counted by kind.
 //!
 //! The local endpoint is the destination on ingress and the source on
-//! egress; the other side gives the remote identity and labels. As in the
-//! monitor reader, drops record `proto` 0 and `dst_port` 0 like the
-//! kernel's flow keys, and ICMP verdicts record the ICMP type as `dst_port`.
+//! egress; the other side gives the remote identity and labels. Host
+//! firewall flows carry no endpoint ID for the host and Hubble labels
+//! every host-firewall drop INGRESS (CILIUM.md j): a flow whose local side
+//! has no ID but one side is the host (identity 1 or `reserved:host`) is
+//! the host's, in the direction the host side says (source: egress), with
+//! `local_is_host` set. A flow whose local side has no ID and is not the
+//! host cannot be attributed and is rejected.
+//!
+//! An exporter-aggregated flow (`aggregate`, v1.19+) stands for the events
+//! its counts say; one whose counts cannot be read is rejected. Redacted
+//! addresses read as unknown, with their ports.
 
 use std::{io::BufRead, net::IpAddr};
 
@@ -29,46 +44,102 @@ use verdict_common::cilium::{drop_reason, notify_type};
 
 use crate::{
     cilium::{
-        monitor::api::{drop_reason_from_hubble_name, hubble_drop_reason_name},
-        monitor_text::{CaptureParse, LineOutcome, read_lines},
+        capture_lines::{
+            CaptureError, CaptureParse, Line, LineOutcome, LineReader, MAX_LINE_BYTES, kind, read_capture,
+        },
+        monitor::api::drop_reason_from_hubble_name,
     },
     model::{CapturedVerdict, Direction, NotifySource, Verdict},
     timefmt::parse_rfc3339,
 };
 
-/// Reads a whole `hubble observe -o json` capture; never fails.
-pub fn parse_hubble_json(input: impl BufRead) -> CaptureParse {
-    read_lines(input, parse_line)
+/// Reads a whole `hubble observe -o json` capture; fails only on binary input.
+pub fn parse_hubble_json<R: BufRead>(input: R) -> Result<CaptureParse, CaptureError> {
+    read_capture(input, |line, reader| {
+        if let Some((joined, n)) = rejoin_json(line, reader) {
+            return Ok((parse_line(&joined), n));
+        }
+        Ok((parse_line(line), 0))
+    })
 }
 
-fn parse_line(text: &str, line: usize) -> LineOutcome {
-    if text.trim().is_empty() {
+/// Lines a JSON object may be wrapped over (a 2 KiB flow at 80 columns is 26).
+const MAX_JSON_LINES: usize = 64;
+
+/// A flow a terminal or page wrapped over several lines: the object that
+/// starts here and ends on a following line, joined directly. Whitespace
+/// between JSON tokens is insignificant, and no field read here (numbers,
+/// enums, addresses, names, labels) can hold a space, so a space lost at a
+/// page's wrap changes nothing read.
+fn rejoin_json<R: BufRead>(line: &Line, reader: &mut LineReader<R>) -> Option<(Line, usize)> {
+    let first = line.text.trim();
+    if !first.starts_with('{') || !serde_json::from_str::<Value>(first).err()?.is_eof() {
+        return None;
+    }
+    let mut joined = first.to_owned();
+    for n in 1..=MAX_JSON_LINES {
+        let next = reader.peek(n - 1).ok()??;
+        let t = next.text.trim();
+        if next.binary || next.overlong.is_some() || t.starts_with("{\"flow\"") || t.is_empty() {
+            return None;
+        }
+        joined.push_str(t);
+        if joined.len() > MAX_LINE_BYTES {
+            return None;
+        }
+        match serde_json::from_str::<Value>(&joined) {
+            Ok(_) => {
+                reader.consume_ahead(n);
+                return Some((Line { text: joined, ..line.clone() }, n));
+            }
+            Err(e) if e.is_eof() => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Keys whose presence makes a line look like a verdict.
+const VERDICT_KEYS: &[&str] = &["\"verdict\"", "\"drop_reason", "\"policy_match_type\"", "\"event_type\""];
+
+fn looks_like_verdict(text: &str) -> bool {
+    VERDICT_KEYS.iter().any(|k| text.contains(k))
+}
+
+fn parse_line(line: &Line) -> LineOutcome {
+    let text = line.text.trim();
+    if text.is_empty() {
         return LineOutcome::Blank;
     }
-    match parse_value(text, line) {
-        Ok(v) => LineOutcome::Verdict(Box::new(v)),
-        Err(why) => LineOutcome::Skip(why),
-    }
-}
-
-fn parse_value(text: &str, line: usize) -> Result<CapturedVerdict, String> {
-    let v: Value = serde_json::from_str(text.trim()).map_err(|e| format!("not JSON: {e}"))?;
+    let v: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) if looks_like_verdict(text) => {
+            return LineOutcome::Rejected(format!("a flow that is not valid JSON (cut or wrapped?): {e}"));
+        }
+        Err(e) => return LineOutcome::Unknown(format!("not JSON: {e}")),
+    };
     let (flow, envelope_time) = if let Some(flow) = v.get("flow") {
         (flow, v.get("time"))
     } else if v.get("node_status").is_some() {
-        return Err("hubble relay node status event".into());
+        return LineOutcome::Benign(kind::NODE_STATUS);
     } else if let Some(lost) = v.get("lost_events") {
-        let n = lost.get("num_events_lost").map(|n| n.to_string()).unwrap_or_else(|| "?".into());
-        return Err(format!(
-            "{n} flows lost ({}): verdicts in them are missing from the capture",
-            text_of(lost.get("source"))
-        ));
+        let n = u64_of(lost.get("num_events_lost")).unwrap_or(0);
+        return LineOutcome::Lost(
+            n,
+            format!("{n} flows lost ({}): verdicts in them are missing", text_of(lost.get("source"))),
+        );
     } else if v.get("event_type").is_some() || v.get("verdict").is_some() {
         (&v, None)
+    } else if looks_like_verdict(text) {
+        return LineOutcome::Rejected("JSON naming verdict fields, but neither a GetFlowsResponse nor a Flow".into());
     } else {
-        return Err("JSON, but neither a GetFlowsResponse nor a Flow".into());
+        return LineOutcome::Unknown("JSON, but neither a GetFlowsResponse nor a Flow".into());
     };
-    flow_verdict(flow, envelope_time, line)
+    match flow_verdict(flow, envelope_time, line.number) {
+        Ok(Some(v)) => LineOutcome::Verdict(Box::new(v)),
+        Ok(None) => LineOutcome::Benign(benign_kind(flow)),
+        Err(why) => LineOutcome::Rejected(why),
+    }
 }
 
 fn text_of(v: Option<&Value>) -> String {
@@ -119,10 +190,111 @@ fn strings(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Result<CapturedVerdict, String> {
+/// The benign kind of a flow that is not a verdict.
+fn benign_kind(flow: &Value) -> &'static str {
+    let t = u64_of(flow.get("event_type").and_then(|e| e.get("type")));
+    match t {
+        Some(1) => kind::NON_POLICY_DROP,
+        Some(2) => kind::DEBUG,
+        Some(3 | 6) => kind::CAPTURE,
+        Some(129) => kind::L7,
+        Some(130) => kind::AGENT_EVENT,
+        Some(4 | 7) => kind::TRACE,
+        _ if flow.get("l7").is_some() => kind::L7,
+        _ if flow.get("trace_observation_point").is_some() => kind::TRACE,
+        _ if flow.get("verdict").is_some_and(|v| v == "DROPPED" || v == 2) => kind::NON_POLICY_DROP,
+        _ => kind::OTHER_EVENT,
+    }
+}
+
+/// The policy drop reason a flow names, if it names one.
+fn policy_reason_of(flow: &Value) -> Option<u8> {
+    let code = u64_of(flow.get("drop_reason")).and_then(|c| u8::try_from(c).ok()).filter(|&c| c != 0).or_else(
+        || match flow.get("drop_reason_desc") {
+            Some(Value::String(name)) => drop_reason_from_hubble_name(name),
+            Some(Value::Number(n)) => n.as_u64().and_then(|n| u8::try_from(n).ok()),
+            _ => None,
+        },
+    )?;
+    drop_reason::is_policy(code).then_some(code)
+}
+
+/// The event type a flow without `event_type` must have been, when the flow
+/// says; `Err` when it has a verdict and cannot be told.
+fn implied_event_type(flow: &Value) -> Result<Option<u8>, String> {
+    if flow.get("l7").is_some() || flow.get("trace_observation_point").is_some() {
+        return Ok(None);
+    }
+    let verdict = enum_of(flow.get("verdict"), VERDICTS);
+    let policy_named = flow.get("policy_match_type").is_some()
+        || ["ingress_allowed_by", "egress_allowed_by", "ingress_denied_by", "egress_denied_by"]
+            .iter()
+            .any(|k| flow.get(k).is_some());
+    match verdict {
+        Some("AUDIT") => Ok(Some(notify_type::POLICY_VERDICT)),
+        Some("DROPPED") if policy_reason_of(flow).is_some() => {
+            Ok(Some(if policy_named { notify_type::POLICY_VERDICT } else { notify_type::DROP }))
+        }
+        Some("DROPPED") => Ok(None),
+        Some("FORWARDED" | "REDIRECTED") if policy_named => Ok(Some(notify_type::POLICY_VERDICT)),
+        Some(v) => Err(format!(
+            "flow without event_type, verdict {v}: it cannot be told whether it was a policy verdict (capture with \
+             `hubble observe --type policy-verdict -o jsonpb`)"
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Whether an `Endpoint` object is the host.
+fn is_host(ep: &Value) -> bool {
+    u64_of(ep.get("identity")) == Some(1) || strings(ep.get("labels")).iter().any(|l| l == "reserved:host")
+}
+
+/// The events an exporter-aggregated flow stands for.
+fn aggregated_events(flow: &Value) -> Result<u64, String> {
+    let Some(agg) = flow.get("aggregate") else { return Ok(1) };
+    let counts: Vec<u64> = match agg {
+        Value::Object(m) => {
+            m.iter().filter(|(k, _)| k.ends_with("count")).filter_map(|(_, v)| u64_of(Some(v))).collect()
+        }
+        other => u64_of(Some(other)).into_iter().collect(),
+    };
+    match counts.iter().sum::<u64>() {
+        0 => Err(format!(
+            "exporter-aggregated flow whose event count cannot be read ({}): how many events it stands for is unknown",
+            clip(&agg.to_string())
+        )),
+        n => Ok(n),
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// An address field: the address, or `None` and redacted when it is
+/// something else (`10.xxx.0.xxx`, `<redacted>`).
+fn address(ip: Option<&Value>, key: &str) -> (Option<IpAddr>, bool) {
+    match ip.and_then(|ip| ip.get(key)).and_then(Value::as_str) {
+        None | Some("") => (None, false),
+        Some(s) => match s.parse::<IpAddr>() {
+            Ok(a) => (Some(a), false),
+            Err(_) => (None, true),
+        },
+    }
+}
+
+fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Result<Option<CapturedVerdict>, String> {
     let event = flow.get("event_type");
-    let event_type = u64_of(event.and_then(|e| e.get("type"))).unwrap_or(0);
-    let sub_type = u64_of(event.and_then(|e| e.get("sub_type"))).unwrap_or(0);
+    let event_type = match event {
+        Some(e) => {
+            u64_of(e.get("type")).ok_or_else(|| format!("event_type {} has no readable type", clip(&e.to_string())))?
+        }
+        None => match implied_event_type(flow)? {
+            Some(t) => u64::from(t),
+            None => return Ok(None),
+        },
+    };
     let hubble_verdict = enum_of(flow.get("verdict"), VERDICTS).unwrap_or("VERDICT_UNKNOWN");
 
     let (verdict, source, reason) = match u8::try_from(event_type) {
@@ -138,33 +310,53 @@ fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Res
             (verdict, NotifySource::PolicyVerdict, reason)
         }
         Ok(notify_type::DROP) => {
-            let code = u8::try_from(sub_type).map_err(|_| format!("drop sub_type {sub_type} out of range"))?;
+            let code = match event {
+                Some(e) => {
+                    let sub = u64_of(e.get("sub_type")).unwrap_or(0);
+                    u8::try_from(sub).map_err(|_| format!("drop sub_type {sub} out of range"))?
+                }
+                None => policy_reason_of(flow).unwrap_or(0),
+            };
             if !drop_reason::is_policy(code) {
-                let name = enum_name(flow.get("drop_reason_desc")).unwrap_or_else(|| code.to_string());
-                return Err(format!("drop with a non-policy reason ({name})"));
+                return Ok(None);
             }
             (Verdict::Denied, NotifySource::PolicyDrop, code)
         }
-        _ => {
-            return Err(format!(
-                "Hubble flow of event type {event_type} ({}), not a policy verdict or drop",
-                event_type_name(event_type)
-            ));
-        }
+        _ => return Ok(None),
     };
 
-    let direction = match enum_of(flow.get("traffic_direction"), DIRECTIONS) {
-        Some("INGRESS") => Direction::Ingress,
-        Some("EGRESS") => Direction::Egress,
-        _ => return Err("flow without a traffic direction (Hubble could not tell the local endpoint)".into()),
-    };
     let empty = Value::Null;
     let src = flow.get("source").unwrap_or(&empty);
     let dst = flow.get("destination").unwrap_or(&empty);
+    let labelled = enum_of(flow.get("traffic_direction"), DIRECTIONS);
+    let by_label = match labelled {
+        Some("INGRESS") => Some(Direction::Ingress),
+        Some("EGRESS") => Some(Direction::Egress),
+        _ => None,
+    };
+    let has_id = |ep: &Value| u64_of(ep.get("ID")).is_some_and(|id| id != 0);
+    let local_of = |d: Direction| match d {
+        Direction::Ingress => dst,
+        Direction::Egress => src,
+    };
+    let (direction, local_is_host) = match by_label {
+        Some(d) if has_id(local_of(d)) => (d, false),
+        // The host has no endpoint ID in Hubble, and its drops all say INGRESS.
+        _ if is_host(src) && !is_host(dst) => (Direction::Egress, true),
+        _ if is_host(dst) && !is_host(src) => (Direction::Ingress, true),
+        _ if is_host(src) && is_host(dst) => (by_label.unwrap_or(Direction::Ingress), true),
+        Some(_) => {
+            return Err("the flow's local side has no endpoint ID and is not the host: it cannot be attributed to an \
+                 endpoint"
+                .into());
+        }
+        None => return Err("flow without a traffic direction (Hubble could not tell the local endpoint)".into()),
+    };
     let (local, remote) = match direction {
         Direction::Ingress => (dst, src),
         Direction::Egress => (src, dst),
     };
+    // 0 for the host unless Hubble names its ID (host correlation, main 2026-08).
     let local_id = u64_of(local.get("ID")).unwrap_or(0);
     let endpoint_id =
         u16::try_from(local_id).map_err(|_| format!("endpoint ID {local_id} is outside Cilium's range"))?;
@@ -173,8 +365,7 @@ fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Res
         u32::try_from(remote_identity).map_err(|_| format!("identity {remote_identity} is out of range"))?;
 
     let ip = flow.get("IP");
-    let addr = |k: &str| ip.and_then(|ip| ip.get(k)).and_then(Value::as_str).and_then(|s| s.parse::<IpAddr>().ok());
-    let (src_addr, dst_addr) = (addr("source"), addr("destination"));
+    let ((src_addr, r1), (dst_addr, r2)) = (address(ip, "source"), address(ip, "destination"));
     let ipv6 = match enum_of(ip.and_then(|ip| ip.get("ipVersion")), IP_VERSIONS) {
         Some("IPv6") => true,
         Some("IPv4") => false,
@@ -182,7 +373,6 @@ fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Res
     };
 
     let l4 = layer4(flow.get("l4"));
-    let (proto, dst_port) = if source == NotifySource::PolicyDrop { (0, 0) } else { (l4.proto, l4.dst_port) };
     let match_type = if source == NotifySource::PolicyVerdict {
         let m = u64_of(flow.get("policy_match_type")).unwrap_or(0);
         u8::try_from(m).map_err(|_| format!("policy_match_type {m} out of range"))?
@@ -190,14 +380,15 @@ fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Res
         0
     };
     let time = flow.get("time").or(envelope_time).and_then(Value::as_str).and_then(|t| parse_rfc3339(t).ok());
+    let events = aggregated_events(flow)?;
 
-    Ok(CapturedVerdict {
+    Ok(Some(CapturedVerdict {
         line,
         endpoint_id,
         direction,
         remote_identity,
-        proto,
-        dst_port,
+        proto: l4.proto,
+        dst_port: l4.dst_port,
         verdict,
         match_type,
         source,
@@ -211,17 +402,10 @@ fn flow_verdict(flow: &Value, envelope_time: Option<&Value>, line: usize) -> Res
         remote_labels: strings(remote.get("labels")),
         namespace: local.get("namespace").and_then(Value::as_str).map(str::to_owned),
         pod: local.get("pod_name").and_then(Value::as_str).map(str::to_owned),
-    })
-}
-
-fn enum_name(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => {
-            n.as_u64().and_then(|n| u8::try_from(n).ok()).and_then(hubble_drop_reason_name).map(str::to_owned)
-        }
-        _ => None,
-    }
+        events,
+        local_is_host,
+        redacted: r1 || r2,
+    }))
 }
 
 /// The reason of a DROPPED policy verdict: the deprecated numeric
@@ -234,20 +418,6 @@ fn flow_drop_reason(flow: &Value) -> u8 {
         Some(Value::String(name)) => drop_reason_from_hubble_name(name).unwrap_or(0),
         Some(Value::Number(n)) => n.as_u64().and_then(|n| u8::try_from(n).ok()).unwrap_or(0),
         _ => 0,
-    }
-}
-
-fn event_type_name(t: u64) -> &'static str {
-    match t {
-        0 => "unspecified",
-        2 => "debug",
-        3 => "debug capture",
-        4 => "trace",
-        6 => "recorder capture",
-        7 => "trace sock",
-        129 => "L7 access log",
-        130 => "agent event",
-        _ => "unknown",
     }
 }
 
@@ -278,6 +448,7 @@ fn layer4(l4: Option<&Value>) -> L4 {
 #[cfg(test)]
 mod tests {
     use std::{
+        collections::BTreeMap,
         io::Cursor,
         time::{Duration, SystemTime},
     };
@@ -285,7 +456,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> CaptureParse {
-        parse_hubble_json(Cursor::new(text.as_bytes()))
+        parse_hubble_json(Cursor::new(text.as_bytes())).unwrap()
     }
 
     fn ip(s: &str) -> Option<IpAddr> {
@@ -311,7 +482,7 @@ mod tests {
     #[test]
     fn audit_egress() {
         let p = parse(AUDIT);
-        assert!(p.skipped.is_empty(), "{:?}", p.skipped);
+        assert!(p.rejected.is_empty() && p.unknown.is_empty(), "{:?} {:?}", p.rejected, p.unknown);
         assert_eq!(
             p.verdicts,
             vec![CapturedVerdict {
@@ -337,6 +508,9 @@ mod tests {
                 ],
                 namespace: Some("shop".into()),
                 pod: Some("web-6d9f7c9b8-x2x7q".into()),
+                events: 1,
+                local_is_host: false,
+                redacted: false,
             }]
         );
     }
@@ -387,8 +561,8 @@ mod tests {
                 endpoint_id: 3001,
                 direction: Direction::Ingress,
                 remote_identity: 2,
-                proto: 0,
-                dst_port: 0,
+                proto: 6,
+                dst_port: 22,
                 verdict: Verdict::Denied,
                 match_type: 0,
                 source: NotifySource::PolicyDrop,
@@ -402,6 +576,9 @@ mod tests {
                 remote_labels: vec!["reserved:world".into()],
                 namespace: Some("shop".into()),
                 pod: Some("web-6d9f7c9b8-x2x7q".into()),
+                events: 1,
+                local_is_host: false,
+                redacted: false,
             }
         );
     }
@@ -434,17 +611,23 @@ mod tests {
         let p = parse(&input);
         assert_eq!(p.lines, 9);
         assert!(p.verdicts.is_empty());
-        let r: Vec<(usize, &str)> = p.skipped.iter().map(|s| (s.line, s.reason.as_str())).collect();
-        assert_eq!(r[0], (1, "Hubble flow of event type 4 (trace), not a policy verdict or drop"));
-        assert_eq!(r[1], (2, "drop with a non-policy reason (INVALID_SOURCE_IP)"));
-        assert_eq!(r[2], (3, "\"12\" flows lost (HUBBLE_RING_BUFFER): verdicts in them are missing from the capture"));
-        assert_eq!(r[3], (4, "hubble relay node status event"));
-        assert_eq!(r[4].0, 6);
-        assert!(r[4].1.starts_with("not JSON"));
-        assert_eq!(r[5], (7, "flow without a traffic direction (Hubble could not tell the local endpoint)"));
-        assert_eq!(r[6], (8, "Hubble flow of event type 129 (L7 access log), not a policy verdict or drop"));
-        assert_eq!(r[7].0, 9);
-        assert_eq!(p.skipped.len(), 8);
+        let r: Vec<(usize, &str)> = p.rejected.iter().map(|s| (s.line, s.reason.as_str())).collect();
+        assert_eq!(r[0], (7, "flow without a traffic direction (Hubble could not tell the local endpoint)"));
+        assert_eq!(r[1].0, 9);
+        assert_eq!(p.rejected_total, 2);
+        assert_eq!((p.unknown_total, p.unknown[0].line), (1, 6));
+        assert!(p.unknown[0].reason.starts_with("not JSON"));
+        assert_eq!(p.lost_events, 12);
+        assert_eq!(
+            p.benign,
+            BTreeMap::from([
+                (kind::TRACE, 1),
+                (kind::NON_POLICY_DROP, 1),
+                (kind::LOST, 1),
+                (kind::NODE_STATUS, 1),
+                (kind::L7, 1)
+            ])
+        );
     }
 
     #[test]
@@ -453,5 +636,53 @@ mod tests {
             .replace(r#""verdict":"FORWARDED""#, r#""verdict":1"#)
             .replace(r#""traffic_direction":"INGRESS""#, r#""traffic_direction":1"#);
         assert_eq!(parse(&line).verdicts[0].verdict, Verdict::Allowed);
+    }
+
+    #[test]
+    fn a_wrapped_flow_is_rejoined() {
+        let chunks: Vec<String> = AUDIT.as_bytes().chunks(80).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect();
+        let input = format!("{}\n{FORWARDED}\n", chunks.join("\n"));
+        let p = parse(&input);
+        assert_eq!((p.rejected_total, p.unknown_total, p.rejoined), (0, 0, 1), "{:?}", p.rejected);
+        assert_eq!(p.verdicts.len(), 2);
+        assert_eq!((p.verdicts[0].line, p.verdicts[0].dst_port), (1, 53));
+        assert_eq!(p.verdicts[1].line, chunks.len() + 1);
+        // A flow cut off for good is rejected, and the next one still read.
+        let p = parse(&format!("{}\n{FORWARDED}\n", &AUDIT[..300]));
+        assert_eq!((p.rejected_total, p.verdicts.len()), (1, 1));
+    }
+
+    #[test]
+    fn host_firewall_drop_labelled_ingress_is_the_hosts_egress() {
+        let line = r#"{"flow":{"time":"2026-11-22T10:01:00Z","verdict":"DROPPED","IP":{"source":"10.0.0.11","destination":"203.0.113.53","ipVersion":"IPv4"},"l4":{"UDP":{"source_port":41000,"destination_port":53}},"source":{"identity":1,"labels":["reserved:host"]},"destination":{"identity":2,"labels":["reserved:world"]},"event_type":{"type":1,"sub_type":133},"traffic_direction":"INGRESS"}}"#;
+        let v = &parse(line).verdicts[0];
+        assert_eq!(
+            (v.direction, v.local_is_host, v.remote_identity, v.proto, v.dst_port),
+            (Direction::Egress, true, 2, 17, 53)
+        );
+        // Where Hubble names the host's ID (main), it is kept.
+        let v = &parse(&line.replace(r#""source":{"identity":1,"#, r#""source":{"ID":5,"identity":1,"#)).verdicts[0];
+        assert_eq!((v.endpoint_id, v.direction, v.local_is_host), (5, Direction::Egress, true));
+        // No ID and not the host: not attributable.
+        let p = parse(&line.replace(r#"{"identity":1,"labels":["reserved:host"]}"#, r#"{"identity":41312}"#));
+        assert_eq!(p.rejected_total, 1);
+        assert!(p.rejected[0].reason.contains("cannot be attributed"), "{}", p.rejected[0].reason);
+    }
+
+    #[test]
+    fn aggregated_flows_and_flows_without_event_type() {
+        let agg = FORWARDED
+            .replace(r#""Summary""#, r#""aggregate":{"ingress_flow_count":"7","egress_flow_count":2},"Summary""#);
+        assert_eq!(parse(&agg).verdicts[0].events, 9);
+        let unreadable = FORWARDED.replace(r#""Summary""#, r#""aggregate":{"state":"x"},"Summary""#);
+        assert_eq!(parse(&unreadable).rejected_total, 1);
+        let no_type = FORWARDED.replace(r#""event_type":{"type":5},"#, "");
+        // FORWARDED with policy_match_type 2: a verdict.
+        assert_eq!(parse(&no_type).verdicts[0].verdict, Verdict::Allowed);
+        let bare = no_type.replace(r#""policy_match_type":2,"#, "");
+        let p = parse(&bare);
+        assert_eq!(p.rejected_total, 1, "FORWARDED alone cannot be told from a trace");
+        let drop205 = POLICY_DROP.replace(r#""sub_type":133"#, r#""sub_type":205"#);
+        assert_eq!(parse(&drop205).benign[kind::NON_POLICY_DROP], 1);
     }
 }

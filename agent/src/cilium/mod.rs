@@ -1,6 +1,7 @@
 //! What the agent knows about Cilium in userspace: identities, the
 //! notification decoders (mirroring `pkg/monitor`), and readers of the
 //! text and JSON that Cilium's own tools print.
+pub mod capture_lines;
 pub mod endpoint_list;
 pub mod hubble_json;
 pub mod identity;

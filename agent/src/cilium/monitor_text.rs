@@ -9,15 +9,25 @@
 //!
 //! * policy verdicts, with and without `auth: X, ` (v1.14+), named or `-n`
 //!   numeric remote identities. The line is the same at every verbosity,
-//!   `-j` included;
+//!   `-j` included. The 1.8-era line (`remote ID %d, dst port %d, proto
+//!   %d, ingress %v, action %s, match %s, %s`, `PolicyVerdictNotifyLen =
+//!   32`) is read too;
 //! * drops at INFO/`-v` (`xx drop (...) ...`, all four generations), at
 //!   `-vv` (`CPU NN: MARK ... FROM <ep> DROP: ...`) and at `-j` (JSON);
-//! * headers (`Listening for events ...`, `Press Ctrl-C to quit`), the
-//!   `Initializing dissection cache...` log line, `CPU NN: Lost N events`,
-//!   `-vv` separators and packet dumps: skipped, with a reason.
+//! * everything else Cilium prints (banners, logs, traces, debug events,
+//!   `-vv` separators and packet dumps, DNS/L7 records, lost events) is
+//!   classified and counted, not read.
+//!
+//! A verdict or drop line that cannot be read is *rejected*, never
+//! skipped: the analysis is then incomplete. A line whose connection
+//! summary does not end the way Cilium ends it was cut: when the next
+//! line(s) continue it (a terminal or web page wrapped it) and exactly one
+//! way of joining them reads, the joined line is the record.
 //!
 //! Cilium prints no timestamps; a leading RFC 3339 timestamp (as
 //! `kubectl logs --timestamps` adds) is accepted and becomes `time`.
+//! Redacted addresses (`10.xxx.0.xxx`, `x.x.x.x`, `<redacted>`) are read
+//! as unknown, with their ports, and the verdict is marked `redacted`.
 //!
 //! What the text cannot say, and what is recorded instead:
 //! * a `deny` verdict line has no reason code: `reason` is 0;
@@ -25,9 +35,9 @@
 //!   which is 0 on egress: `endpoint_id` is then 0 (`-vv` and `-j` print the
 //!   emitting endpoint and are exact);
 //! * drops carry no direction; it is inferred exactly as the in-kernel
-//!   classifier does ([`guess_direction`]), and like the kernel's flow keys,
-//!   drops record `proto` 0 and `dst_port` 0 (the addresses and source port
-//!   are still filled in);
+//!   classifier does ([`guess_direction`]). Their 5-tuple comes from the
+//!   connection summary (the protocol from its `tcp`/`udp`/`sctp`/`icmp`
+//!   word);
 //! * for ICMP verdicts `dst_port` holds the ICMP type, which Cilium's ICMP
 //!   rules key on (`policy.h@main`: `key.dport = icmp type`).
 
@@ -39,8 +49,10 @@ use std::{
 
 use verdict_common::cilium::drop_reason;
 
+pub use crate::cilium::capture_lines::{CaptureError, CaptureParse, SkippedLine};
 use crate::{
     cilium::{
+        capture_lines::{Line, LineOutcome, LineReader, kind, read_capture},
         identity,
         monitor::{
             api::{PrintedReason, auth_type_from_name, icmp_type_from_string, match_type_from_name, parse_drop_reason},
@@ -51,93 +63,189 @@ use crate::{
     timefmt::parse_rfc3339,
 };
 
-/// A line that produced no verdict, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SkippedLine {
-    /// 1-based line number.
-    pub line: usize,
-    pub reason: String,
-    pub text: String,
-}
-
-/// The result of reading one capture.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CaptureParse {
-    pub verdicts: Vec<CapturedVerdict>,
-    /// Every non-blank line that is not a verdict, in input order.
-    pub skipped: Vec<SkippedLine>,
-    /// Lines read, blank ones included.
-    pub lines: usize,
-}
-
-/// Reads a whole capture. Never fails: an unreadable line (I/O error) ends
-/// the read and is reported as skipped. Invalid UTF-8 is replaced, not fatal.
-pub fn parse_monitor_text(input: impl BufRead) -> CaptureParse {
-    read_lines(input, parse_line)
-}
-
-/// What one line means.
-pub(crate) enum LineOutcome {
-    Verdict(Box<CapturedVerdict>),
-    Skip(String),
-    Blank,
-}
-
-/// Shared line loop of the text and JSON readers.
-pub(crate) fn read_lines(mut input: impl BufRead, mut parse: impl FnMut(&str, usize) -> LineOutcome) -> CaptureParse {
-    let mut out = CaptureParse::default();
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match input.read_until(b'\n', &mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
-                out.skipped.push(SkippedLine {
-                    line: out.lines + 1,
-                    reason: format!("read error, capture ends here: {e}"),
-                    text: String::new(),
-                });
-                break;
-            }
+/// Reads a whole capture. Fails only on binary input; every other problem
+/// is a counted rejection or unknown line.
+pub fn parse_monitor_text<R: BufRead>(input: R) -> Result<CaptureParse, CaptureError> {
+    let mut pre_v1_14 = 0;
+    let mut parsed = read_capture(input, |line, reader| {
+        let (outcome, joined) = parse_record(line, reader);
+        // `auth: %s, ` is printed from v1.14 on (`datapath_policy.go@v1.14.4`).
+        if let LineOutcome::Verdict(v) = &outcome
+            && v.source == NotifySource::PolicyVerdict
+            && joined == 0
+            && !line.text.contains(", auth: ")
+        {
+            pre_v1_14 += 1;
         }
-        out.lines += 1;
-        let text = String::from_utf8_lossy(&buf);
-        let text = text.trim_end_matches(['\n', '\r']);
-        match parse(text, out.lines) {
-            LineOutcome::Verdict(v) => out.verdicts.push(*v),
-            LineOutcome::Skip(reason) => {
-                out.skipped.push(SkippedLine { line: out.lines, reason, text: text.to_owned() })
-            }
-            LineOutcome::Blank => {}
-        }
-    }
-    out
+        Ok((outcome, joined))
+    })?;
+    parsed.pre_v1_14_verdicts = pre_v1_14;
+    Ok(parsed)
 }
 
 const VERDICT_MARK: &str = "Policy verdict log: ";
 const DROP_MARK: &str = "xx drop (";
+/// Continuation lines tried when a record was wrapped (an IPv6 verdict with
+/// a tunnel summary spans four 80-column terminal lines).
+const MAX_JOINED: usize = 3;
 
-fn parse_line(text: &str, line: usize) -> LineOutcome {
+/// What a verdict-looking text read as: the verdict, and whether the line
+/// ended the way Cilium ends it (else it may have been cut).
+type Read = Result<(CapturedVerdict, bool), String>;
+
+fn parse_record<R: BufRead>(line: &Line, reader: &mut LineReader<R>) -> (LineOutcome, usize) {
+    let text = line.text.as_str();
     if text.trim().is_empty() {
-        return LineOutcome::Blank;
+        return (LineOutcome::Blank, 0);
     }
     let (time, body) = split_timestamp(text);
-    let result = if let Some(i) = body.find(VERDICT_MARK) {
-        parse_verdict(&body[i + VERDICT_MARK.len()..], line, time)
-    } else if let Some(i) = body.find(DROP_MARK) {
-        parse_drop_info(&body[i + DROP_MARK.len()..], line, time)
-    } else if body.trim_start().starts_with('{') {
-        parse_json_event(body, line, time)
-    } else if body.contains(" DROP: ") && body.contains("MARK ") {
-        parse_drop_verbose(body, line, time)
-    } else {
-        return LineOutcome::Skip(classify_other(body.trim()));
-    };
-    match result {
-        Ok(v) => LineOutcome::Verdict(Box::new(v)),
-        Err(why) => LineOutcome::Skip(why),
+    let n = line.number;
+    if let Some(kind) = record_kind(body) {
+        let first = read_kind(kind, body, n, time);
+        return match first {
+            Ok((v, true)) => (verdict_outcome(v), 0),
+            Ok(_) | Err(_) => match rejoin(kind, body, n, time, reader) {
+                Ok(Some((v, joined))) => (verdict_outcome(v), joined),
+                Ok(None) => (first_failure(first), 0),
+                Err(why) => (LineOutcome::Rejected(why), 0),
+            },
+        };
     }
+    // The marker itself cut: "... Policy verdict" / "log: flow ...".
+    if ends_with_mark_prefix(body.trim_end())
+        && let Ok(Some((v, joined))) = rejoin(RecordKind::Verdict, body, n, time, reader)
+    {
+        return (verdict_outcome(v), joined);
+    }
+    if body.trim_start().starts_with('{') {
+        return (parse_json_line(body, n, time), 0);
+    }
+    if body.contains(" DROP: ") && body.contains("MARK ") {
+        return (
+            match parse_drop_verbose(body, n, time) {
+                Ok(v) => verdict_outcome(v),
+                Err(Refusal::NotPolicy) => LineOutcome::Benign(kind::NON_POLICY_DROP),
+                Err(Refusal::Unreadable(why)) => LineOutcome::Rejected(why),
+            },
+            0,
+        );
+    }
+    (classify_other(body.trim()), 0)
+}
+
+fn verdict_outcome(v: CapturedVerdict) -> LineOutcome {
+    LineOutcome::Verdict(Box::new(v))
+}
+
+/// The outcome of a record that no join completed.
+fn first_failure(first: Read) -> LineOutcome {
+    match first {
+        Err(why) if why == NOT_POLICY => LineOutcome::Benign(kind::NON_POLICY_DROP),
+        Err(why) => LineOutcome::Rejected(why),
+        Ok(_) => LineOutcome::Rejected(
+            "the line ends before its connection summary is complete (cut, or wrapped with no continuation)".into(),
+        ),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RecordKind {
+    Verdict,
+    Drop,
+}
+
+fn record_kind(body: &str) -> Option<RecordKind> {
+    if body.contains(VERDICT_MARK) || body.contains("Policy verdict log:") {
+        Some(RecordKind::Verdict)
+    } else if body.contains(DROP_MARK) {
+        Some(RecordKind::Drop)
+    } else {
+        None
+    }
+}
+
+fn ends_with_mark_prefix(body: &str) -> bool {
+    let mark = VERDICT_MARK.trim_end();
+    (6..mark.len()).any(|k| body.ends_with(&mark[..k]) && mark.as_bytes()[k - 1] != b' ')
+}
+
+const NOT_POLICY: &str = "drop with a non-policy reason";
+
+fn read_kind(kind: RecordKind, body: &str, line: usize, time: Option<SystemTime>) -> Read {
+    match kind {
+        RecordKind::Verdict => {
+            let i = body.find("Policy verdict log:").ok_or("no \"Policy verdict log:\" marker")?;
+            let rest = &body[i + "Policy verdict log:".len()..];
+            parse_verdict(rest.strip_prefix(' ').unwrap_or(rest), line, time)
+        }
+        RecordKind::Drop => {
+            let i = body.find(DROP_MARK).ok_or("no drop marker")?;
+            match parse_drop_info(&body[i + DROP_MARK.len()..], line, time) {
+                Ok(r) => Ok(r),
+                Err(Refusal::NotPolicy) => Err(NOT_POLICY.into()),
+                Err(Refusal::Unreadable(why)) => Err(why),
+            }
+        }
+    }
+}
+
+/// A line that continues a wrapped record: it starts nothing of its own.
+fn is_continuation(text: &str) -> bool {
+    let t = text.trim();
+    if t.is_empty() || record_kind(t).is_some() || split_timestamp(t).0.is_some() {
+        return false;
+    }
+    // A page may wrap at the space before a summary's arrow: `-> 10.0.0.2:22
+    // tcp SYN` continues; a trace line's arrow is followed by a word.
+    if let Some(rest) = t.strip_prefix("-> ") {
+        return rest.split_whitespace().next().and_then(parse_endpoint).is_some();
+    }
+    let starts = ["CPU ", "->", "<-", ">>", "{", "level=", "time=", "---", "Listening for events", "Press Ctrl-C"];
+    !starts.iter().any(|s| t.starts_with(s))
+}
+
+/// Joins the record with up to [`MAX_JOINED`] continuation lines, each
+/// either directly (a terminal cut inside a word) or with one space (a page
+/// wrapped at a space). Accepted only when every complete reading agrees.
+fn rejoin<R: BufRead>(
+    kind: RecordKind,
+    body: &str,
+    line: usize,
+    time: Option<SystemTime>,
+    reader: &mut LineReader<R>,
+) -> Result<Option<(CapturedVerdict, usize)>, String> {
+    let mut candidates = vec![body.trim_end().to_owned()];
+    for depth in 1..=MAX_JOINED {
+        let Ok(Some(next)) = reader.peek(depth - 1) else { return Ok(None) };
+        if next.binary || next.overlong.is_some() || !is_continuation(&next.text) {
+            return Ok(None);
+        }
+        let cont = next.text.trim().to_owned();
+        candidates = candidates.iter().flat_map(|c| [format!("{c}{cont}"), format!("{c} {cont}")]).collect();
+        let mut complete: Vec<CapturedVerdict> = Vec::new();
+        for c in &candidates {
+            if let Ok((v, true)) = read_kind(kind, c, line, time)
+                && !complete.contains(&v)
+            {
+                complete.push(v);
+            }
+        }
+        match complete.len() {
+            0 => continue,
+            1 => {
+                reader.consume_ahead(depth);
+                return Ok(complete.pop().map(|v| (v, depth)));
+            }
+            n => {
+                reader.consume_ahead(depth);
+                return Err(format!(
+                    "wrapped over {} lines, and the pieces join in {n} ways that read differently: not guessed",
+                    depth + 1
+                ));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// A leading RFC 3339 token, as `kubectl logs --timestamps` prefixes.
@@ -151,26 +259,66 @@ fn split_timestamp(text: &str) -> (Option<SystemTime>, &str) {
     (None, text)
 }
 
-fn classify_other(body: &str) -> String {
+/// Lines that are not verdicts or drops, by kind (`format.go`,
+/// `datapath_trace.go`, `datapath_debug.go`, `logrecord.go`, `agent.go`
+/// and the `cilium-dbg monitor` command at the tags above).
+fn classify_other(body: &str) -> LineOutcome {
+    let b = LineOutcome::Benign;
     if body.starts_with("Listening for events on") || body == "Press Ctrl-C to quit" {
-        return "monitor header".into();
+        return b(kind::BANNER);
     }
-    if body.contains("Initializing dissection cache") {
-        return "monitor log message".into();
+    if body.starts_with("Received an interrupt") || body.contains("Initializing dissection cache") {
+        return b(kind::LOG);
     }
-    if body.starts_with("Received an interrupt") {
-        return "monitor shutdown message".into();
+    if body.starts_with("level=") || (body.starts_with("time=") && body.contains(" level=")) {
+        return b(kind::LOG);
     }
     if let Some((cpu, n)) = lost_events(body) {
-        return format!("{n} events lost on CPU {cpu}: verdicts in them are missing from the capture");
+        return LineOutcome::Lost(n, format!("{n} events lost on CPU {cpu}: verdicts in them are missing"));
     }
     if body.len() >= 10 && body.chars().all(|c| c == '-') {
-        return "separator (-vv)".into();
+        return b(kind::SEPARATOR);
     }
-    if body.starts_with("->") || body.starts_with("<-") || body.starts_with(">>") || body.contains(" flow 0x") {
-        return "not a policy verdict or drop (trace or debug event)".into();
+    // LogRecordNotify: `<- Request http from ...`, `-> Response dns to ...`.
+    let l7 = [" Request ", " Response ", " Sample "];
+    if (body.starts_with("<-") || body.starts_with("->")) && l7.iter().any(|w| body.contains(w)) {
+        return b(kind::L7);
     }
-    "not a policy verdict or drop".into()
+    if body.starts_with("->") || body.starts_with("<-") || body.starts_with(">>") {
+        return b(kind::TRACE);
+    }
+    if body.starts_with("CPU ") {
+        if body.contains(" DEBUG: ") {
+            return b(kind::DEBUG);
+        }
+        if body.contains(" TRACE ") || body.contains(" TRACE:") || body.contains(" FROM ") {
+            return b(kind::TRACE);
+        }
+        return b(kind::OTHER_EVENT);
+    }
+    if body.starts_with("=> ") || body.starts_with("Unknown message type") {
+        return b(kind::AGENT_EVENT);
+    }
+    if is_packet_dump(body) {
+        return b(kind::DUMP);
+    }
+    LineOutcome::Unknown("not a policy verdict, a drop, or a line Cilium prints".into())
+}
+
+/// `-vv` prints gopacket layers (`Ethernet\t{Contents=...}`) and hex dumps
+/// (`00000000  45 00 ...`) after each event.
+fn is_packet_dump(body: &str) -> bool {
+    if let Some((layer, rest)) = body.split_once('\t') {
+        return rest.starts_with('{') && layer.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
+    }
+    if body.contains("{Contents=[") {
+        return true;
+    }
+    let mut words = body.split_whitespace();
+    let offset = words.next().unwrap_or("");
+    offset.len() == 8
+        && offset.chars().all(|c| c.is_ascii_hexdigit())
+        && words.next().is_some_and(|w| w.len() == 2 && w.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// `CPU %02d: Lost %d events` (`format.go`), also inside the
@@ -225,6 +373,15 @@ fn hex_u32(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("flow hash {s:?} is not 0x-hex"))
 }
 
+/// Names main gives the aggregate identities (`numericidentity.go@main`,
+/// 2026-08: 11-14); before that 11 printed as a number.
+const AGGREGATE_NAMES: &[(&str, u32)] = &[
+    ("aggregate-cluster", 11),
+    ("aggregate-cluster-mesh", 12),
+    ("aggregate-world", 13),
+    ("aggregate-remote-node", 14),
+];
+
 /// A remote ID as `NumericIdentity.String()` or `-n` prints it. Names map
 /// back through the reserved table; any other name is refused, not guessed.
 fn parse_identity(s: &str) -> Result<u32, String> {
@@ -233,21 +390,29 @@ fn parse_identity(s: &str) -> Result<u32, String> {
         return Ok(n);
     }
     identity::reserved_id(s)
+        .or_else(|| AGGREGATE_NAMES.iter().find(|(n, _)| *n == s).map(|(_, id)| *id))
         .ok_or_else(|| format!("unknown identity name {s:?} (not a reserved identity; capture with -n)"))
 }
 
 /// `Policy verdict log: flow %#x local EP ID %d, remote ID %s, proto %d,
-/// %s, action %s, [auth: %s, ]match %s, <summary>`.
-fn parse_verdict(body: &str, line: usize, time: Option<SystemTime>) -> Result<CapturedVerdict, String> {
+/// %s, action %s, [auth: %s, ]match %s, <summary>`; and the 1.8-era
+/// `..., remote ID %d, dst port %d, proto %d, ingress %v, action %s,
+/// match %s, <summary>`.
+fn parse_verdict(body: &str, line: usize, time: Option<SystemTime>) -> Read {
     let mut c = Cursor { rest: body };
     c.lit("flow ")?;
     hex_u32(c.until(" local EP ID ")?)?;
     let endpoint_id: u16 = number(c.until(", remote ID ")?, "local EP ID")?;
-    let remote_identity = parse_identity(c.until(", proto ")?)?;
+    let remote = c.until(", proto ")?;
+    let (remote, printed_port) = match remote.split_once(", dst port ") {
+        Some((id, port)) => (id, Some(number::<u16>(port, "dst port")?)),
+        None => (remote, None),
+    };
+    let remote_identity = parse_identity(remote)?;
     let proto: u8 = number(c.until(", ")?, "proto")?;
     let direction = match c.until(", ")? {
-        "ingress" => Direction::Ingress,
-        "egress" => Direction::Egress,
+        "ingress" | "ingress true" => Direction::Ingress,
+        "egress" | "ingress false" => Direction::Egress,
         other => return Err(format!("direction {other:?} is neither ingress nor egress")),
     };
     c.lit("action ")?;
@@ -263,15 +428,16 @@ fn parse_verdict(body: &str, line: usize, time: Option<SystemTime>) -> Result<Ca
         auth_type_from_name(auth).ok_or_else(|| format!("auth type {auth:?} is not one Cilium prints"))?;
     }
     c.lit("match ")?;
-    // The summary may be absent if a line was cut right after the match.
     let (match_name, summary) = c.rest.split_once(", ").unwrap_or((c.rest, ""));
     let match_type = match_type_from_name(match_name.trim()).ok_or_else(|| {
         format!("match type {match_name:?} has no number (Cilium prints \"unknown\" for values it cannot name)")
     })?;
 
     let s = parse_summary(summary);
+    let complete = s.complete_for(Some(proto));
     let (src_port, dst_port) = ports_for(proto, &s);
-    Ok(CapturedVerdict {
+    let dst_port = printed_port.unwrap_or(dst_port);
+    let v = CapturedVerdict {
         line,
         endpoint_id,
         direction,
@@ -291,7 +457,11 @@ fn parse_verdict(body: &str, line: usize, time: Option<SystemTime>) -> Result<Ca
         remote_labels: Vec::new(),
         namespace: None,
         pod: None,
-    })
+        events: 1,
+        local_is_host: false,
+        redacted: s.redacted,
+    };
+    Ok((v, complete))
 }
 
 /// The source port and the value recorded as `dst_port` for a protocol.
@@ -313,48 +483,164 @@ struct Summary {
     /// tcp, udp, sctp, icmp (v1.18+), vrrp, igmp.
     proto_word: Option<String>,
     icmp_type: Option<u16>,
+    /// `[unknown]`, `[error]`: nothing to read, and nothing cut.
+    empty: bool,
+    /// Both sides read as addresses (or redacted ones).
+    sides: bool,
+    /// Words after the protocol that are not what Cilium prints there, or
+    /// a trailing comma: the line was cut.
+    ragged: bool,
+    redacted: bool,
 }
 
 impl Summary {
     fn ipv6(&self) -> bool {
         self.src.or(self.dst).is_some_and(|a| a.is_ipv6())
     }
+
+    /// The protocol the summary names (`icmp` by address family).
+    fn proto(&self) -> Option<u8> {
+        match self.proto_word.as_deref()? {
+            "tcp" => Some(6),
+            "udp" => Some(17),
+            "sctp" => Some(132),
+            "icmp" => Some(if self.ipv6() { 58 } else { 1 }),
+            "vrrp" => Some(112),
+            "igmp" => Some(2),
+            _ => None,
+        }
+    }
+
+    /// Whether the summary ends as Cilium ends it for `proto` (`None`: the
+    /// line does not say, as drop lines do not).
+    fn complete_for(&self, proto: Option<u8>) -> bool {
+        if self.empty {
+            return true;
+        }
+        if !self.sides || self.ragged {
+            return false;
+        }
+        let ported = self.src_port.is_some() || self.dst_port.is_some();
+        match proto.or(self.proto()) {
+            Some(6 | 17 | 132) if ported => {
+                self.src_port.is_some() && self.dst_port.is_some() && self.proto_word.is_some()
+            }
+            Some(1 | 58) => self.icmp_type.is_some(),
+            _ if ported => self.proto_word.is_some(),
+            _ => true,
+        }
+    }
 }
 
-fn parse_endpoint(s: &str) -> (Option<IpAddr>, Option<u16>) {
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return (Some(sa.ip()), Some(sa.port()));
+/// A redacted host: `10.xxx.0.xxx`, `x.x.x.x`, `<redacted>`, `[REDACTED]`,
+/// `xxxx::xxxx`. Hex digits, dots, colons and at least one `x`/`*`.
+fn is_redacted_host(s: &str) -> bool {
+    let s = s.trim_matches(['[', ']']);
+    let lower = s.to_ascii_lowercase();
+    if matches!(lower.as_str(), "<redacted>" | "redacted" | "<ip>" | "***") {
+        return true;
     }
-    (s.parse::<IpAddr>().ok(), None)
+    (lower.contains('x') || lower.contains('*'))
+        && (lower.contains('.') || lower.contains(':'))
+        && lower.chars().all(|c| c.is_ascii_hexdigit() || matches!(c, 'x' | '*' | '.' | ':'))
 }
+
+/// An address side: `(ip, port, redacted)`; `None` when unreadable.
+fn parse_endpoint(s: &str) -> Option<(Option<IpAddr>, Option<u16>, bool)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some((Some(sa.ip()), Some(sa.port()), false));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some((Some(ip), None, false));
+    }
+    // `host:port` with a redacted host: bracketed when IPv6 (JoinHostPort).
+    if let Some((host, port)) = s.rsplit_once(':')
+        && let Ok(port) = port.parse::<u16>()
+        && (host.starts_with('[') || !host.contains(':'))
+        && is_redacted_host(host)
+    {
+        return Some((None, Some(port), true));
+    }
+    is_redacted_host(s).then_some((None, None, true))
+}
+
+fn is_mac(s: &str) -> bool {
+    s.len() == 17 && s.split(':').count() == 6 && s.split(':').all(|o| o.len() == 2)
+}
+
+const TCP_FLAGS: &[&str] = &["SYN", "ACK", "RST", "FIN"];
 
 /// `a:p -> b:q proto [flags]`, `a -> b [icmp ]TypeCode`, `a -> b`,
 /// `mac -> mac EtherType`, `[unknown]`, `[error]`, each possibly followed
 /// by ` [tunnel ...]` (v1.18+ overlay).
 fn parse_summary(s: &str) -> Summary {
     let mut s = s.trim();
+    if s == "[unknown]" || s == "[error]" {
+        return Summary { empty: true, ..Summary::default() };
+    }
+    let mut ragged = false;
     if let Some(i) = s.find(" [tunnel ") {
+        ragged = !s.ends_with(']');
         s = &s[..i];
     }
     let Some((left, right)) = s.split_once(" -> ") else { return Summary::default() };
-    let (src, src_port) = parse_endpoint(left.trim());
     let mut words = right.split_whitespace();
-    let (dst, dst_port) = words.next().map(parse_endpoint).unwrap_or((None, None));
-    let mut out = Summary { src, dst, src_port, dst_port, ..Summary::default() };
-    let ipv6 = out.ipv6();
+    let dst_word = words.next().unwrap_or("");
+    if is_mac(left.trim()) && is_mac(dst_word) {
+        return Summary { sides: words.next().is_some(), ..Summary::default() };
+    }
+    let (Some((src, src_port, r1)), Some((dst, dst_port, r2))) =
+        (parse_endpoint(left.trim()), parse_endpoint(dst_word))
+    else {
+        return Summary::default();
+    };
+    let mut out =
+        Summary { src, dst, src_port, dst_port, sides: true, ragged, redacted: r1 || r2, ..Summary::default() };
+    let ipv6 = out.ipv6() || left.contains('[') || left.matches(':').count() > 1;
     match words.next() {
-        Some(w @ ("tcp" | "udp" | "sctp" | "vrrp" | "igmp")) => out.proto_word = Some(w.to_owned()),
+        Some(w @ ("udp" | "sctp" | "vrrp" | "igmp")) => {
+            out.proto_word = Some(w.to_owned());
+            out.ragged |= words.next().is_some();
+        }
+        Some("tcp") => {
+            out.proto_word = Some("tcp".into());
+            let flags: Vec<&str> = words.collect();
+            out.ragged |= flags.iter().any(|f| !TCP_FLAGS.contains(&f.trim_end_matches(',')))
+                || flags.last().is_some_and(|f| f.ends_with(','));
+        }
         Some("icmp") => {
             out.proto_word = Some("icmp".into());
             out.icmp_type = words.next().and_then(|t| icmp_type_from_string(ipv6, t)).map(u16::from);
+            out.ragged |= words.next().is_some();
         }
         // Before v1.18 the ICMP type code follows the bare addresses.
-        Some(t) if src_port.is_none() && src.is_some() => {
+        Some(t) if src_port.is_none() => {
             out.icmp_type = icmp_type_from_string(ipv6, t).map(u16::from);
+            out.ragged |= out.icmp_type.is_none() || words.next().is_some();
         }
-        _ => {}
+        Some(_) => out.ragged = true,
+        None => {}
     }
     out
+}
+
+/// Why a drop line produced no verdict.
+enum Refusal {
+    /// A drop, but not a policy decision: benign.
+    NotPolicy,
+    Unreadable(String),
+}
+
+impl From<String> for Refusal {
+    fn from(s: String) -> Refusal {
+        Refusal::Unreadable(s)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(s: &str) -> Refusal {
+        Refusal::Unreadable(s.to_owned())
+    }
 }
 
 /// A policy-reason drop, given what the line printed.
@@ -370,11 +656,11 @@ struct DropFields {
     summary: Summary,
 }
 
-fn drop_verdict(d: DropFields) -> Result<CapturedVerdict, String> {
+fn drop_verdict(d: DropFields) -> Result<CapturedVerdict, Refusal> {
     let reason = match parse_drop_reason(&d.reason_text) {
         PrintedReason::Policy { code, .. } => code,
         PrintedReason::Numeric { code, .. } if drop_reason::is_policy(code) => code,
-        _ => return Err(format!("drop with a non-policy reason ({})", d.reason_text.trim())),
+        _ => return Err(Refusal::NotPolicy),
     };
     let (direction, remote_identity) = guess_direction(d.src_label, d.dst_label, d.dst_id);
     let endpoint_id = match (d.source, direction) {
@@ -384,26 +670,33 @@ fn drop_verdict(d: DropFields) -> Result<CapturedVerdict, String> {
         // The INFO line does not print the emitting endpoint of an egress drop.
         (None, Direction::Egress) => 0,
     };
+    let s = &d.summary;
+    let proto = s.proto().or_else(|| s.icmp_type.map(|_| if s.ipv6() { 58 } else { 1 })).unwrap_or(0);
+    // `-j` summaries carry ports without a protocol: keep them (proto 0).
+    let (src_port, dst_port) = if proto == 0 { (s.src_port, s.dst_port.unwrap_or(0)) } else { ports_for(proto, s) };
     Ok(CapturedVerdict {
         line: d.line,
         endpoint_id,
         direction,
         remote_identity,
-        proto: 0,
-        dst_port: 0,
+        proto,
+        dst_port,
         verdict: Verdict::Denied,
         match_type: 0,
         source: NotifySource::PolicyDrop,
         reason,
-        ipv6: d.summary.ipv6(),
-        src_addr: d.summary.src,
-        dst_addr: d.summary.dst,
-        src_port: d.summary.src_port,
+        ipv6: s.ipv6(),
+        src_addr: s.src,
+        dst_addr: s.dst,
+        src_port,
         time: d.time,
         local_labels: Vec::new(),
         remote_labels: Vec::new(),
         namespace: None,
         pod: None,
+        events: 1,
+        local_is_host: false,
+        redacted: s.redacted,
     })
 }
 
@@ -416,24 +709,26 @@ fn parse_identities(s: &str) -> Result<(u32, u32), String> {
 /// (v1.12), `ifindex %d, file %d:%d, ` (v1.13) or `ifindex %d, file %s:%d, `
 /// (v1.14+), then ` [ ip-trace-id = %d ]` (v1.19+, when non-zero), then
 /// `, identity %s->%s: <summary>`.
-fn parse_drop_info(body: &str, line: usize, time: Option<SystemTime>) -> Result<CapturedVerdict, String> {
+fn parse_drop_info(body: &str, line: usize, time: Option<SystemTime>) -> Result<(CapturedVerdict, bool), Refusal> {
     let mut c = Cursor { rest: body };
     let reason_text = c.until(") flow ")?.to_owned();
     if !matches!(parse_drop_reason(&reason_text), PrintedReason::Policy { .. } | PrintedReason::Numeric { .. }) {
-        return Err(format!("drop with a non-policy reason ({reason_text})"));
+        return Err(Refusal::NotPolicy);
     }
     hex_u32(c.until(" to endpoint ")?)?;
     let dst_id: u32 = number(c.until(", ")?, "endpoint")?;
     c.until(", identity ")?;
     let (src_label, dst_label) = parse_identities(c.until(": ")?)?;
     let summary = parse_summary(c.rest);
-    drop_verdict(DropFields { line, time, reason_text, src_label, dst_label, dst_id, source: None, summary })
+    let complete = summary.complete_for(None);
+    let v = drop_verdict(DropFields { line, time, reason_text, src_label, dst_label, dst_id, source: None, summary })?;
+    Ok((v, complete))
 }
 
 /// `-vv`: `CPU %02d: MARK %#x FROM %d DROP: %d bytes, reason %s`, then
 /// `, identity %s->%s` when either label is non-zero, then `, to endpoint
 /// %d` when `dst_id` is.
-fn parse_drop_verbose(body: &str, line: usize, time: Option<SystemTime>) -> Result<CapturedVerdict, String> {
+fn parse_drop_verbose(body: &str, line: usize, time: Option<SystemTime>) -> Result<CapturedVerdict, Refusal> {
     let mut c = Cursor { rest: body };
     c.until("MARK ")?;
     hex_u32(c.until(" FROM ")?)?;
@@ -462,14 +757,32 @@ fn parse_drop_verbose(body: &str, line: usize, time: Option<SystemTime>) -> Resu
     })
 }
 
-/// `-j`: drops are JSON (`DropNotifyVerbose`); policy verdicts stay text
-/// and never reach here. Other event types are skipped.
-fn parse_json_event(body: &str, line: usize, time: Option<SystemTime>) -> Result<CapturedVerdict, String> {
-    let v: serde_json::Value = serde_json::from_str(body.trim()).map_err(|e| format!("not JSON: {e}"))?;
-    let ty = v.get("type").and_then(|t| t.as_str()).unwrap_or("");
-    if ty != "drop" {
-        return Err(format!("monitor JSON event of type {ty:?}, not a drop"));
+/// `-j`: drops are JSON (`DropNotifyVerbose`); policy verdicts stay text.
+/// Other event types are benign; unreadable JSON is not understood.
+fn parse_json_line(body: &str, line: usize, time: Option<SystemTime>) -> LineOutcome {
+    let v: serde_json::Value = match serde_json::from_str(body.trim()) {
+        Ok(v) => v,
+        Err(e) if body.contains("\"drop\"") => {
+            return LineOutcome::Rejected(format!("drop JSON that does not parse: {e}"));
+        }
+        Err(e) => return LineOutcome::Unknown(format!("not JSON: {e}")),
+    };
+    match v.get("type").and_then(|t| t.as_str()).unwrap_or("") {
+        "drop" => match parse_json_drop(&v, line, time) {
+            Ok(v) => verdict_outcome(v),
+            Err(Refusal::NotPolicy) => LineOutcome::Benign(kind::NON_POLICY_DROP),
+            Err(Refusal::Unreadable(why)) => LineOutcome::Rejected(why),
+        },
+        "trace" | "traceSock" => LineOutcome::Benign(kind::TRACE),
+        "debug" | "capture" => LineOutcome::Benign(kind::DEBUG),
+        "logRecord" => LineOutcome::Benign(kind::L7),
+        "agent" => LineOutcome::Benign(kind::AGENT_EVENT),
+        "" => LineOutcome::Unknown("JSON without a monitor event type".into()),
+        _ => LineOutcome::Benign(kind::OTHER_EVENT),
     }
+}
+
+fn parse_json_drop(v: &serde_json::Value, line: usize, time: Option<SystemTime>) -> Result<CapturedVerdict, Refusal> {
     let label = |k: &str| -> Result<u32, String> {
         match v.get(k) {
             None => Ok(0),
@@ -480,6 +793,10 @@ fn parse_json_event(body: &str, line: usize, time: Option<SystemTime>) -> Result
             Some(other) => Err(format!("{k} is {other}, not an identity")),
         }
     };
+    let reason_text = v.get("reason").and_then(|r| r.as_str()).unwrap_or("").to_owned();
+    if matches!(parse_drop_reason(&reason_text), PrintedReason::Other) {
+        return Err(Refusal::NotPolicy);
+    }
     let src_label = label("srcLabel")?;
     let dst_label = label("dstLabel")?;
     let dst_id = label("dstID")?;
@@ -488,22 +805,29 @@ fn parse_json_event(body: &str, line: usize, time: Option<SystemTime>) -> Result
         .and_then(|s| s.as_u64())
         .and_then(|s| u16::try_from(s).ok())
         .ok_or("drop JSON without a usable \"source\"")?;
-    let reason_text = v.get("reason").and_then(|r| r.as_str()).unwrap_or("").to_owned();
     let summary = v.get("summary").map(json_summary).unwrap_or_default();
     drop_verdict(DropFields { line, time, reason_text, src_label, dst_label, dst_id, source: Some(source), summary })
 }
 
-/// `DissectSummary`: `l3 {src,dst}` addresses and `l4 {src,dst}` ports.
+/// `DissectSummary`: `l3 {src,dst}` addresses and `l4 {src,dst}` ports;
+/// `l4` names no protocol, so the protocol stays 0.
 fn json_summary(s: &serde_json::Value) -> Summary {
     let field = |layer: &str, k: &str| s.get(layer).and_then(|l| l.get(k)).and_then(|x| x.as_str()).map(str::to_owned);
     let ip = |k| field("l3", k).and_then(|a| a.parse().ok());
     let port = |k| field("l4", k).and_then(|p| p.parse().ok());
-    Summary { src: ip("src"), dst: ip("dst"), src_port: port("src"), dst_port: port("dst"), ..Summary::default() }
+    Summary {
+        src: ip("src"),
+        dst: ip("dst"),
+        src_port: port("src"),
+        dst_port: port("dst"),
+        sides: true,
+        ..Summary::default()
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{io::Cursor as IoCursor, time::Duration};
+    use std::{collections::BTreeMap, io::Cursor as IoCursor, time::Duration};
 
     use super::*;
     use crate::cilium::{
@@ -515,12 +839,12 @@ mod tests {
     };
 
     fn parse(text: &str) -> CaptureParse {
-        parse_monitor_text(IoCursor::new(text.as_bytes()))
+        parse_monitor_text(IoCursor::new(text.as_bytes())).unwrap()
     }
 
     fn one(text: &str) -> CapturedVerdict {
         let p = parse(text);
-        assert!(p.skipped.is_empty(), "skipped: {:?}", p.skipped);
+        assert!(p.rejected.is_empty() && p.unknown.is_empty(), "{:?} {:?}", p.rejected, p.unknown);
         assert_eq!(p.verdicts.len(), 1);
         p.verdicts.into_iter().next().unwrap()
     }
@@ -551,6 +875,9 @@ mod tests {
             remote_labels: vec![],
             namespace: None,
             pod: None,
+            events: 1,
+            local_is_host: false,
+            redacted: false,
         }
     }
 
@@ -693,15 +1020,15 @@ mod tests {
              match unknown, 1.1.1.1:1 -> 2.2.2.2:2 tcp SYN\n",
         );
         assert!(p.verdicts.is_empty());
-        assert_eq!(p.skipped.len(), 2);
-        assert_eq!(p.skipped[0].line, 1);
+        assert_eq!((p.rejected_total, p.rejected.len()), (2, 2));
+        assert_eq!(p.rejected[0].line, 1);
         assert!(
-            p.skipped[0].reason.contains("unknown identity name \"overlay-to-encrypt\""),
+            p.rejected[0].reason.contains("unknown identity name \"overlay-to-encrypt\""),
             "{}",
-            p.skipped[0].reason
+            p.rejected[0].reason
         );
-        assert_eq!(p.skipped[1].line, 2);
-        assert!(p.skipped[1].reason.contains("match type \"unknown\""), "{}", p.skipped[1].reason);
+        assert_eq!(p.rejected[1].line, 2);
+        assert!(p.rejected[1].reason.contains("match type \"unknown\""), "{}", p.rejected[1].reason);
     }
 
     #[test]
@@ -722,17 +1049,11 @@ Received an interrupt, disconnecting from monitor...
         assert_eq!(p.verdicts.len(), 1);
         assert_eq!(p.verdicts[0].line, 4);
         assert_eq!(p.verdicts[0].remote_identity, 4);
-        let skipped: Vec<(usize, &str)> = p.skipped.iter().map(|s| (s.line, s.reason.as_str())).collect();
-        assert_eq!(skipped[0], (1, "monitor header"));
-        assert_eq!(skipped[1], (2, "monitor header"));
-        assert_eq!(skipped[2], (3, "monitor log message"));
-        assert_eq!(skipped[3], (6, "17 events lost on CPU 03: verdicts in them are missing from the capture"));
-        assert_eq!(skipped[4], (7, "not a policy verdict or drop (trace or debug event)"));
-        assert_eq!(skipped[5].0, 8);
-        assert!(skipped[5].1.contains("expected"), "{}", skipped[5].1);
-        assert_eq!(skipped[6], (9, "monitor shutdown message"));
-        assert_eq!(p.skipped.len(), 7);
-        assert_eq!(p.skipped[4].text.chars().next(), Some('-'));
+        // The cut line has no continuation: rejected, never dropped.
+        assert_eq!(p.rejected.iter().map(|r| r.line).collect::<Vec<_>>(), vec![8]);
+        assert_eq!(p.lost_events, 17);
+        assert_eq!(p.benign, BTreeMap::from([(kind::BANNER, 2), (kind::LOG, 2), (kind::LOST, 1), (kind::TRACE, 1)]));
+        assert_eq!(p.unknown_total, 0);
     }
 
     #[test]
@@ -758,6 +1079,8 @@ Received an interrupt, disconnecting from monitor...
                 verdict: Verdict::Denied,
                 source: NotifySource::PolicyDrop,
                 reason: 133,
+                proto: 6,
+                dst_port: 80,
                 src_addr: ip("1.2.3.4"),
                 dst_addr: ip("10.0.1.23"),
                 src_port: Some(5555),
@@ -769,7 +1092,7 @@ Received an interrupt, disconnecting from monitor...
              identity 12345->world: 10.0.1.23:40000 -> 1.1.1.1:443 tcp SYN");
         assert_eq!(
             (v.endpoint_id, v.direction, v.remote_identity, v.reason, v.proto, v.dst_port),
-            (0, Direction::Egress, 2, 181, 0, 0)
+            (0, Direction::Egress, 2, 181, 6, 443)
         );
         // v1.14-v1.18: file name:line; auth type in ext_error.
         let v =
@@ -792,8 +1115,8 @@ Received an interrupt, disconnecting from monitor...
              xx drop (150, 0) flow 0x0 to endpoint 0, ifindex 5, file unknown(9):1, , identity 1->2: [unknown]\n",
         );
         assert!(p.verdicts.is_empty());
-        assert_eq!(p.skipped[0].reason, "drop with a non-policy reason (Invalid source ip)");
-        assert_eq!(p.skipped[1].reason, "drop with a non-policy reason (150, 0)");
+        assert_eq!(p.rejected_total + p.unknown_total, 0);
+        assert_eq!(p.benign, BTreeMap::from([(kind::NON_POLICY_DROP, 2)]));
     }
 
     #[test]
@@ -817,15 +1140,8 @@ Ethernet\t{Contents=[..14..] Payload=[..60..] SrcMAC=aa:bb:cc:dd:ee:ff DstMAC=11
             (v.line, v.endpoint_id, v.direction, v.remote_identity, v.reason, v.src_addr, v.src_port),
             (4, 77, Direction::Ingress, 2, 133, ip("1.1.1.1"), Some(4000))
         );
-        let reasons: Vec<_> = p.skipped.iter().map(|s| (s.line, s.reason.as_str())).collect();
-        assert_eq!(
-            reasons,
-            vec![
-                (1, "separator (-vv)"),
-                (3, "not a policy verdict or drop"),
-                (5, "monitor JSON event of type \"trace\", not a drop"),
-            ]
-        );
+        assert_eq!(p.rejected_total + p.unknown_total, 0);
+        assert_eq!(p.benign, BTreeMap::from([(kind::SEPARATOR, 1), (kind::DUMP, 1), (kind::TRACE, 1)]));
     }
 
     #[test]
@@ -834,8 +1150,8 @@ Ethernet\t{Contents=[..14..] Payload=[..60..] SrcMAC=aa:bb:cc:dd:ee:ff DstMAC=11
         bytes.extend_from_slice(
             b"Policy verdict log: flow 0x0 local EP ID 1, remote ID host, proto 6, ingress, action allow, match none, [unknown]\n",
         );
-        let p = parse_monitor_text(IoCursor::new(bytes));
-        assert_eq!((p.lines, p.verdicts.len(), p.skipped.len()), (2, 1, 1));
+        let p = parse_monitor_text(IoCursor::new(bytes)).unwrap();
+        assert_eq!((p.lines, p.verdicts.len(), p.unknown_total), (2, 1, 1));
     }
 
     /// Every golden notification, printed the way each generation prints it,
@@ -897,5 +1213,60 @@ Ethernet\t{Contents=[..14..] Payload=[..60..] SrcMAC=aa:bb:cc:dd:ee:ff DstMAC=11
                 }
             }
         }
+    }
+
+    #[test]
+    fn wrapped_lines_are_rejoined_only_when_unambiguous() {
+        let full = "Policy verdict log: flow 0x0 local EP ID 227, remote ID world, proto 6, ingress, action audit, \
+                    auth: disabled, match none, 198.51.100.7:50022 -> 10.0.0.11:6443 tcp SYN";
+        // Cut at every position: a terminal (nothing lost) and a page (at a space, the space lost).
+        for at in 20..full.len() - 1 {
+            let (a, b) = full.split_at(at);
+            let term = parse(&format!("{a}\n{b}\n"));
+            let page = (a.ends_with(' ') || b.starts_with(' '))
+                .then(|| parse(&format!("{}\n{}\n", a.trim_end(), b.trim_start())));
+            for p in [Some(term), page].into_iter().flatten() {
+                assert_eq!(p.rejected_total, 0, "cut at {at}: {:?}", p.rejected);
+                if p.verdicts.len() == 1 {
+                    let v = &p.verdicts[0];
+                    assert_eq!((v.dst_port, v.src_port, v.remote_identity), (6443, Some(50022), 2), "cut at {at}");
+                    assert_eq!(p.rejoined, usize::from(p.lines == 2 && p.unknown_total == 0), "cut at {at}");
+                } else {
+                    panic!("cut at {at}: {:?} {:?}", p.verdicts, p.unknown);
+                }
+            }
+        }
+        // A trace line after a cut verdict is not its continuation.
+        let p = parse(
+            "Policy verdict log: flow 0x0 local EP ID 227, remote ID world, proto 6, ingress, action audit, \
+             auth: disabled, match none, 198.51.100.7:50022 -> 10.0.0.11:64\n\
+             -> endpoint 227 flow 0x0 , identity world->host state new ifindex 0 orig-ip 0.0.0.0: 1.1.1.1:1 -> 2.2.2.2:2 tcp SYN\n",
+        );
+        assert_eq!((p.verdicts.len(), p.rejected_total, p.benign[kind::TRACE]), (0, 1, 1));
+    }
+
+    #[test]
+    fn redacted_addresses_keep_ports() {
+        for (src, dst) in [
+            ("10.xxx.0.xxx:51512", "10.xxx.0.xxx:6443"),
+            ("x.x.x.x:51512", "<redacted>:6443"),
+            ("[xxxx::xxxx]:51512", "[2001:db8::1]:6443"),
+        ] {
+            let v = one(&format!(
+                "Policy verdict log: flow 0x0 local EP ID 227, remote ID world, proto 6, ingress, action audit, \
+                 auth: disabled, match none, {src} -> {dst} tcp SYN"
+            ));
+            assert!(v.redacted && v.src_addr.is_none(), "{src}");
+            assert_eq!((v.src_port, v.dst_port), (Some(51512), 6443), "{src}");
+        }
+    }
+
+    #[test]
+    fn aggregate_identity_names_of_main() {
+        let v = one(
+            "Policy verdict log: flow 0x0 local EP ID 9, remote ID aggregate-world, proto 6, egress, action allow, \
+             auth: disabled, match all, 10.0.0.1:1000 -> 1.1.1.1:443 tcp SYN",
+        );
+        assert_eq!((v.remote_identity, v.match_type), (13, 4));
     }
 }

@@ -454,7 +454,9 @@ fn diagnose_silence(ctx: &Ctx<'_>, is_host: bool, fx: &Facts, short_observation:
     if is_host && env.cilium_version.is_some_and(|v| !v.at_least(1, 16)) {
         return (
             Reason::HostProgramPre116,
-            "the host firewall of this Cilium (before 1.16) emits no policy verdicts".into(),
+            "before 1.16 the host firewall emits verdicts only for the policy bpf_host was loaded with \
+             (cilium#21884)"
+                .into(),
         );
     }
     if env.rate_limit.is_some_and(|r| r.configured && r.dropped.is_some_and(|n| n > 0)) {
@@ -509,11 +511,23 @@ fn host_endpoint_gates(ctx: &Ctx<'_>, flows: &[(usize, &FlowRecord)]) -> Vec<Gat
     gates.push(match ctx.input.environment.cilium_version {
         Some(v) if v.at_least(1, 16) => host_program
             .passed(Some(FactSource::CiliumApi), format!("Cilium {v}: the host firewall emits policy verdicts")),
+        // Before 1.16 bpf_host takes its verdict filter from the host policy
+        // at load time and is not reloaded on policy changes (cilium#21884).
+        Some(v) if host_verdicts > 0 => host_program.advisory().passed(
+            Some(FactSource::CiliumApi),
+            format!(
+                "Cilium {v}: the host firewall's verdicts are arriving; before 1.16 bpf_host is compiled with the \
+                 host's verdict filter when it is loaded and not reloaded on policy changes (cilium#21884), so a \
+                 direction whose host policy changed since the last agent restart may emit none, and host denials \
+                 show mostly as drops"
+            ),
+        ),
         Some(v) => host_program.failed(
             Some(FactSource::CiliumApi),
             format!(
-                "Cilium {v}: before 1.16 the host firewall emits no policy verdicts (only drops), so audited host \
-                     traffic is invisible; upgrade to 1.16 or later before trusting a host readiness"
+                "Cilium {v}: no host policy verdict seen; before 1.16 bpf_host is compiled with the host's verdict \
+                 filter when it is loaded and not reloaded on policy changes (cilium#21884), so audited host traffic \
+                 may be invisible: restart the Cilium agent after applying the host policy and capture drops as well"
             ),
         ),
         None if host_verdicts > 0 => host_program.passed(

@@ -262,6 +262,17 @@ fn host_silence_causes() {
     drop.source = NotifySource::PolicyDrop;
     let r = report_for(&host_only(host_info(true), covered.clone()), &[drop], long, old);
     assert_eq!(ep(&r, HOST).reason, Reason::HostProgramPre116);
+    // Verdicts flowing before 1.16 (cilium#21884): the version gate passes,
+    // says what may be missing, and does not tell the user to upgrade.
+    let flowing = [
+        flow(HOST, Direction::Ingress, 7, 6, 6443, Verdict::Allowed, 10, ago(40 * 3600), ago(10)),
+        flow(HOST, Direction::Egress, 7, 6, 6443, Verdict::Allowed, 10, ago(40 * 3600), ago(10)),
+    ];
+    let r = report_for(&host_only(host_info(true), covered.clone()), &flowing, long, old);
+    let gate = ep(&r, HOST).gates.iter().find(|g| g.name == "host_program_version").unwrap();
+    assert_eq!(gate.status, GateStatus::Passed, "{}", gate.detail);
+    assert!(gate.detail.contains("cilium#21884") && !gate.detail.contains("upgrade"), "{}", gate.detail);
+    assert_ne!(ep(&r, HOST).reason, Reason::HostProgramPre116);
     // No host policy selects the node; a policy selecting no node is named.
     let none = Some(HostPolicyCoverage {
         selecting: vec![],
