@@ -21,7 +21,7 @@ use std::{
     sync::Arc,
 };
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::{
     api::core::v1::{Node, Pod},
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
@@ -29,16 +29,13 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource,
     core::{ClusterResourceScope, NamespaceResourceScope, PartialObjectMeta},
-    runtime::{
-        WatchStreamExt,
-        watcher::{self, Event},
-    },
+    runtime::watcher::{self, Event},
 };
 use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::cilium::endpoint_list::EndpointIdentifiers;
 
-use super::Shared;
+use super::{Shared, backoff::Backoff};
 
 /// A failure to reach or configure the Kubernetes API.
 #[derive(Debug, thiserror::Error)]
@@ -444,16 +441,12 @@ type Slot<V> = fn(&mut KubeState) -> &mut HashMap<String, V>;
 /// host policies.
 pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Option<&str>) {
     let cfg = watcher::Config::default;
-    spawn_watch(shared, W_IDENTITY, watcher(Api::<CiliumIdentity>::all(client.clone()), cfg()), identity_entry, |s| {
+    spawn_watch(shared, W_IDENTITY, Api::<CiliumIdentity>::all(client.clone()), cfg(), identity_entry, |s| {
         &mut s.identities
     });
-    spawn_watch(
-        shared,
-        W_CCNP,
-        watcher(Api::<CiliumClusterwideNetworkPolicy>::all(client.clone()), cfg()),
-        host_policy,
-        |s| &mut s.host_policies,
-    );
+    spawn_watch(shared, W_CCNP, Api::<CiliumClusterwideNetworkPolicy>::all(client.clone()), cfg(), host_policy, |s| {
+        &mut s.host_policies
+    });
     let Some(node) = node_name else {
         tracing::warn!(
             "no node name (--node-name / NODE_NAME): Kubernetes enrichment is limited to identity labels; \
@@ -464,65 +457,74 @@ pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Opt
     // Node metadata only: labels of every node are all host policy
     // selection needs, and full Node objects carry image lists and
     // heartbeats.
-    spawn_watch(
-        shared,
-        W_NODES,
-        watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg()),
-        node_labels,
-        |s| &mut s.nodes,
-    );
+    spawn_watch(shared, W_NODES, Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg(), node_labels, |s| {
+        &mut s.nodes
+    });
     spawn_watch(
         shared,
         W_OWN_NODE,
-        watcher(Api::<Node>::all(client.clone()), cfg().fields(&format!("metadata.name={node}"))),
+        Api::<Node>::all(client.clone()),
+        cfg().fields(&format!("metadata.name={node}")),
         node_addresses,
         |s| &mut s.own_node,
     );
+    // Pod metadata (owners and labels), of this node's pods only.
     spawn_watch(
         shared,
         W_PODS,
-        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), cfg().fields(&format!("spec.nodeName={node}"))),
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        cfg().fields(&format!("spec.nodeName={node}")),
         pod_workload,
         |s| &mut s.pods,
     );
     // CiliumEndpoint supports no field selector on status.networking.node.
-    spawn_watch(shared, W_CEP, watcher(Api::<CiliumEndpoint>::all(client), cfg()), cep_entry, |s| &mut s.ceps);
+    spawn_watch(shared, W_CEP, Api::<CiliumEndpoint>::all(client), cfg(), cep_entry, |s| &mut s.ceps);
 }
 
-fn watcher<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    watcher::watcher(api, config).default_backoff()
-}
-
-fn spawn_watch<K, V, S>(
+/// Watches `api` forever, filling `slot` of the cache.
+///
+/// After a failure the watch starts over with a fresh list (after a
+/// growing, jittered delay): a resumed watch that answers nothing would
+/// leave no sign that the source is back, and the list also replaces
+/// whatever changed while it was away.
+fn spawn_watch<K, V>(
     shared: &Arc<Shared>,
     name: &'static str,
-    stream: S,
+    api: Api<K>,
+    config: watcher::Config,
     convert: fn(&K) -> Converted<V>,
     slot: Slot<V>,
 ) where
-    K: Send + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
     V: Send + Sync + 'static,
-    S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
 {
     shared.kube_health.register(name);
     let tasks = Arc::clone(shared);
     let shared = Arc::clone(shared);
     let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
+        let watch = || watcher::watcher(api.clone(), config.clone()).boxed();
+        let mut stream = watch();
+        let mut backoff = Backoff::new(shared.retry.0, shared.retry.1);
         let mut init: Option<HashMap<String, V>> = None;
-        while let Some(item) = stream.next().await {
+        loop {
+            let Some(item) = stream.next().await else {
+                // The watcher's stream never ends; should it, start over.
+                stream = watch();
+                continue;
+            };
             let event = match item {
                 Ok(event) => event,
                 Err(e) => {
                     shared.kube_health.failure(name, &describe(name, &e));
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    init = None;
+                    stream = watch();
                     continue;
                 }
             };
             match event {
+                // Announces a list attempt, not a success: no reset here.
                 Event::Init => init = Some(HashMap::new()),
                 Event::InitApply(obj) => {
                     if let (Some(buf), Some((k, Some(v)))) = (init.as_mut(), convert(&obj)) {
@@ -530,6 +532,7 @@ fn spawn_watch<K, V, S>(
                     }
                 }
                 Event::InitDone => {
+                    backoff.reset();
                     let fresh = init.take().unwrap_or_default();
                     let count = fresh.len();
                     shared.update_kube(|s| {
@@ -540,6 +543,7 @@ fn spawn_watch<K, V, S>(
                     tracing::debug!(watch = name, objects = count, "Kubernetes watch (re)listed");
                 }
                 Event::Apply(obj) => {
+                    backoff.reset();
                     // An object that no longer converts (an endpoint that
                     // lost its ID, a policy that dropped its node selector)
                     // leaves the cache.
@@ -556,6 +560,7 @@ fn spawn_watch<K, V, S>(
                     shared.kube_health.success(name);
                 }
                 Event::Delete(obj) => {
+                    backoff.reset();
                     if let Some((k, _)) = convert(&obj) {
                         shared.update_kube(|s| {
                             slot(s).remove(&k);

@@ -16,8 +16,11 @@
 //!
 //! See [`directory::merge`] for how the sources combine.
 
+mod backoff;
 pub mod cilium_api;
 mod directory;
+pub mod escape;
+mod health;
 pub mod kubernetes;
 mod metrics;
 
@@ -39,15 +42,18 @@ use std::{
 
 use tokio::{sync::mpsc, task::AbortHandle};
 
+use self::{
+    backoff::Backoff,
+    directory::{IdentityCache, Lookup},
+    health::SourceHealth,
+    kubernetes::KubeState,
+};
 pub use self::{
     cilium_api::{CiliumApiClient, CiliumApiError, DEFAULT_SOCKET, DaemonFacts},
-    directory::{SourceStatus, remote_name},
+    directory::remote_name,
+    health::SourceStatus,
     kubernetes::KubeError,
     metrics::EndpointLabels,
-};
-use self::{
-    directory::{IdentityCache, Lookup, SourceHealth},
-    kubernetes::KubeState,
 };
 use crate::model::{EndpointDirectory, EndpointInfo, FactSource, HostPolicyCoverage};
 
@@ -69,7 +75,9 @@ pub struct EnrichmentConfig {
     pub refresh: Duration,
     /// Bound on every Cilium API request, connect to last byte.
     pub request_timeout: Duration,
-    /// First retry delay after a failed refresh; doubles up to `backoff_max`.
+    /// First retry delay after a failure of the Cilium API or of a watch;
+    /// doubles (with jitter) up to `backoff_max`, and starts over after a
+    /// success.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// Remote identities whose labels are kept (LRU).
@@ -186,6 +194,8 @@ pub(crate) struct Shared {
     merged: Mutex<Merged>,
     identity_cache: Mutex<IdentityCache>,
     identity_tx: Option<mpsc::Sender<u32>>,
+    /// Retry delays of every source: (initial, max).
+    pub(crate) retry: (Duration, Duration),
     pub(crate) api_health: SourceHealth,
     pub(crate) kube_health: SourceHealth,
     pub(crate) tasks: Mutex<Vec<AbortHandle>>,
@@ -282,8 +292,9 @@ pub fn start_with_kube_client(config: EnrichmentConfig, kube_client: Option<kube
         merged: Mutex::default(),
         identity_cache: Mutex::new(IdentityCache::new(config.identity_cache_size)),
         identity_tx,
-        api_health: SourceHealth::new("cilium_api"),
-        kube_health: SourceHealth::new("kubernetes"),
+        retry: (config.backoff_initial, config.backoff_max),
+        api_health: SourceHealth::new("cilium_api", config.backoff_max),
+        kube_health: SourceHealth::new("kubernetes", config.backoff_max),
         tasks: Mutex::default(),
     });
     let enrichment = Enrichment { shared: Arc::clone(&shared), _tasks: Arc::new(TaskGuard(Arc::clone(&shared))) };
@@ -324,16 +335,15 @@ pub fn start_with_kube_client(config: EnrichmentConfig, kube_client: Option<kube
 }
 
 /// Polls the Cilium API forever: every `refresh` while it answers, with
-/// doubling delays while it does not.
+/// growing, jittered delays while it does not.
 async fn run_api_refresh(shared: Arc<Shared>, client: CiliumApiClient, config: EnrichmentConfig) {
-    let mut failures: u32 = 0;
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     loop {
         let delay = if refresh_api(&shared, &client).await {
-            failures = 0;
+            backoff.reset();
             config.refresh
         } else {
-            failures = failures.saturating_add(1);
-            config.backoff_initial.saturating_mul(1u32 << (failures - 1).min(16)).min(config.backoff_max)
+            backoff.next_delay()
         };
         tokio::time::sleep(delay).await;
     }

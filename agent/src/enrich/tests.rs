@@ -499,3 +499,140 @@ fn fixtures_match_schemas() {
     check(&endpoint, &defs, &bad, "bad", &mut errs);
     assert_eq!(errs.len(), 3, "{errs:?}");
 }
+
+// ---- Outages: backoff, one line per outage ----
+
+/// Log lines of the current thread, for tests on a current-thread runtime
+/// (every task runs there, so every line is caught).
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        Self::refresh_interest();
+        guard
+    }
+
+    /// Other tests hit the same callsites on threads without a subscriber;
+    /// tracing may cache "never" for a callsite registered concurrently
+    /// with this subscriber. Recomputing makes the capture complete.
+    fn refresh_interest() {
+        tracing::callsite::rebuild_interest_cache();
+    }
+
+    fn lines(&self, level: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines().filter(|l| l.contains(level)).map(str::to_owned).collect()
+    }
+}
+
+/// The API server goes down for 4 s behind its address (connections are
+/// accepted and closed, the way a restarting kube-apiserver behind a load
+/// balancer looks): the six watches back off (attempts counted by the
+/// server, not by the agent), the outage is logged once at WARN and once at
+/// INFO, and the watches resume with their caches.
+#[tokio::test(flavor = "current_thread")]
+async fn kubernetes_outage_backs_off_and_logs_once() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let fake = FakeKube::start_on(19601).await;
+    load_kube(&fake);
+    let config = EnrichmentConfig {
+        cilium_socket: None,
+        kube: true,
+        node_name: Some("node-a".into()),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(1600),
+        ..Default::default()
+    };
+    let e = start_with_kube_client(config, Some(fake.client()));
+    wait_for("kubernetes up", || status_of(&e, "kubernetes").up).await;
+    assert!(logs.lines("WARN").is_empty(), "{:?}", logs.lines("WARN"));
+
+    CapturedLogs::refresh_interest();
+    fake.refuse().await;
+    let t0 = Instant::now();
+    let mut attempts_at = Vec::new();
+    while t0.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        attempts_at.push((t0.elapsed(), fake.refused()));
+    }
+    let attempts = fake.refused();
+    let in_last_2s = attempts - attempts_at.iter().find(|(t, _)| *t >= Duration::from_secs(2)).unwrap().1;
+    // Six watches retrying every 100-200 ms (no growth) would make about
+    // 160 attempts in 4 s. With doubling delays capped at 1.6 s each watch
+    // makes at most 8 (0.1+0.2+0.4+0.8+0.8+0.8+0.8 s minimum), 48 in all;
+    // in the last two seconds at most 3 per watch.
+    assert!(attempts >= 6, "every watch retries: {attempts} attempts");
+    assert!(attempts <= 48 + 6, "no backoff growth: {attempts} attempts in 4 s ({attempts_at:?})");
+    assert!(in_last_2s <= 18, "no backoff growth: {in_last_2s} attempts in the last 2 s ({attempts_at:?})");
+    let st = status_of(&e, "kubernetes");
+    assert!(!st.up);
+    assert!(st.errors >= attempts as u64 / 2, "failures are counted: {st:?}");
+    assert!(e.endpoint(311).is_some(), "answers from the caches meanwhile");
+
+    let warns = logs.lines("WARN");
+    assert_eq!(warns.len(), 1, "one WARN per outage:\n{}", warns.join("\n"));
+    assert!(warns[0].contains("kubernetes is down"), "{}", warns[0]);
+    assert!(warns[0].contains("retried with backoff"), "{}", warns[0]);
+
+    CapturedLogs::refresh_interest();
+    fake.resume().await;
+    wait_for("kubernetes up again", || status_of(&e, "kubernetes").up).await;
+    let infos: Vec<String> = logs.lines("INFO").into_iter().filter(|l| l.contains("answers again")).collect();
+    assert_eq!(infos.len(), 1, "one INFO per recovery:\n{}", infos.join("\n"));
+    assert!(infos[0].contains("down_for_ms="), "{}", infos[0]);
+    assert_eq!(logs.lines("WARN").len(), 1, "{:?}", logs.lines("WARN"));
+
+    // After the recovery the backoff starts over: watch events still flow.
+    fake.delete("ciliumendpoints", "shop/api-5c8b6-xyz12");
+    wait_for("a watch event after recovery", || e.endpoint(412).is_none()).await;
+}
+
+/// The pod watch asks for metadata only, of this node's pods only; so does
+/// the node-labels watch (metadata of every node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_watch_is_metadata_of_this_node_only() {
+    let fake = FakeKube::start().await;
+    load_kube(&fake);
+    let config =
+        EnrichmentConfig { cilium_socket: None, kube: true, node_name: Some("node-a".into()), ..Default::default() };
+    let e = start_with_kube_client(config, Some(fake.client()));
+    wait_for("owners", || e.endpoint(311).is_some_and(|i| i.workload.is_some())).await;
+    wait_for("a pod watch", || fake.seen().iter().any(|r| r.path.ends_with("/pods") && r.query.contains_key("watch")))
+        .await;
+
+    let pods: Vec<_> = fake.seen().into_iter().filter(|r| r.path == "/api/v1/pods").collect();
+    assert!(pods.len() >= 2, "a list and a watch: {pods:?}");
+    for r in &pods {
+        assert_eq!(r.query.get("fieldSelector").map(String::as_str), Some("spec.nodeName=node-a"), "{r:?}");
+        assert!(r.accept.contains("as=PartialObjectMetadata"), "metadata only: {r:?}");
+        assert!(r.accept.contains("g=meta.k8s.io"), "{r:?}");
+    }
+    assert!(pods.iter().any(|r| r.accept.contains("as=PartialObjectMetadataList")), "the list: {pods:?}");
+    let nodes: Vec<_> = fake
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/api/v1/nodes" && !r.query.contains_key("fieldSelector"))
+        .collect();
+    assert!(!nodes.is_empty() && nodes.iter().all(|r| r.accept.contains("as=PartialObjectMetadata")), "{nodes:?}");
+    // The node-b pod never reached the agent.
+    assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![311, 412]);
+}
