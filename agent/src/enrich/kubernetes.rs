@@ -23,7 +23,10 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::{
-    api::core::v1::{Node, Pod},
+    api::{
+        core::v1::{Node, Pod},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
 use kube::{
@@ -251,8 +254,31 @@ pub(crate) struct KubeState {
     pub pods: HashMap<String, Option<String>>,
     /// Host policies: CCNP name to its node selectors (spec and specs[]).
     pub host_policies: HashMap<String, Vec<LabelSelector>>,
+    /// The `kubernetes` Service's EndpointSlices in `default`, by slice name.
+    pub api_server: HashMap<String, ApiServerSlice>,
     /// Watches whose initial list completed.
     pub synced: HashMap<&'static str, bool>,
+}
+
+/// One port the API server serves on, as the `kubernetes` Service's
+/// EndpointSlice publishes it: the port on the API server's own hosts
+/// (6443 on kubeadm, 8443 on minikube, 443 on many managed offerings),
+/// not the Service's port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ApiServerPort {
+    pub port: u16,
+    /// `TCP` unless the slice says otherwise.
+    pub protocol: String,
+    /// The slice's port name (`https`), when it has one.
+    pub name: Option<String>,
+}
+
+/// What one EndpointSlice of the `kubernetes` Service says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiServerSlice {
+    pub ports: Vec<ApiServerPort>,
+    /// Addresses of the endpoints not marked unready.
+    pub addresses: Vec<String>,
 }
 
 impl KubeState {
@@ -267,6 +293,12 @@ pub(crate) const W_NODES: &str = "nodes";
 pub(crate) const W_OWN_NODE: &str = "node";
 pub(crate) const W_PODS: &str = "pods";
 pub(crate) const W_CCNP: &str = "ciliumclusterwidenetworkpolicies";
+pub(crate) const W_API_SERVER: &str = "endpointslices";
+
+/// The Service every cluster has for its API server, and the label
+/// EndpointSlices carry to name their Service.
+pub(crate) const API_SERVER_NAMESPACE: &str = "default";
+pub(crate) const API_SERVER_SELECTOR: &str = "kubernetes.io/service-name=kubernetes";
 
 fn ns_name(meta: &ObjectMeta) -> Option<String> {
     Some(format!("{}/{}", meta.namespace.as_deref()?, meta.name.as_deref()?))
@@ -367,6 +399,57 @@ pub(crate) fn workload_of(meta: &ObjectMeta) -> Option<String> {
     }
 }
 
+fn api_server_slice(slice: &EndpointSlice) -> Converted<ApiServerSlice> {
+    let name = slice.metadata.name.clone()?;
+    let mut ports: Vec<ApiServerPort> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(ApiServerPort {
+                port: u16::try_from(p.port?).ok().filter(|p| *p != 0)?,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+                name: p.name.clone().filter(|n| !n.is_empty()),
+            })
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    // `ready` unset means ready (discovery.k8s.io/v1 EndpointConditions).
+    let mut addresses: Vec<String> = slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    Some((name, Some(ApiServerSlice { ports, addresses })))
+}
+
+/// The API server's ports from every slice, once the watch has listed.
+pub(crate) fn api_server_ports(state: &KubeState) -> Option<Vec<ApiServerPort>> {
+    if !state.is_synced(W_API_SERVER) {
+        return None;
+    }
+    let mut ports: Vec<ApiServerPort> = state.api_server.values().flat_map(|s| s.ports.iter().cloned()).collect();
+    ports.sort();
+    ports.dedup();
+    // A Service without ports says nothing about where the API server is.
+    (!ports.is_empty()).then_some(ports)
+}
+
+/// The API server's ready addresses from every slice, once listed.
+pub(crate) fn api_server_addresses(state: &KubeState) -> Option<Vec<String>> {
+    if !state.is_synced(W_API_SERVER) {
+        return None;
+    }
+    let mut addresses: Vec<String> = state.api_server.values().flat_map(|s| s.addresses.iter().cloned()).collect();
+    addresses.sort();
+    addresses.dedup();
+    (!addresses.is_empty()).then_some(addresses)
+}
+
 fn host_policy(p: &CiliumClusterwideNetworkPolicy) -> Converted<Vec<LabelSelector>> {
     let name = p.metadata.name.clone()?;
     let selectors: Vec<LabelSelector> =
@@ -447,6 +530,16 @@ pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Opt
     spawn_watch(shared, W_CCNP, Api::<CiliumClusterwideNetworkPolicy>::all(client.clone()), cfg(), host_policy, |s| {
         &mut s.host_policies
     });
+    // Where the API server listens: the readiness catalogue's critical
+    // ports. Its EndpointSlices in `default` (RBAC: a Role there).
+    spawn_watch(
+        shared,
+        W_API_SERVER,
+        Api::<EndpointSlice>::namespaced(client.clone(), API_SERVER_NAMESPACE),
+        cfg().labels(API_SERVER_SELECTOR),
+        api_server_slice,
+        |s| &mut s.api_server,
+    );
     let Some(node) = node_name else {
         tracing::warn!(
             "no node name (--node-name / NODE_NAME): Kubernetes enrichment is limited to identity labels; \

@@ -52,7 +52,7 @@ pub use self::{
     cilium_api::{CiliumApiClient, CiliumApiError, DEFAULT_SOCKET, DaemonFacts},
     directory::remote_name,
     health::SourceStatus,
-    kubernetes::KubeError,
+    kubernetes::{ApiServerPort, KubeError},
     metrics::EndpointLabels,
 };
 use crate::model::{EndpointDirectory, EndpointInfo, FactSource, HostPolicyCoverage};
@@ -467,6 +467,22 @@ impl Enrichment {
             .filter(|h| h.is_enabled())
             .map(|h| h.status())
             .collect()
+    }
+
+    /// The ports the API server listens on (on its hosts), from the
+    /// `kubernetes` Service's EndpointSlices in `default`, for the
+    /// readiness catalogue's critical flows. None when unknown: Kubernetes
+    /// is not watched, the slices were never listed (forbidden, API down
+    /// since start), or they name no port. A later outage keeps the last
+    /// answer.
+    pub fn api_server_ports(&self) -> Option<Vec<ApiServerPort>> {
+        kubernetes::api_server_ports(&self.shared.read_kube())
+    }
+
+    /// The API server's ready addresses from the same slices; None when
+    /// unknown, as for [`Self::api_server_ports`].
+    pub fn api_server_addresses(&self) -> Option<Vec<String>> {
+        kubernetes::api_server_addresses(&self.shared.read_kube())
     }
 
     /// Identities with labels in the caches of the endpoint and Kubernetes
