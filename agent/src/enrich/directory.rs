@@ -108,8 +108,12 @@ fn from_cep(cep: &super::kubernetes::CepEntry) -> EndpointInfo {
     }
 }
 
-/// Labels Cilium gives a reserved identity.
+/// Labels Cilium gives a reserved identity. None for the aggregates
+/// (11-14), which carry no `reserved:` label of their name.
 pub(crate) fn reserved_labels(id: u32) -> Option<Vec<String>> {
+    if identity::is_aggregate(id) {
+        return None;
+    }
     match identity::classify(id) {
         identity::IdentityClass::Reserved("unknown") => None,
         identity::IdentityClass::Reserved(name) => Some(vec![format!("reserved:{name}")]),
@@ -263,6 +267,9 @@ mod tests {
         let l = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert_eq!(remote_name(2, None), "world");
         assert_eq!(remote_name(7, None), "kube-apiserver");
+        assert_eq!(remote_name(13, None), "aggregate-world");
+        assert_eq!(reserved_labels(13), None, "no invented labels for aggregates");
+        assert_eq!(reserved_labels(6), Some(vec!["reserved:remote-node".to_owned()]));
         assert_eq!(remote_name(16_777_300, None), "cidr");
         assert_eq!(remote_name(48213, None), "48213");
         assert_eq!(remote_name(48213, Some(&l(&["k8s:app=web", "k8s:io.kubernetes.pod.namespace=shop"]))), "shop/web");

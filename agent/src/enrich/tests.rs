@@ -16,6 +16,10 @@ use super::{
 use crate::model::{DirectionPolicy, EndpointDirectory, EndpointKind, FactSource, HostPolicyCoverage};
 
 const ENDPOINTS: &str = include_str!("testdata/cilium-endpoints.json");
+/// `GET /v1/endpoint` as v1.20+ answers it: the same endpoints with only
+/// `cni-attachment-id` left in `external-identifiers` (be4ff1becd,
+/// `pkg/endpoint/api.go@v1.20` branch point), so no pod name or namespace.
+const ENDPOINTS_V1_20: &str = include_str!("testdata/cilium-endpoints-v1.20.json");
 const IDENTITIES: &str = include_str!("testdata/cilium-identities.json");
 const CONFIG: &str = include_str!("testdata/cilium-config.json");
 const KUBE_OBJECTS: &str = include_str!("testdata/kube-objects.json");
@@ -473,6 +477,9 @@ fn fixtures_match_schemas() {
     for (i, ep) in json(ENDPOINTS).as_array().unwrap().iter().enumerate() {
         check(&endpoint, &defs, ep, &format!("endpoints[{i}]"), &mut errors);
     }
+    for (i, ep) in json(ENDPOINTS_V1_20).as_array().unwrap().iter().enumerate() {
+        check(&endpoint, &defs, ep, &format!("v1.20 endpoints[{i}]"), &mut errors);
+    }
     for (id, ident) in identities() {
         check(
             &serde_json::json!({"$ref": "#/definitions/Identity"}),
@@ -653,4 +660,47 @@ async fn pod_watch_is_metadata_of_this_node_only() {
     assert!(!nodes.is_empty() && nodes.iter().all(|r| r.accept.contains("as=PartialObjectMetadata")), "{nodes:?}");
     // The node-b pod never reached the agent.
     assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![311, 412]);
+}
+
+/// v1.20+: the API names no pods; the directory takes the pod name from
+/// this node's CiliumEndpoint with the same ID and identity, and the owner
+/// from the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_20_api_names_come_from_ciliumendpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let cilium = FakeCilium::new(&dir.path().join("cilium.sock"), json(ENDPOINTS_V1_20), identities(), json(CONFIG));
+    cilium.start();
+    let kube = FakeKube::start().await;
+    load_kube(&kube);
+    let config = EnrichmentConfig { kube: true, ..api_config(&dir) };
+    let e = start_with_kube_client(config, Some(kube.client()));
+    wait_for("names from CiliumEndpoints", || {
+        e.endpoint(311)
+            .is_some_and(|i| i.pod.is_some() && i.workload.is_some() && i.policy_source == Some(FactSource::CiliumApi))
+    })
+    .await;
+    let web = e.endpoint(311).unwrap();
+    assert_eq!((web.namespace.as_deref(), web.pod.as_deref()), (Some("shop"), Some("web-7d4f9-abcde")));
+    assert_eq!(web.workload.as_deref(), Some("Deployment/web"));
+    assert_eq!(web.kind, EndpointKind::Pod);
+    wait_for("412 named", || e.endpoint(412).is_some_and(|i| i.pod.is_some())).await;
+    assert_eq!(e.endpoint(412).unwrap().pod.as_deref(), Some("api-5c8b6-xyz12"));
+    let l = e.endpoint_labels(311);
+    assert_eq!((l.namespace.as_str(), l.pod.as_str()), ("shop", "web-7d4f9-abcde"));
+}
+
+/// Text from the remote side reaches a log line escaped: a crafted error
+/// body cannot start a forged line.
+#[tokio::test(flavor = "current_thread")]
+async fn hostile_text_is_escaped_in_outage_logs() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let h = super::health::SourceHealth::new("cilium_api", Duration::from_secs(60));
+    h.register("api");
+    h.failure("api", "GET /v1/endpoint answered HTTP 500: \"x\nlevel=INFO msg=\\\"all clear\\\" pod=\u{202e}evil\"");
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("\\u{a}level=INFO"), "{text}");
+    assert!(text.contains("\\u{202e}evil"), "{text}");
+    assert!(!text.contains('\u{202e}'), "{text}");
 }
