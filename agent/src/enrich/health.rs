@@ -86,7 +86,6 @@ impl SourceHealth {
     }
 
     /// True while an outage is under way (some part's latest request failed).
-    #[cfg(test)]
     pub fn is_down(&self) -> bool {
         self.lock().outage.is_some()
     }

@@ -22,7 +22,9 @@ mod directory;
 pub mod escape;
 mod health;
 pub mod kubernetes;
+mod lifecycle;
 mod metrics;
+pub mod retire;
 
 #[cfg(test)]
 mod fake;
@@ -47,13 +49,16 @@ use self::{
     directory::{IdentityCache, Lookup},
     health::SourceHealth,
     kubernetes::KubeState,
+    lifecycle::Lifecycle,
 };
 pub use self::{
     cilium_api::{CiliumApiClient, CiliumApiError, DEFAULT_SOCKET, DaemonFacts},
     directory::remote_name,
     health::SourceStatus,
     kubernetes::{ApiServerPort, KubeError},
+    lifecycle::EndpointOwner,
     metrics::EndpointLabels,
+    retire::SeriesRetirement,
 };
 use crate::model::{EndpointDirectory, EndpointInfo, FactSource, HostPolicyCoverage};
 
@@ -192,6 +197,8 @@ pub(crate) struct Shared {
     /// rebuilt lazily, at most once per change and only when read.
     version: AtomicU64,
     merged: Mutex<Merged>,
+    /// Owners of endpoint IDs across rebuilds of `merged`.
+    lifecycle: Mutex<Lifecycle>,
     identity_cache: Mutex<IdentityCache>,
     identity_tx: Option<mpsc::Sender<u32>>,
     /// Retry delays of every source: (initial, max).
@@ -230,8 +237,13 @@ impl Shared {
             let kube = self.read_kube();
             m.endpoints = Arc::new(directory::merge(&api, &kube, self.node_name.as_deref(), &self.node_ips));
             m.version = version;
+            self.lifecycle().observe(&m.endpoints);
         }
         Arc::clone(&m.endpoints)
+    }
+
+    fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, IdentityCache> {
@@ -290,6 +302,7 @@ pub fn start_with_kube_client(config: EnrichmentConfig, kube_client: Option<kube
         kube: RwLock::default(),
         version: AtomicU64::new(1),
         merged: Mutex::default(),
+        lifecycle: Mutex::default(),
         identity_cache: Mutex::new(IdentityCache::new(config.identity_cache_size)),
         identity_tx,
         retry: (config.backoff_initial, config.backoff_max),
@@ -485,6 +498,28 @@ impl Enrichment {
         kubernetes::api_server_addresses(&self.shared.read_kube())
     }
 
+    /// The owner of endpoint `id` and its generation, which changes when
+    /// the ID passes to another owner (another pod under the same ID, or
+    /// the ID deleted and allocated again). Counters kept per ID should
+    /// start from zero when the generation changes. None while the
+    /// directory does not list the ID.
+    pub fn endpoint_owner(&self, id: u16) -> Option<EndpointOwner> {
+        self.shared.merged();
+        self.shared.lifecycle().owner(id)
+    }
+
+    /// True when the directory listed `id` before and its sources, all
+    /// answering, no longer do: the endpoint was deleted. False when it
+    /// cannot know (a source is down, or the ID was never listed).
+    pub fn endpoint_gone(&self, id: u16) -> bool {
+        let sources = [&self.shared.api_health, &self.shared.kube_health];
+        if sources.iter().any(|h| h.is_enabled() && h.is_down()) {
+            return false;
+        }
+        self.shared.merged();
+        self.shared.lifecycle().is_gone(id)
+    }
+
     /// Identities with labels in the caches of the endpoint and Kubernetes
     /// sources (not the on-demand lookups).
     pub fn known_identities(&self) -> Vec<u32> {
@@ -495,6 +530,14 @@ impl Enrichment {
 impl EndpointDirectory for Enrichment {
     fn endpoint(&self, id: u16) -> Option<EndpointInfo> {
         self.shared.merged().get(&id).cloned()
+    }
+
+    fn endpoint_gone(&self, id: u16) -> bool {
+        Enrichment::endpoint_gone(self, id)
+    }
+
+    fn endpoint_generation(&self, id: u16) -> Option<u64> {
+        self.endpoint_owner(id).map(|o| o.generation)
     }
 
     fn endpoints(&self) -> Vec<EndpointInfo> {

@@ -704,3 +704,99 @@ async fn hostile_text_is_escaped_in_outage_logs() {
     assert!(text.contains("\\u{202e}evil"), "{text}");
     assert!(!text.contains('\u{202e}'), "{text}");
 }
+
+/// A deleted pod's per-endpoint series leave the scrape once its counters
+/// stopped moving for the grace period; the live pod's stay. While the
+/// Kubernetes source is down nothing is retired (it cannot know).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_deleted_endpoints_leave_the_scrape() {
+    use std::sync::{Arc, RwLock};
+
+    use crate::{
+        bpf::snapshot::{EndpointTotals, KernelClock, MapSnapshot},
+        state::AgentView,
+    };
+
+    let fake = FakeKube::start_on(19602).await;
+    load_kube(&fake);
+    let config = EnrichmentConfig {
+        cilium_socket: None,
+        kube: true,
+        node_name: Some("node-a".into()),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let e = start_with_kube_client(config, Some(fake.client()));
+    wait_for("endpoints", || e.endpoint(311).is_some() && e.endpoint(412).is_some()).await;
+    wait_for("kubernetes up", || status_of(&e, "kubernetes").up).await;
+    let owner = e.endpoint_owner(412).unwrap();
+    assert_eq!((owner.generation, owner.pod.as_deref()), (1, Some("api-5c8b6-xyz12")));
+
+    let totals = |id: u16, n: u64| EndpointTotals { id, verdicts: [[n, 0, 0, 0], [0; 4]], ..Default::default() };
+    let view = Arc::new(RwLock::new(AgentView::new(crate::bpf::loader::TapKind::Fentry, Default::default(), 1024)));
+    let set = |a: u64, b: u64| {
+        view.write().unwrap().snapshot = Some(MapSnapshot {
+            clock: KernelClock::now(),
+            endpoints: vec![totals(311, a), totals(412, b)],
+            flows: Vec::new(),
+            live_flows: 0,
+            stats: Default::default(),
+            read_duration: Duration::ZERO,
+        });
+    };
+    set(5, 7);
+    let collector = crate::metrics::VerdictCollector::new(view.clone(), Arc::new(e.clone()), None)
+        .with_retirement_grace(Duration::from_millis(300));
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(collector));
+    let scrape = || {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    };
+    let has = |text: &str, id: u16| text.contains(&format!("verdict_agent_endpoint_verdicts_total{{endpoint=\"{id}\""));
+    assert!(has(&scrape(), 311) && has(&scrape(), 412));
+
+    fake.delete("ciliumendpoints", "shop/api-5c8b6-xyz12");
+    wait_for("412 gone", || e.endpoint_gone(412)).await;
+    assert!(!e.endpoint_gone(311) && !e.endpoint_gone(4000), "live and never-known IDs are not gone");
+    assert_eq!(e.endpoint_owner(412), None);
+    // The final increment is still scraped (under the bare ID: the
+    // directory no longer names it).
+    set(5, 8);
+    assert!(has(&scrape(), 412), "the final increment is scraped");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let text = scrape();
+    assert!(!has(&text, 412), "gone and quiet for the grace period:\n{text}");
+    assert!(has(&text, 311));
+
+    // With the source down the agent cannot know what is gone: kept.
+    fake.refuse().await;
+    wait_for("kubernetes down", || status_of(&e, "kubernetes").errors > 0 && !status_of(&e, "kubernetes").up).await;
+    assert!(!e.endpoint_gone(412), "unknown, not gone, while a source is down");
+    assert!(has(&scrape(), 412));
+    fake.resume().await;
+    wait_for("kubernetes up again", || status_of(&e, "kubernetes").up).await;
+    assert!(e.endpoint_gone(412));
+
+    // Late counts bring it back; reuse by a new pod gives a new generation.
+    set(5, 9);
+    assert!(has(&scrape(), 412));
+    let mut reused = json(KUBE_OBJECTS)["ciliumendpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["status"]["id"] == 412)
+        .unwrap()
+        .clone();
+    reused["metadata"]["name"] = "api-5c8b6-new01".into();
+    reused["metadata"]["uid"] = "uid-api-new01".into();
+    reused["status"]["external-identifiers"]["k8s-pod-name"] = "api-5c8b6-new01".into();
+    reused["status"]["external-identifiers"]["pod-name"] = "shop/api-5c8b6-new01".into();
+    fake.apply("ciliumendpoints", reused);
+    wait_for("412 reused", || e.endpoint(412).is_some()).await;
+    let owner = e.endpoint_owner(412).unwrap();
+    assert_eq!((owner.generation, owner.pod.as_deref()), (2, Some("api-5c8b6-new01")));
+    assert_eq!(crate::model::EndpointDirectory::endpoint_generation(&e, 412), Some(2));
+}
