@@ -38,7 +38,7 @@ pub(crate) fn merge(
     let own: HashSet<&str> = kube
         .own_node
         .values()
-        .flatten()
+        .flat_map(|n| n.addresses.iter())
         .map(String::as_str)
         .chain(node_ips.iter().map(String::as_str))
         .chain(node_name)
@@ -79,9 +79,9 @@ pub(crate) fn merge(
 
     for info in out.values_mut() {
         if let (Some(ns), Some(pod)) = (&info.namespace, &info.pod)
-            && let Some(workload) = kube.pods.get(&format!("{ns}/{pod}"))
+            && let Some(meta) = kube.pods.get(&format!("{ns}/{pod}"))
         {
-            info.workload.clone_from(workload);
+            info.workload.clone_from(&meta.workload);
         }
     }
     out

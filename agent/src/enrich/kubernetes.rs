@@ -236,6 +236,21 @@ pub(crate) struct CepEntry {
     pub egress_enforcing: Option<bool>,
 }
 
+/// What the pod metadata watch keeps of one pod of this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PodMeta {
+    pub workload: Option<String>,
+    pub uid: Option<String>,
+}
+
+/// This node's Node object, as much as enrichment needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct OwnNode {
+    /// Addresses other than the hostname.
+    pub addresses: Vec<String>,
+    pub uid: Option<String>,
+}
+
 /// Everything the watches have cached. Each map is replaced wholesale when
 /// its watch relists, so objects deleted while disconnected disappear.
 #[derive(Debug, Default)]
@@ -249,9 +264,9 @@ pub(crate) struct KubeState {
     /// Labels of every node, key node name.
     pub nodes: HashMap<String, BTreeMap<String, String>>,
     /// Addresses of this node (key: node name; at most one entry).
-    pub own_node: HashMap<String, Vec<String>>,
+    pub own_node: HashMap<String, OwnNode>,
     /// Owner workload per pod of this node, key "namespace/name".
-    pub pods: HashMap<String, Option<String>>,
+    pub pods: HashMap<String, PodMeta>,
     /// Host policies: CCNP name to its node selectors (spec and specs[]).
     pub host_policies: HashMap<String, Vec<LabelSelector>>,
     /// The `kubernetes` Service's EndpointSlices in `default`, by slice name.
@@ -359,7 +374,7 @@ fn node_labels(node: &PartialObjectMeta<Node>) -> Converted<BTreeMap<String, Str
     Some((node.metadata.name.clone()?, Some(node.metadata.labels.clone().unwrap_or_default())))
 }
 
-fn node_addresses(node: &Node) -> Converted<Vec<String>> {
+fn own_node(node: &Node) -> Converted<OwnNode> {
     let name = node.metadata.name.clone()?;
     let addresses = node
         .status
@@ -367,12 +382,12 @@ fn node_addresses(node: &Node) -> Converted<Vec<String>> {
         .and_then(|s| s.addresses.as_ref())
         .map(|a| a.iter().filter(|a| a.type_ != "Hostname").map(|a| a.address.clone()).collect())
         .unwrap_or_default();
-    Some((name, Some(addresses)))
+    Some((name, Some(OwnNode { addresses, uid: node.metadata.uid.clone() })))
 }
 
-fn pod_workload(pod: &PartialObjectMeta<Pod>) -> Converted<Option<String>> {
+fn pod_meta(pod: &PartialObjectMeta<Pod>) -> Converted<PodMeta> {
     let key = ns_name(&pod.metadata)?;
-    Some((key, Some(workload_of(&pod.metadata))))
+    Some((key, Some(PodMeta { workload: workload_of(&pod.metadata), uid: pod.metadata.uid.clone() })))
 }
 
 /// The workload owning a pod, the way Cilium's `GetWorkloadMetaFromPod`
@@ -558,7 +573,7 @@ pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Opt
         W_OWN_NODE,
         Api::<Node>::all(client.clone()),
         cfg().fields(&format!("metadata.name={node}")),
-        node_addresses,
+        own_node,
         |s| &mut s.own_node,
     );
     // Pod metadata (owners and labels), of this node's pods only.
@@ -567,7 +582,7 @@ pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Opt
         W_PODS,
         Api::<PartialObjectMeta<Pod>>::all(client.clone()),
         cfg().fields(&format!("spec.nodeName={node}")),
-        pod_workload,
+        pod_meta,
         |s| &mut s.pods,
     );
     // CiliumEndpoint supports no field selector on status.networking.node.

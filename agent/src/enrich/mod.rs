@@ -498,6 +498,19 @@ impl Enrichment {
         kubernetes::api_server_addresses(&self.shared.read_kube())
     }
 
+    /// The UID of this node's pod `namespace/name`, from the pod metadata
+    /// watch (for Events that `kubectl describe` finds; no `get` on pods
+    /// needed). None when the pod is unknown or Kubernetes is off.
+    pub fn pod_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.shared.read_kube().pods.get(&format!("{namespace}/{name}"))?.uid.clone()
+    }
+
+    /// The UID of this node's Node object, from the own-node watch.
+    pub fn node_uid(&self) -> Option<String> {
+        let node = self.shared.node_name.as_deref()?;
+        self.shared.read_kube().own_node.get(node)?.uid.clone()
+    }
+
     /// The owner of endpoint `id` and its generation, which changes when
     /// the ID passes to another owner (another pod under the same ID, or
     /// the ID deleted and allocated again). Counters kept per ID should

@@ -258,6 +258,11 @@ async fn kubernetes_directory_and_host_policy_coverage() {
     );
     assert_eq!(e.api_server_addresses().unwrap(), vec!["10.0.0.2"]);
 
+    // UIDs for alarm Events, from the watches (no `get` on pods).
+    assert_eq!(e.pod_uid("shop", "web-7d4f9-abcde").as_deref(), Some("uid-web-7d4f9-abcde"));
+    assert_eq!(e.pod_uid("shop", "nope"), None);
+    assert_eq!(e.node_uid().as_deref(), Some("uid-node-a"));
+
     assert_eq!(e.remote_name(48300), "shop/db", "from CiliumIdentity, no Cilium API");
     assert_eq!(e.remote_name(48700), "48700", "no CiliumIdentity, no API: the number");
     assert!(e.known_identities().contains(&48500));
