@@ -69,6 +69,9 @@ pub struct VerdictCollector {
     /// Some(limit): export per-flow series, at most `limit` of them.
     flow_metrics: Option<usize>,
     flow_series: std::sync::Mutex<FlowSeries>,
+    /// Endpoints the directory reports deleted leave every per-endpoint
+    /// family once their counters stopped moving (see enrich::retire).
+    retirement: std::sync::Mutex<crate::enrich::SeriesRetirement>,
 }
 
 /// Which flows have their own series. Membership is decided once, when the
@@ -84,7 +87,20 @@ type FlowIdent = (u16, crate::model::Direction, u32, u8, u16, crate::model::Verd
 
 impl VerdictCollector {
     pub fn new(view: SharedView, directory: Arc<dyn EndpointDirectory>, flow_metrics: Option<usize>) -> Self {
-        VerdictCollector { view, directory, flow_metrics, flow_series: Default::default() }
+        VerdictCollector {
+            view,
+            directory,
+            flow_metrics,
+            flow_series: Default::default(),
+            retirement: Default::default(),
+        }
+    }
+
+    /// How long a deleted endpoint's series stay after their last change
+    /// (default `enrich::retire::DEFAULT_GRACE`).
+    pub fn with_retirement_grace(mut self, grace: std::time::Duration) -> Self {
+        self.retirement = std::sync::Mutex::new(crate::enrich::SeriesRetirement::new(grace));
+        self
     }
 }
 
@@ -104,9 +120,17 @@ impl Collector for VerdictCollector {
         let directions = [Direction::Ingress, Direction::Egress];
 
         if let Some(snap) = &view.snapshot {
+            let totals = snap.endpoints.iter().map(|ep| {
+                (ep.id, ep.verdicts.iter().flatten().chain(&ep.policy_drops).fold(0u64, |a, v| a.wrapping_add(*v)))
+            });
+            let retired = self.retirement.lock().unwrap_or_else(|e| e.into_inner()).retired(
+                std::time::Instant::now(),
+                totals,
+                |id| dir.endpoint_gone(id),
+            );
             let mut rows = Vec::new();
             let mut drops = Vec::new();
-            for ep in &snap.endpoints {
+            for ep in snap.endpoints.iter().filter(|ep| !retired.contains(&ep.id)) {
                 let base = endpoint_labels(dir, ep.id);
                 for (d, direction) in directions.iter().enumerate() {
                     for class in VerdictClass::ALL {
@@ -128,7 +152,7 @@ impl Collector for VerdictCollector {
             let mut rows = Vec::new();
             let mut aggs: Vec<_> = view.aggregates.iter().collect();
             aggs.sort_by_key(|(k, _)| **k);
-            for (k, t) in aggs {
+            for (k, t) in aggs.into_iter().filter(|(k, _)| !retired.contains(&k.endpoint_id)) {
                 let Some(direction) = Direction::from_cilium(k.direction) else { continue };
                 let mut l = endpoint_labels(dir, k.endpoint_id);
                 l.push(("direction", direction.as_str().into()));
@@ -159,7 +183,7 @@ impl Collector for VerdictCollector {
             )?;
 
             if let Some(limit) = self.flow_metrics {
-                self.encode_flows(&mut encoder, &view.flows, &view.aggregates, limit)?;
+                self.encode_flows(&mut encoder, &view.flows, &view.aggregates, limit, &retired)?;
             }
 
             let events = [
@@ -309,6 +333,7 @@ impl VerdictCollector {
         flows: &[crate::model::FlowRecord],
         aggregates: &std::collections::HashMap<crate::ledger::AggregateKey, crate::ledger::Totals>,
         limit: usize,
+        retired: &std::collections::HashSet<u16>,
     ) -> fmt::Result {
         use std::collections::{BTreeMap, HashSet};
         let dir = &*self.directory;
@@ -326,7 +351,7 @@ impl VerdictCollector {
 
         let mut rows = Vec::new();
         let mut own_totals: BTreeMap<(u16, &'static str, &'static str), u64> = BTreeMap::new();
-        for f in verdict_flows {
+        for f in verdict_flows.into_iter().filter(|f| !retired.contains(&f.endpoint_id)) {
             let ident = (f.endpoint_id, f.direction, f.remote_identity, f.proto, f.dst_port, f.verdict);
             if !series.own.contains(&ident) {
                 if series.in_overflow.contains(&ident) || series.own.len() >= limit {
@@ -355,7 +380,7 @@ impl VerdictCollector {
             };
             *totals.entry((k.endpoint_id, d.as_str(), c.as_str())).or_default() += t.notifications;
         }
-        for ((ep, direction, verdict), total) in totals {
+        for ((ep, direction, verdict), total) in totals.into_iter().filter(|((ep, _, _), _)| !retired.contains(ep)) {
             let n = total.saturating_sub(own_totals.get(&(ep, direction, verdict)).copied().unwrap_or(0));
             if n == 0 {
                 continue;

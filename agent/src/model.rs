@@ -284,6 +284,15 @@ pub trait EndpointDirectory: Send + Sync {
     fn identity_labels(&self, identity: u32) -> Option<Vec<String>>;
     /// None when no source could tell.
     fn host_policy_coverage(&self) -> Option<HostPolicyCoverage>;
+    /// True only when the directory knows the endpoint was deleted (it
+    /// listed the ID, and its sources, all answering, no longer do).
+    fn endpoint_gone(&self, _id: u16) -> bool {
+        false
+    }
+    /// Changes when the ID passes to another owner; None when unknown.
+    fn endpoint_generation(&self, _id: u16) -> Option<u64> {
+        None
+    }
 }
 
 /// A directory that knows nothing: every answer is "unknown".

@@ -211,23 +211,38 @@ impl ApiEndpoint {
         labels.dedup();
 
         // `pod-name` ("ns/name") is the fallback for releases or runtimes
-        // that leave the k8s-* identifiers empty.
+        // that leave the k8s-* identifiers empty. From v1.20 (be4ff1becd,
+        // `pkg/endpoint/api.go`) the API fills none of them: the namespace
+        // comes from the `k8s:io.kubernetes.pod.namespace` label, the pod
+        // name from an `io.kubernetes.pod.name` label where one is present,
+        // else from this node's CiliumEndpoints (see `enrich::directory`).
         let split_pod_name = ids
             .and_then(|i| i.pod_name.as_deref())
             .and_then(|p| p.split_once('/'))
             .filter(|(ns, name)| !ns.is_empty() && !name.is_empty());
+        let derived = status.and_then(|s| s.labels.as_ref()).and_then(|l| l.derived.as_deref()).unwrap_or_default();
+        let from_labels = |keys: &[&str]| {
+            keys.iter().find_map(|key| {
+                [labels.as_slice(), identity_labels.as_slice(), derived]
+                    .into_iter()
+                    .find_map(|set| label_value(set, key))
+                    .filter(|v| !v.is_empty())
+            })
+        };
         let namespace = ids
             .and_then(|i| non_empty(i.k8s_namespace.as_deref()))
             .or_else(|| split_pod_name.map(|(ns, _)| ns.to_owned()))
-            .or_else(|| label_value(&labels, "k8s:io.kubernetes.pod.namespace"));
+            .or_else(|| from_labels(&[POD_NAMESPACE_LABEL]));
         let pod = ids
             .and_then(|i| non_empty(i.k8s_pod_name.as_deref()))
-            .or_else(|| split_pod_name.map(|(_, name)| name.to_owned()));
+            .or_else(|| split_pod_name.map(|(_, name)| name.to_owned()))
+            .or_else(|| from_labels(&POD_NAME_LABELS));
 
+        // A Kubernetes namespace makes it a pod, named or not (v1.20+).
         let kind = EndpointKind::classify(
             identity,
             labels.iter().chain(identity_labels.iter()).map(String::as_str),
-            pod.is_some(),
+            pod.is_some() || namespace.is_some(),
         );
 
         let enabled = self.policy_enabled();
@@ -247,6 +262,13 @@ impl ApiEndpoint {
         EndpointInfo { id, kind, namespace, pod, workload: None, identity, labels, ingress, egress, policy_source }
     }
 }
+
+/// The namespace label Cilium gives every pod endpoint
+/// (`k8s:` + `PodNamespaceLabel`, `pkg/k8s/apis/cilium.io/const.go`).
+pub const POD_NAMESPACE_LABEL: &str = "k8s:io.kubernetes.pod.namespace";
+
+/// Pod-name labels (`PodNameLabel` with the sources it appears under).
+pub const POD_NAME_LABELS: [&str; 2] = ["k8s:io.kubernetes.pod.name", "container:io.kubernetes.pod.name"];
 
 fn non_empty(s: Option<&str>) -> Option<String> {
     s.filter(|s| !s.is_empty()).map(str::to_owned)
@@ -375,6 +397,31 @@ mod tests {
         assert_eq!(pending.kind, EndpointKind::Unknown);
         assert_eq!(pending.ingress, None);
         assert_eq!(pending.policy_source, None);
+    }
+
+    /// v1.20+: the API leaves the pod identifiers empty; the namespace is
+    /// read from the label, the pod stays unknown (the directory fills it
+    /// from CiliumEndpoints), and the endpoint is still a pod.
+    #[test]
+    fn v1_20_endpoints_without_pod_identifiers() {
+        let eps = parse_endpoint_list(include_str!("../enrich/testdata/cilium-endpoints-v1.20.json")).unwrap();
+        let by_id = |id: u16| eps.iter().find(|e| e.id == id).unwrap();
+        let web = by_id(311);
+        assert_eq!(web.namespace.as_deref(), Some("shop"));
+        assert_eq!(web.pod, None, "no pod name anywhere in a v1.20 endpoint");
+        assert_eq!(web.kind, EndpointKind::Pod);
+        assert_eq!(web.identity, Some(48213));
+        assert_eq!(by_id(412).namespace.as_deref(), Some("shop"));
+        assert_eq!(by_id(1234).kind, EndpointKind::Host);
+        assert_eq!(by_id(1234).namespace, None);
+        assert_eq!(by_id(99).kind, EndpointKind::Health);
+
+        // A pod-name label, where a runtime adds one, names the pod.
+        let json = r#"[{"id": 5, "status": {"external-identifiers": {"cni-attachment-id": "x:eth0"},
+            "labels": {"security-relevant": ["k8s:io.kubernetes.pod.namespace=ns1"],
+                       "derived": ["container:io.kubernetes.pod.name=p1"]}}}]"#;
+        let ep = &parse_endpoint_list(json).unwrap()[0];
+        assert_eq!((ep.namespace.as_deref(), ep.pod.as_deref()), (Some("ns1"), Some("p1")));
     }
 
     #[test]

@@ -1,8 +1,17 @@
 //! Security identities: reserved names and identity classes, as Cilium's
 //! `pkg/identity/numericidentity.go` defines them.
 
-/// Reserved identities and the names Cilium prints for them. 11 (encrypted
-/// overlay, v1.16–v1.19) has no entry in Cilium's name map either.
+/// Reserved identities and the names Cilium prints for them.
+///
+/// 11-14 are the policy-map aggregates of v1.20+ (`numericidentity.go`,
+/// v1.20 branch point: 11 cluster and 12 cluster-mesh; main of 2026-08,
+/// lines 145-148: all four, named as below). They stand for a whole class
+/// of identities in policy-map keys (`pkg/policy/aggregate.go`
+/// `aggregateFor`: 13 every local CIDR/FQDN identity, 14 every per-node
+/// identity, 11 every global identity of this cluster, 12 of other
+/// clusters), so a verdict's remote identity is normally the packet's own;
+/// named here so that one reaching a label reads as what it is. Before
+/// v1.20, 11 was the unnamed encrypted-overlay identity (v1.16-v1.19).
 pub const RESERVED: &[(u32, &str)] = &[
     (0, "unknown"),
     (1, "host"),
@@ -15,7 +24,21 @@ pub const RESERVED: &[(u32, &str)] = &[
     (8, "ingress"),
     (9, "world-ipv4"),
     (10, "world-ipv6"),
+    (11, "aggregate-cluster"),
+    (12, "aggregate-cluster-mesh"),
+    (13, "aggregate-world"),
+    (14, "aggregate-remote-node"),
 ];
+
+/// The v1.20+ aggregates: no endpoint has them and Cilium gives them no
+/// `reserved:` label set of their own (`aggregate.go`: selecting them by a
+/// label would over-select `NotIn` selectors).
+pub const AGGREGATES: std::ops::RangeInclusive<u32> = 11..=14;
+
+/// True for the v1.20+ aggregate identities (11-14).
+pub fn is_aggregate(id: u32) -> bool {
+    AGGREGATES.contains(&id)
+}
 
 pub const HOST: u32 = 1;
 pub const WORLD: u32 = 2;
@@ -72,4 +95,23 @@ pub fn is_world(id: u32) -> bool {
 /// How Cilium's `NumericIdentity.String()` prints an identity.
 pub fn display(id: u32) -> String {
     reserved_name(id).map(str::to_owned).unwrap_or_else(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregates_of_v1_20() {
+        assert_eq!(display(11), "aggregate-cluster");
+        assert_eq!(display(12), "aggregate-cluster-mesh");
+        assert_eq!(display(13), "aggregate-world");
+        assert_eq!(display(14), "aggregate-remote-node");
+        assert_eq!(reserved_id("aggregate-world"), Some(13));
+        assert_eq!(classify(14), IdentityClass::Reserved("aggregate-remote-node"));
+        assert!(is_aggregate(11) && is_aggregate(14) && !is_aggregate(10) && !is_aggregate(15));
+        assert_eq!(display(15), "15", "15-99 are unassigned");
+        assert_eq!(classify(15), IdentityClass::WellKnown);
+        assert!(!is_world(13), "the world aggregate is not a world identity of a packet");
+    }
 }

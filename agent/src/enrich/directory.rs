@@ -1,13 +1,9 @@
-//! Merging the sources into one view of this node's endpoints, the
-//! identity label cache, and per-source health.
+//! Merging the sources into one view of this node's endpoints, and the
+//! identity label cache.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Instant, SystemTime},
+    time::Instant,
 };
 
 use super::{ApiState, kubernetes::KubeState};
@@ -42,7 +38,7 @@ pub(crate) fn merge(
     let own: HashSet<&str> = kube
         .own_node
         .values()
-        .flatten()
+        .flat_map(|n| n.addresses.iter())
         .map(String::as_str)
         .chain(node_ips.iter().map(String::as_str))
         .chain(node_name)
@@ -83,9 +79,9 @@ pub(crate) fn merge(
 
     for info in out.values_mut() {
         if let (Some(ns), Some(pod)) = (&info.namespace, &info.pod)
-            && let Some(workload) = kube.pods.get(&format!("{ns}/{pod}"))
+            && let Some(meta) = kube.pods.get(&format!("{ns}/{pod}"))
         {
-            info.workload.clone_from(workload);
+            info.workload.clone_from(&meta.workload);
         }
     }
     out
@@ -112,8 +108,12 @@ fn from_cep(cep: &super::kubernetes::CepEntry) -> EndpointInfo {
     }
 }
 
-/// Labels Cilium gives a reserved identity.
+/// Labels Cilium gives a reserved identity. None for the aggregates
+/// (11-14), which carry no `reserved:` label of their name.
 pub(crate) fn reserved_labels(id: u32) -> Option<Vec<String>> {
+    if identity::is_aggregate(id) {
+        return None;
+    }
     match identity::classify(id) {
         identity::IdentityClass::Reserved("unknown") => None,
         identity::IdentityClass::Reserved(name) => Some(vec![format!("reserved:{name}")]),
@@ -250,105 +250,6 @@ impl IdentityCache {
     }
 }
 
-// ---- Per-source health ----
-
-#[derive(Debug, Default)]
-struct HealthState {
-    /// Latest outcome per part (one per watch; one for the Cilium API).
-    parts: BTreeMap<&'static str, bool>,
-    last_error: Option<String>,
-    last_success: Option<SystemTime>,
-    consecutive_failures: u64,
-}
-
-/// Request outcomes of one source, for the `source_up` and `errors_total`
-/// metrics and for logs that say each outage once.
-#[derive(Debug)]
-pub(crate) struct SourceHealth {
-    pub name: &'static str,
-    errors: AtomicU64,
-    state: Mutex<HealthState>,
-}
-
-/// Health of one source, as [`super::Enrichment::source_status`] reports it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct SourceStatus {
-    /// `cilium_api` or `kubernetes`.
-    pub source: &'static str,
-    pub enabled: bool,
-    /// The latest request (every watch, for Kubernetes) succeeded.
-    pub up: bool,
-    pub errors: u64,
-    pub last_error: Option<String>,
-    pub last_success: Option<SystemTime>,
-    /// Parts (watches) whose latest request failed or that never succeeded.
-    pub failing: Vec<&'static str>,
-}
-
-impl SourceHealth {
-    pub fn new(name: &'static str) -> SourceHealth {
-        SourceHealth { name, errors: AtomicU64::new(0), state: Mutex::new(HealthState::default()) }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn register(&self, part: &'static str) {
-        self.lock().parts.entry(part).or_insert(false);
-    }
-
-    pub fn errors(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
-    }
-
-    pub fn is_enabled(&self) -> bool {
-        !self.lock().parts.is_empty()
-    }
-
-    pub fn success(&self, part: &'static str) {
-        let mut s = self.lock();
-        let was = s.parts.insert(part, true);
-        if s.consecutive_failures > 0 && was == Some(false) {
-            tracing::info!(
-                source = self.name,
-                part,
-                failures = s.consecutive_failures,
-                "enrichment source answers again"
-            );
-        }
-        s.consecutive_failures = 0;
-        s.last_success = Some(SystemTime::now());
-    }
-
-    pub fn failure(&self, part: &'static str, message: &str) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        let mut s = self.lock();
-        let was = s.parts.insert(part, false);
-        s.consecutive_failures += 1;
-        // Say each outage once at warn; its repetitions at debug.
-        if was != Some(false) || s.consecutive_failures == 1 || s.last_error.as_deref() != Some(message) {
-            tracing::warn!(source = self.name, part, "{message}");
-        } else {
-            tracing::debug!(source = self.name, part, "{message}");
-        }
-        s.last_error = Some(message.to_owned());
-    }
-
-    pub fn status(&self) -> SourceStatus {
-        let s = self.lock();
-        SourceStatus {
-            source: self.name,
-            enabled: !s.parts.is_empty(),
-            up: !s.parts.is_empty() && s.parts.values().all(|ok| *ok),
-            errors: self.errors(),
-            last_error: s.last_error.clone(),
-            last_success: s.last_success,
-            failing: s.parts.iter().filter(|(_, ok)| !**ok).map(|(p, _)| *p).collect(),
-        }
-    }
-}
-
 /// Every identity label set the merged sources know, for callers that
 /// want to list them (suggestions).
 pub(crate) fn known_identities(api: &ApiState, kube: &KubeState) -> BTreeSet<u32> {
@@ -366,6 +267,9 @@ mod tests {
         let l = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert_eq!(remote_name(2, None), "world");
         assert_eq!(remote_name(7, None), "kube-apiserver");
+        assert_eq!(remote_name(13, None), "aggregate-world");
+        assert_eq!(reserved_labels(13), None, "no invented labels for aggregates");
+        assert_eq!(reserved_labels(6), Some(vec!["reserved:remote-node".to_owned()]));
         assert_eq!(remote_name(16_777_300, None), "cidr");
         assert_eq!(remote_name(48213, None), "48213");
         assert_eq!(remote_name(48213, Some(&l(&["k8s:app=web", "k8s:io.kubernetes.pod.namespace=shop"]))), "shop/web");
@@ -398,23 +302,5 @@ mod tests {
         assert_eq!(c.lookup(200), Lookup::Missing);
         c.missing(200, Instant::now() - Duration::from_secs(1));
         assert_eq!(c.lookup(200), Lookup::Unknown, "expired negative answer");
-    }
-
-    #[test]
-    fn health_is_all_parts() {
-        let h = SourceHealth::new("kubernetes");
-        assert!(!h.is_enabled());
-        h.register("a");
-        h.register("b");
-        assert!(!h.status().up);
-        h.success("a");
-        h.success("b");
-        assert!(h.status().up);
-        h.failure("b", "watching b: boom");
-        assert!(!h.status().up);
-        assert_eq!(h.errors(), 1);
-        assert_eq!(h.status().failing, vec!["b"]);
-        h.success("b");
-        assert!(h.status().up);
     }
 }

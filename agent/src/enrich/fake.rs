@@ -162,12 +162,37 @@ struct KubeResource {
     tx: broadcast::Sender<(u64, &'static str, Value)>,
 }
 
+/// One request as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub accept: String,
+}
+
 #[derive(Default)]
 struct KubeData {
     rv: u64,
     resources: HashMap<&'static str, KubeResource>,
     forbidden: HashSet<String>,
     requests: BTreeMap<String, usize>,
+    seen: Vec<SeenRequest>,
+}
+
+/// What listens on the fake's port.
+enum Listening {
+    /// The API; the sender ends every watch and the server.
+    Serving {
+        task: JoinHandle<()>,
+        stop: tokio::sync::watch::Sender<bool>,
+    },
+    /// Accepts TCP connections and closes them at once, counting them: an
+    /// API server that is down behind its address (a kube-apiserver
+    /// restarting behind a load balancer); the client sees every attempt fail.
+    Refusing {
+        task: JoinHandle<()>,
+    },
+    Nothing,
 }
 
 /// A Kubernetes API server for list and watch of a fixed set of resources.
@@ -175,14 +200,22 @@ struct KubeData {
 pub struct FakeKube {
     data: Arc<Mutex<KubeData>>,
     pub url: String,
-    _server: Arc<ServerGuard>,
+    addr: std::net::SocketAddr,
+    listening: Arc<Mutex<Listening>>,
+    /// Connections the refusing listener closed.
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+    _guard: Arc<ServerGuard>,
 }
 
-struct ServerGuard(JoinHandle<()>);
+/// Stops whatever listens when the last clone goes.
+struct ServerGuard(Arc<Mutex<Listening>>);
 
 impl Drop for ServerGuard {
     fn drop(&mut self) {
-        self.0.abort();
+        match std::mem::replace(&mut *self.0.lock().unwrap(), Listening::Nothing) {
+            Listening::Serving { task, .. } | Listening::Refusing { task } => task.abort(),
+            Listening::Nothing => {}
+        }
     }
 }
 
@@ -193,6 +226,7 @@ pub const KUBE_RESOURCES: &[(&str, &str, &str)] = &[
     ("ciliumendpoints", "CiliumEndpoint", "cilium.io/v2"),
     ("ciliumidentities", "CiliumIdentity", "cilium.io/v2"),
     ("ciliumclusterwidenetworkpolicies", "CiliumClusterwideNetworkPolicy", "cilium.io/v2"),
+    ("endpointslices", "EndpointSlice", "discovery.k8s.io/v1"),
 ];
 
 fn object_key(obj: &Value) -> String {
@@ -204,7 +238,14 @@ fn object_key(obj: &Value) -> String {
 }
 
 impl FakeKube {
+    /// On an ephemeral loopback port.
     pub async fn start() -> FakeKube {
+        FakeKube::start_on(0).await
+    }
+
+    /// On 127.0.0.1:`port` (0: any), so that it can stop and come back on
+    /// the same address.
+    pub async fn start_on(port: u16) -> FakeKube {
         let mut data = KubeData::default();
         for (plural, kind, api_version) in KUBE_RESOURCES {
             data.resources.insert(
@@ -218,14 +259,77 @@ impl FakeKube {
                 },
             );
         }
-        let data = Arc::new(Mutex::new(data));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = Router::new().fallback(kube_handler).with_state(Arc::clone(&data));
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the fake API server");
+        let addr = listener.local_addr().unwrap();
+        let listening = Arc::new(Mutex::new(Listening::Nothing));
+        let fake = FakeKube {
+            data: Arc::new(Mutex::new(data)),
+            url: format!("http://{addr}"),
+            addr,
+            listening: Arc::clone(&listening),
+            refused: Arc::default(),
+            _guard: Arc::new(ServerGuard(listening)),
+        };
+        fake.serve(listener);
+        fake
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let app = Router::new()
+            .fallback(kube_handler)
+            .with_state(FakeState { data: Arc::clone(&self.data), stopped: stopped.clone() });
+        let mut shutdown = stopped;
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                })
+                .await;
         });
-        FakeKube { data, url, _server: Arc::new(ServerGuard(task)) }
+        *self.listening.lock().unwrap() = Listening::Serving { task, stop };
+    }
+
+    /// The API server goes down: open watches end, and every new connection
+    /// is closed as soon as it is accepted (and counted).
+    pub async fn refuse(&self) {
+        let previous = std::mem::replace(&mut *self.listening.lock().unwrap(), Listening::Nothing);
+        if let Listening::Serving { task, stop } = previous {
+            let _ = stop.send(true);
+            // Graceful shutdown returns once the watches ended and the
+            // listener is closed; bounded in case a client holds on.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind the fake API server");
+        let refused = Arc::clone(&self.refused);
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(conn);
+            }
+        });
+        *self.listening.lock().unwrap() = Listening::Refusing { task };
+    }
+
+    /// The API server is back on the same address, with the same objects.
+    pub async fn resume(&self) {
+        let previous = std::mem::replace(&mut *self.listening.lock().unwrap(), Listening::Nothing);
+        if let Listening::Refusing { task } = previous {
+            task.abort();
+            let _ = task.await;
+        }
+        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind the fake API server");
+        self.serve(listener);
+    }
+
+    /// Connections closed while refusing.
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every request served so far.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.data.lock().unwrap().seen.clone()
     }
 
     /// Creates or replaces an object and notifies watchers.
@@ -286,17 +390,63 @@ fn status(code: u16, reason: &str, message: &str) -> Response {
     (StatusCode::from_u16(code).unwrap(), Json(body)).into_response()
 }
 
+/// `k=v,k2=v2` on `metadata.labels` (equality terms only).
+fn label_selector_matches(selector: Option<&str>, obj: &Value) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else { return true };
+    selector.split(',').all(|term| {
+        let Some((key, want)) = term.split_once('=') else { return false };
+        obj["metadata"]["labels"][key].as_str() == Some(want)
+    })
+}
+
+/// What a request selects: namespace (from the path), field and label
+/// selectors.
+#[derive(Clone)]
+struct Selection {
+    namespace: Option<String>,
+    fields: Option<String>,
+    labels: Option<String>,
+}
+
+impl Selection {
+    fn matches(&self, obj: &Value) -> bool {
+        self.namespace.as_deref().is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+            && field_selector_matches(self.fields.as_deref(), obj)
+            && label_selector_matches(self.labels.as_deref(), obj)
+    }
+}
+
+/// What the API server sends for `Accept: ...;as=PartialObjectMetadata[List]`:
+/// the metadata alone.
+fn as_metadata(obj: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]})
+}
+
+#[derive(Clone)]
+struct FakeState {
+    data: Arc<Mutex<KubeData>>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+}
+
 async fn kube_handler(
-    State(data): State<Arc<Mutex<KubeData>>>,
+    State(state): State<FakeState>,
     uri: Uri,
+    headers: axum::http::HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    // /api/v1/<plural> or /apis/<group>/<version>/<plural>; all namespaces.
-    let plural = uri.path().rsplit('/').next().unwrap_or_default().to_owned();
-    let selector = q.get("fieldSelector").cloned();
+    // /api/v1/[namespaces/<ns>/]<plural> or /apis/<group>/<version>/[namespaces/<ns>/]<plural>.
+    let path = uri.path().to_owned();
+    let plural = path.rsplit('/').next().unwrap_or_default().to_owned();
+    let segments: Vec<&str> = path.split('/').collect();
+    let namespace = segments.windows(2).find(|w| w[0] == "namespaces" && w[1] != plural).map(|w| w[1].to_owned());
+    let selection =
+        Selection { namespace, fields: q.get("fieldSelector").cloned(), labels: q.get("labelSelector").cloned() };
+    let accept = headers.get("accept").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let metadata_only = accept.contains("as=PartialObjectMetadata");
     let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
-    let mut d = data.lock().unwrap();
+    let mut d = state.data.lock().unwrap();
     *d.requests.entry(plural.clone()).or_default() += 1;
+    d.seen.push(SeenRequest { path: path.clone(), query: q.clone(), accept });
     if d.forbidden.contains(&plural) {
         let msg = format!(
             "{plural} is forbidden: User \"system:serviceaccount:kube-system:verdict-agent\" cannot list resource \"{plural}\""
@@ -307,39 +457,49 @@ async fn kube_handler(
     let Some(r) = d.resources.get(plural.as_str()) else {
         return status(404, "NotFound", "the server could not find the requested resource");
     };
+    let shape = move |o: &Value| if metadata_only { as_metadata(o) } else { o.clone() };
 
     if !watch {
-        let items: Vec<Value> =
-            r.objects.values().filter(|o| field_selector_matches(selector.as_deref(), o)).cloned().collect();
+        let items: Vec<Value> = r.objects.values().filter(|o| selection.matches(o)).map(shape).collect();
+        let (api_version, kind) = if metadata_only {
+            ("meta.k8s.io/v1".to_owned(), "PartialObjectMetadataList".to_owned())
+        } else {
+            (r.api_version.to_owned(), format!("{}List", r.kind))
+        };
         let list = json!({
-            "apiVersion": r.api_version, "kind": format!("{}List", r.kind),
+            "apiVersion": api_version, "kind": kind,
             "metadata": {"resourceVersion": rv_now.to_string()}, "items": items,
         });
         return Json(list).into_response();
     }
 
     let since: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let line = |kind: &str, obj: &Value| Bytes::from(format!("{}\n", json!({"type": kind, "object": obj})));
+    let line = move |kind: &str, obj: &Value| Bytes::from(format!("{}\n", json!({"type": kind, "object": shape(obj)})));
     // Backlog and subscription under one lock: no event falls between.
     let backlog: Vec<Result<Bytes, Infallible>> = r
         .log
         .iter()
-        .filter(|(rv, _, o)| *rv > since && field_selector_matches(selector.as_deref(), o))
+        .filter(|(rv, _, o)| *rv > since && selection.matches(o))
         .map(|(_, kind, o)| Ok(line(kind, o)))
         .collect();
     let rx = r.tx.subscribe();
     drop(d);
-    let live = futures::stream::unfold((rx, selector), move |(mut rx, selector)| async move {
+    let live = futures::stream::unfold((rx, selection), move |(mut rx, selection)| async move {
         loop {
             match rx.recv().await {
-                Ok((_, kind, obj)) if field_selector_matches(selector.as_deref(), &obj) => {
-                    return Some((Ok(line(kind, &obj)), (rx, selector)));
+                Ok((_, kind, obj)) if selection.matches(&obj) => {
+                    return Some((Ok(line(kind, &obj)), (rx, selection)));
                 }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
     });
-    let body = Body::from_stream(futures::stream::iter(backlog).chain(live));
+    // A server going down ends its watches.
+    let mut stopped = state.stopped.clone();
+    let stop = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let body = Body::from_stream(futures::stream::iter(backlog).chain(live).take_until(stop));
     Response::builder().header("content-type", "application/json").body(body).unwrap()
 }

@@ -21,24 +21,24 @@ use std::{
     sync::Arc,
 };
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::{
-    api::core::v1::{Node, Pod},
+    api::{
+        core::v1::{Node, Pod},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
 use kube::{
     Api, Client, Resource,
     core::{ClusterResourceScope, NamespaceResourceScope, PartialObjectMeta},
-    runtime::{
-        WatchStreamExt,
-        watcher::{self, Event},
-    },
+    runtime::watcher::{self, Event},
 };
 use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::cilium::endpoint_list::EndpointIdentifiers;
 
-use super::Shared;
+use super::{Shared, backoff::Backoff};
 
 /// A failure to reach or configure the Kubernetes API.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +236,21 @@ pub(crate) struct CepEntry {
     pub egress_enforcing: Option<bool>,
 }
 
+/// What the pod metadata watch keeps of one pod of this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PodMeta {
+    pub workload: Option<String>,
+    pub uid: Option<String>,
+}
+
+/// This node's Node object, as much as enrichment needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct OwnNode {
+    /// Addresses other than the hostname.
+    pub addresses: Vec<String>,
+    pub uid: Option<String>,
+}
+
 /// Everything the watches have cached. Each map is replaced wholesale when
 /// its watch relists, so objects deleted while disconnected disappear.
 #[derive(Debug, Default)]
@@ -249,13 +264,36 @@ pub(crate) struct KubeState {
     /// Labels of every node, key node name.
     pub nodes: HashMap<String, BTreeMap<String, String>>,
     /// Addresses of this node (key: node name; at most one entry).
-    pub own_node: HashMap<String, Vec<String>>,
+    pub own_node: HashMap<String, OwnNode>,
     /// Owner workload per pod of this node, key "namespace/name".
-    pub pods: HashMap<String, Option<String>>,
+    pub pods: HashMap<String, PodMeta>,
     /// Host policies: CCNP name to its node selectors (spec and specs[]).
     pub host_policies: HashMap<String, Vec<LabelSelector>>,
+    /// The `kubernetes` Service's EndpointSlices in `default`, by slice name.
+    pub api_server: HashMap<String, ApiServerSlice>,
     /// Watches whose initial list completed.
     pub synced: HashMap<&'static str, bool>,
+}
+
+/// One port the API server serves on, as the `kubernetes` Service's
+/// EndpointSlice publishes it: the port on the API server's own hosts
+/// (6443 on kubeadm, 8443 on minikube, 443 on many managed offerings),
+/// not the Service's port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ApiServerPort {
+    pub port: u16,
+    /// `TCP` unless the slice says otherwise.
+    pub protocol: String,
+    /// The slice's port name (`https`), when it has one.
+    pub name: Option<String>,
+}
+
+/// What one EndpointSlice of the `kubernetes` Service says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiServerSlice {
+    pub ports: Vec<ApiServerPort>,
+    /// Addresses of the endpoints not marked unready.
+    pub addresses: Vec<String>,
 }
 
 impl KubeState {
@@ -270,6 +308,12 @@ pub(crate) const W_NODES: &str = "nodes";
 pub(crate) const W_OWN_NODE: &str = "node";
 pub(crate) const W_PODS: &str = "pods";
 pub(crate) const W_CCNP: &str = "ciliumclusterwidenetworkpolicies";
+pub(crate) const W_API_SERVER: &str = "endpointslices";
+
+/// The Service every cluster has for its API server, and the label
+/// EndpointSlices carry to name their Service.
+pub(crate) const API_SERVER_NAMESPACE: &str = "default";
+pub(crate) const API_SERVER_SELECTOR: &str = "kubernetes.io/service-name=kubernetes";
 
 fn ns_name(meta: &ObjectMeta) -> Option<String> {
     Some(format!("{}/{}", meta.namespace.as_deref()?, meta.name.as_deref()?))
@@ -330,7 +374,7 @@ fn node_labels(node: &PartialObjectMeta<Node>) -> Converted<BTreeMap<String, Str
     Some((node.metadata.name.clone()?, Some(node.metadata.labels.clone().unwrap_or_default())))
 }
 
-fn node_addresses(node: &Node) -> Converted<Vec<String>> {
+fn own_node(node: &Node) -> Converted<OwnNode> {
     let name = node.metadata.name.clone()?;
     let addresses = node
         .status
@@ -338,12 +382,12 @@ fn node_addresses(node: &Node) -> Converted<Vec<String>> {
         .and_then(|s| s.addresses.as_ref())
         .map(|a| a.iter().filter(|a| a.type_ != "Hostname").map(|a| a.address.clone()).collect())
         .unwrap_or_default();
-    Some((name, Some(addresses)))
+    Some((name, Some(OwnNode { addresses, uid: node.metadata.uid.clone() })))
 }
 
-fn pod_workload(pod: &PartialObjectMeta<Pod>) -> Converted<Option<String>> {
+fn pod_meta(pod: &PartialObjectMeta<Pod>) -> Converted<PodMeta> {
     let key = ns_name(&pod.metadata)?;
-    Some((key, Some(workload_of(&pod.metadata))))
+    Some((key, Some(PodMeta { workload: workload_of(&pod.metadata), uid: pod.metadata.uid.clone() })))
 }
 
 /// The workload owning a pod, the way Cilium's `GetWorkloadMetaFromPod`
@@ -368,6 +412,57 @@ pub(crate) fn workload_of(meta: &ObjectMeta) -> Option<String> {
         },
         kind => Some(format!("{kind}/{name}")),
     }
+}
+
+fn api_server_slice(slice: &EndpointSlice) -> Converted<ApiServerSlice> {
+    let name = slice.metadata.name.clone()?;
+    let mut ports: Vec<ApiServerPort> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(ApiServerPort {
+                port: u16::try_from(p.port?).ok().filter(|p| *p != 0)?,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+                name: p.name.clone().filter(|n| !n.is_empty()),
+            })
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    // `ready` unset means ready (discovery.k8s.io/v1 EndpointConditions).
+    let mut addresses: Vec<String> = slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    Some((name, Some(ApiServerSlice { ports, addresses })))
+}
+
+/// The API server's ports from every slice, once the watch has listed.
+pub(crate) fn api_server_ports(state: &KubeState) -> Option<Vec<ApiServerPort>> {
+    if !state.is_synced(W_API_SERVER) {
+        return None;
+    }
+    let mut ports: Vec<ApiServerPort> = state.api_server.values().flat_map(|s| s.ports.iter().cloned()).collect();
+    ports.sort();
+    ports.dedup();
+    // A Service without ports says nothing about where the API server is.
+    (!ports.is_empty()).then_some(ports)
+}
+
+/// The API server's ready addresses from every slice, once listed.
+pub(crate) fn api_server_addresses(state: &KubeState) -> Option<Vec<String>> {
+    if !state.is_synced(W_API_SERVER) {
+        return None;
+    }
+    let mut addresses: Vec<String> = state.api_server.values().flat_map(|s| s.addresses.iter().cloned()).collect();
+    addresses.sort();
+    addresses.dedup();
+    (!addresses.is_empty()).then_some(addresses)
 }
 
 fn host_policy(p: &CiliumClusterwideNetworkPolicy) -> Converted<Vec<LabelSelector>> {
@@ -444,15 +539,21 @@ type Slot<V> = fn(&mut KubeState) -> &mut HashMap<String, V>;
 /// host policies.
 pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Option<&str>) {
     let cfg = watcher::Config::default;
-    spawn_watch(shared, W_IDENTITY, watcher(Api::<CiliumIdentity>::all(client.clone()), cfg()), identity_entry, |s| {
+    spawn_watch(shared, W_IDENTITY, Api::<CiliumIdentity>::all(client.clone()), cfg(), identity_entry, |s| {
         &mut s.identities
     });
+    spawn_watch(shared, W_CCNP, Api::<CiliumClusterwideNetworkPolicy>::all(client.clone()), cfg(), host_policy, |s| {
+        &mut s.host_policies
+    });
+    // Where the API server listens: the readiness catalogue's critical
+    // ports. Its EndpointSlices in `default` (RBAC: a Role there).
     spawn_watch(
         shared,
-        W_CCNP,
-        watcher(Api::<CiliumClusterwideNetworkPolicy>::all(client.clone()), cfg()),
-        host_policy,
-        |s| &mut s.host_policies,
+        W_API_SERVER,
+        Api::<EndpointSlice>::namespaced(client.clone(), API_SERVER_NAMESPACE),
+        cfg().labels(API_SERVER_SELECTOR),
+        api_server_slice,
+        |s| &mut s.api_server,
     );
     let Some(node) = node_name else {
         tracing::warn!(
@@ -464,65 +565,74 @@ pub(crate) fn spawn_watches(shared: &Arc<Shared>, client: Client, node_name: Opt
     // Node metadata only: labels of every node are all host policy
     // selection needs, and full Node objects carry image lists and
     // heartbeats.
-    spawn_watch(
-        shared,
-        W_NODES,
-        watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg()),
-        node_labels,
-        |s| &mut s.nodes,
-    );
+    spawn_watch(shared, W_NODES, Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg(), node_labels, |s| {
+        &mut s.nodes
+    });
     spawn_watch(
         shared,
         W_OWN_NODE,
-        watcher(Api::<Node>::all(client.clone()), cfg().fields(&format!("metadata.name={node}"))),
-        node_addresses,
+        Api::<Node>::all(client.clone()),
+        cfg().fields(&format!("metadata.name={node}")),
+        own_node,
         |s| &mut s.own_node,
     );
+    // Pod metadata (owners and labels), of this node's pods only.
     spawn_watch(
         shared,
         W_PODS,
-        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), cfg().fields(&format!("spec.nodeName={node}"))),
-        pod_workload,
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        cfg().fields(&format!("spec.nodeName={node}")),
+        pod_meta,
         |s| &mut s.pods,
     );
     // CiliumEndpoint supports no field selector on status.networking.node.
-    spawn_watch(shared, W_CEP, watcher(Api::<CiliumEndpoint>::all(client), cfg()), cep_entry, |s| &mut s.ceps);
+    spawn_watch(shared, W_CEP, Api::<CiliumEndpoint>::all(client), cfg(), cep_entry, |s| &mut s.ceps);
 }
 
-fn watcher<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    watcher::watcher(api, config).default_backoff()
-}
-
-fn spawn_watch<K, V, S>(
+/// Watches `api` forever, filling `slot` of the cache.
+///
+/// After a failure the watch starts over with a fresh list (after a
+/// growing, jittered delay): a resumed watch that answers nothing would
+/// leave no sign that the source is back, and the list also replaces
+/// whatever changed while it was away.
+fn spawn_watch<K, V>(
     shared: &Arc<Shared>,
     name: &'static str,
-    stream: S,
+    api: Api<K>,
+    config: watcher::Config,
     convert: fn(&K) -> Converted<V>,
     slot: Slot<V>,
 ) where
-    K: Send + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
     V: Send + Sync + 'static,
-    S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
 {
     shared.kube_health.register(name);
     let tasks = Arc::clone(shared);
     let shared = Arc::clone(shared);
     let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
+        let watch = || watcher::watcher(api.clone(), config.clone()).boxed();
+        let mut stream = watch();
+        let mut backoff = Backoff::new(shared.retry.0, shared.retry.1);
         let mut init: Option<HashMap<String, V>> = None;
-        while let Some(item) = stream.next().await {
+        loop {
+            let Some(item) = stream.next().await else {
+                // The watcher's stream never ends; should it, start over.
+                stream = watch();
+                continue;
+            };
             let event = match item {
                 Ok(event) => event,
                 Err(e) => {
                     shared.kube_health.failure(name, &describe(name, &e));
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    init = None;
+                    stream = watch();
                     continue;
                 }
             };
             match event {
+                // Announces a list attempt, not a success: no reset here.
                 Event::Init => init = Some(HashMap::new()),
                 Event::InitApply(obj) => {
                     if let (Some(buf), Some((k, Some(v)))) = (init.as_mut(), convert(&obj)) {
@@ -530,6 +640,7 @@ fn spawn_watch<K, V, S>(
                     }
                 }
                 Event::InitDone => {
+                    backoff.reset();
                     let fresh = init.take().unwrap_or_default();
                     let count = fresh.len();
                     shared.update_kube(|s| {
@@ -540,6 +651,7 @@ fn spawn_watch<K, V, S>(
                     tracing::debug!(watch = name, objects = count, "Kubernetes watch (re)listed");
                 }
                 Event::Apply(obj) => {
+                    backoff.reset();
                     // An object that no longer converts (an endpoint that
                     // lost its ID, a policy that dropped its node selector)
                     // leaves the cache.
@@ -556,6 +668,7 @@ fn spawn_watch<K, V, S>(
                     shared.kube_health.success(name);
                 }
                 Event::Delete(obj) => {
+                    backoff.reset();
                     if let Some((k, _)) = convert(&obj) {
                         shared.update_kube(|s| {
                             slot(s).remove(&k);

@@ -16,10 +16,15 @@
 //!
 //! See [`directory::merge`] for how the sources combine.
 
+mod backoff;
 pub mod cilium_api;
 mod directory;
+pub mod escape;
+mod health;
 pub mod kubernetes;
+mod lifecycle;
 mod metrics;
+pub mod retire;
 
 #[cfg(test)]
 mod fake;
@@ -39,15 +44,21 @@ use std::{
 
 use tokio::{sync::mpsc, task::AbortHandle};
 
+use self::{
+    backoff::Backoff,
+    directory::{IdentityCache, Lookup},
+    health::SourceHealth,
+    kubernetes::KubeState,
+    lifecycle::Lifecycle,
+};
 pub use self::{
     cilium_api::{CiliumApiClient, CiliumApiError, DEFAULT_SOCKET, DaemonFacts},
-    directory::{SourceStatus, remote_name},
-    kubernetes::KubeError,
+    directory::remote_name,
+    health::SourceStatus,
+    kubernetes::{ApiServerPort, KubeError},
+    lifecycle::EndpointOwner,
     metrics::EndpointLabels,
-};
-use self::{
-    directory::{IdentityCache, Lookup, SourceHealth},
-    kubernetes::KubeState,
+    retire::SeriesRetirement,
 };
 use crate::model::{EndpointDirectory, EndpointInfo, FactSource, HostPolicyCoverage};
 
@@ -69,7 +80,9 @@ pub struct EnrichmentConfig {
     pub refresh: Duration,
     /// Bound on every Cilium API request, connect to last byte.
     pub request_timeout: Duration,
-    /// First retry delay after a failed refresh; doubles up to `backoff_max`.
+    /// First retry delay after a failure of the Cilium API or of a watch;
+    /// doubles (with jitter) up to `backoff_max`, and starts over after a
+    /// success.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// Remote identities whose labels are kept (LRU).
@@ -184,8 +197,12 @@ pub(crate) struct Shared {
     /// rebuilt lazily, at most once per change and only when read.
     version: AtomicU64,
     merged: Mutex<Merged>,
+    /// Owners of endpoint IDs across rebuilds of `merged`.
+    lifecycle: Mutex<Lifecycle>,
     identity_cache: Mutex<IdentityCache>,
     identity_tx: Option<mpsc::Sender<u32>>,
+    /// Retry delays of every source: (initial, max).
+    pub(crate) retry: (Duration, Duration),
     pub(crate) api_health: SourceHealth,
     pub(crate) kube_health: SourceHealth,
     pub(crate) tasks: Mutex<Vec<AbortHandle>>,
@@ -220,8 +237,13 @@ impl Shared {
             let kube = self.read_kube();
             m.endpoints = Arc::new(directory::merge(&api, &kube, self.node_name.as_deref(), &self.node_ips));
             m.version = version;
+            self.lifecycle().observe(&m.endpoints);
         }
         Arc::clone(&m.endpoints)
+    }
+
+    fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, IdentityCache> {
@@ -280,10 +302,12 @@ pub fn start_with_kube_client(config: EnrichmentConfig, kube_client: Option<kube
         kube: RwLock::default(),
         version: AtomicU64::new(1),
         merged: Mutex::default(),
+        lifecycle: Mutex::default(),
         identity_cache: Mutex::new(IdentityCache::new(config.identity_cache_size)),
         identity_tx,
-        api_health: SourceHealth::new("cilium_api"),
-        kube_health: SourceHealth::new("kubernetes"),
+        retry: (config.backoff_initial, config.backoff_max),
+        api_health: SourceHealth::new("cilium_api", config.backoff_max),
+        kube_health: SourceHealth::new("kubernetes", config.backoff_max),
         tasks: Mutex::default(),
     });
     let enrichment = Enrichment { shared: Arc::clone(&shared), _tasks: Arc::new(TaskGuard(Arc::clone(&shared))) };
@@ -324,16 +348,15 @@ pub fn start_with_kube_client(config: EnrichmentConfig, kube_client: Option<kube
 }
 
 /// Polls the Cilium API forever: every `refresh` while it answers, with
-/// doubling delays while it does not.
+/// growing, jittered delays while it does not.
 async fn run_api_refresh(shared: Arc<Shared>, client: CiliumApiClient, config: EnrichmentConfig) {
-    let mut failures: u32 = 0;
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     loop {
         let delay = if refresh_api(&shared, &client).await {
-            failures = 0;
+            backoff.reset();
             config.refresh
         } else {
-            failures = failures.saturating_add(1);
-            config.backoff_initial.saturating_mul(1u32 << (failures - 1).min(16)).min(config.backoff_max)
+            backoff.next_delay()
         };
         tokio::time::sleep(delay).await;
     }
@@ -459,6 +482,57 @@ impl Enrichment {
             .collect()
     }
 
+    /// The ports the API server listens on (on its hosts), from the
+    /// `kubernetes` Service's EndpointSlices in `default`, for the
+    /// readiness catalogue's critical flows. None when unknown: Kubernetes
+    /// is not watched, the slices were never listed (forbidden, API down
+    /// since start), or they name no port. A later outage keeps the last
+    /// answer.
+    pub fn api_server_ports(&self) -> Option<Vec<ApiServerPort>> {
+        kubernetes::api_server_ports(&self.shared.read_kube())
+    }
+
+    /// The API server's ready addresses from the same slices; None when
+    /// unknown, as for [`Self::api_server_ports`].
+    pub fn api_server_addresses(&self) -> Option<Vec<String>> {
+        kubernetes::api_server_addresses(&self.shared.read_kube())
+    }
+
+    /// The UID of this node's pod `namespace/name`, from the pod metadata
+    /// watch (for Events that `kubectl describe` finds; no `get` on pods
+    /// needed). None when the pod is unknown or Kubernetes is off.
+    pub fn pod_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.shared.read_kube().pods.get(&format!("{namespace}/{name}"))?.uid.clone()
+    }
+
+    /// The UID of this node's Node object, from the own-node watch.
+    pub fn node_uid(&self) -> Option<String> {
+        let node = self.shared.node_name.as_deref()?;
+        self.shared.read_kube().own_node.get(node)?.uid.clone()
+    }
+
+    /// The owner of endpoint `id` and its generation, which changes when
+    /// the ID passes to another owner (another pod under the same ID, or
+    /// the ID deleted and allocated again). Counters kept per ID should
+    /// start from zero when the generation changes. None while the
+    /// directory does not list the ID.
+    pub fn endpoint_owner(&self, id: u16) -> Option<EndpointOwner> {
+        self.shared.merged();
+        self.shared.lifecycle().owner(id)
+    }
+
+    /// True when the directory listed `id` before and its sources, all
+    /// answering, no longer do: the endpoint was deleted. False when it
+    /// cannot know (a source is down, or the ID was never listed).
+    pub fn endpoint_gone(&self, id: u16) -> bool {
+        let sources = [&self.shared.api_health, &self.shared.kube_health];
+        if sources.iter().any(|h| h.is_enabled() && h.is_down()) {
+            return false;
+        }
+        self.shared.merged();
+        self.shared.lifecycle().is_gone(id)
+    }
+
     /// Identities with labels in the caches of the endpoint and Kubernetes
     /// sources (not the on-demand lookups).
     pub fn known_identities(&self) -> Vec<u32> {
@@ -469,6 +543,14 @@ impl Enrichment {
 impl EndpointDirectory for Enrichment {
     fn endpoint(&self, id: u16) -> Option<EndpointInfo> {
         self.shared.merged().get(&id).cloned()
+    }
+
+    fn endpoint_gone(&self, id: u16) -> bool {
+        Enrichment::endpoint_gone(self, id)
+    }
+
+    fn endpoint_generation(&self, id: u16) -> Option<u64> {
+        self.endpoint_owner(id).map(|o| o.generation)
     }
 
     fn endpoints(&self) -> Vec<EndpointInfo> {

@@ -16,6 +16,10 @@ use super::{
 use crate::model::{DirectionPolicy, EndpointDirectory, EndpointKind, FactSource, HostPolicyCoverage};
 
 const ENDPOINTS: &str = include_str!("testdata/cilium-endpoints.json");
+/// `GET /v1/endpoint` as v1.20+ answers it: the same endpoints with only
+/// `cni-attachment-id` left in `external-identifiers` (be4ff1becd,
+/// `pkg/endpoint/api.go@v1.20` branch point), so no pod name or namespace.
+const ENDPOINTS_V1_20: &str = include_str!("testdata/cilium-endpoints-v1.20.json");
 const IDENTITIES: &str = include_str!("testdata/cilium-identities.json");
 const CONFIG: &str = include_str!("testdata/cilium-config.json");
 const KUBE_OBJECTS: &str = include_str!("testdata/kube-objects.json");
@@ -245,6 +249,20 @@ async fn kubernetes_directory_and_host_policy_coverage() {
     assert_eq!(api.workload.as_deref(), Some("Deployment/api"));
     assert_eq!(api.ingress, Some(DirectionPolicy { enabled: true, audit: false }));
 
+    // The API server's port from the `kubernetes` Service's slices in
+    // `default` only; the unready host's address is left out.
+    wait_for("API server slices", || e.api_server_ports().is_some()).await;
+    assert_eq!(
+        e.api_server_ports().unwrap(),
+        vec![super::ApiServerPort { port: 8443, protocol: "TCP".into(), name: Some("https".into()) }]
+    );
+    assert_eq!(e.api_server_addresses().unwrap(), vec!["10.0.0.2"]);
+
+    // UIDs for alarm Events, from the watches (no `get` on pods).
+    assert_eq!(e.pod_uid("shop", "web-7d4f9-abcde").as_deref(), Some("uid-web-7d4f9-abcde"));
+    assert_eq!(e.pod_uid("shop", "nope"), None);
+    assert_eq!(e.node_uid().as_deref(), Some("uid-node-a"));
+
     assert_eq!(e.remote_name(48300), "shop/db", "from CiliumIdentity, no Cilium API");
     assert_eq!(e.remote_name(48700), "48700", "no CiliumIdentity, no API: the number");
     assert!(e.known_identities().contains(&48500));
@@ -261,8 +279,12 @@ async fn kubernetes_directory_and_host_policy_coverage() {
             "spec": {"nodeSelector": {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "Exists"}]},
                      "ingress": [{"fromEntities": ["cluster"]}]}}),
     );
+    let mut slice = json(KUBE_OBJECTS)["endpointslices"][0].clone();
+    slice["ports"] = serde_json::json!([{"name": "https", "port": 6443, "protocol": "TCP"}]);
+    fake.apply("endpointslices", slice);
     wait_for("watch updates", || {
-        e.endpoint(412).is_none()
+        e.api_server_ports().is_some_and(|p| p.len() == 1 && p[0].port == 6443)
+            && e.endpoint(412).is_none()
             && e.host_policy_coverage().is_some_and(|c| c.selecting_no_node.is_empty() && c.selecting.len() == 2)
     })
     .await;
@@ -460,6 +482,9 @@ fn fixtures_match_schemas() {
     for (i, ep) in json(ENDPOINTS).as_array().unwrap().iter().enumerate() {
         check(&endpoint, &defs, ep, &format!("endpoints[{i}]"), &mut errors);
     }
+    for (i, ep) in json(ENDPOINTS_V1_20).as_array().unwrap().iter().enumerate() {
+        check(&endpoint, &defs, ep, &format!("v1.20 endpoints[{i}]"), &mut errors);
+    }
     for (id, ident) in identities() {
         check(
             &serde_json::json!({"$ref": "#/definitions/Identity"}),
@@ -492,10 +517,291 @@ fn fixtures_match_schemas() {
     for pod in objects["pods"].as_array().unwrap() {
         serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(pod.clone()).unwrap();
     }
+    for slice in objects["endpointslices"].as_array().unwrap() {
+        serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(slice.clone()).unwrap();
+    }
 
     // The validator itself catches what it should.
     let mut errs = Vec::new();
     let bad = serde_json::json!({"id": "x", "status": {"policy": {"realized": {"policy-enabled": "sometimes"}}, "state": "ready", "bogus": 1}});
     check(&endpoint, &defs, &bad, "bad", &mut errs);
     assert_eq!(errs.len(), 3, "{errs:?}");
+}
+
+// ---- Outages: backoff, one line per outage ----
+
+/// Log lines of the current thread, for tests on a current-thread runtime
+/// (every task runs there, so every line is caught).
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        Self::refresh_interest();
+        guard
+    }
+
+    /// Other tests hit the same callsites on threads without a subscriber;
+    /// tracing may cache "never" for a callsite registered concurrently
+    /// with this subscriber. Recomputing makes the capture complete.
+    fn refresh_interest() {
+        tracing::callsite::rebuild_interest_cache();
+    }
+
+    fn lines(&self, level: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines().filter(|l| l.contains(level)).map(str::to_owned).collect()
+    }
+}
+
+/// The API server goes down for 4 s behind its address (connections are
+/// accepted and closed, the way a restarting kube-apiserver behind a load
+/// balancer looks): the seven watches back off (attempts counted by the
+/// server, not by the agent), the outage is logged once at WARN and once at
+/// INFO, and the watches resume with their caches.
+#[tokio::test(flavor = "current_thread")]
+async fn kubernetes_outage_backs_off_and_logs_once() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let fake = FakeKube::start_on(19601).await;
+    load_kube(&fake);
+    let config = EnrichmentConfig {
+        cilium_socket: None,
+        kube: true,
+        node_name: Some("node-a".into()),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(1600),
+        ..Default::default()
+    };
+    let e = start_with_kube_client(config, Some(fake.client()));
+    wait_for("kubernetes up", || status_of(&e, "kubernetes").up).await;
+    assert!(logs.lines("WARN").is_empty(), "{:?}", logs.lines("WARN"));
+
+    CapturedLogs::refresh_interest();
+    fake.refuse().await;
+    let t0 = Instant::now();
+    let mut attempts_at = Vec::new();
+    while t0.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        attempts_at.push((t0.elapsed(), fake.refused()));
+    }
+    let attempts = fake.refused();
+    let in_last_2s = attempts - attempts_at.iter().find(|(t, _)| *t >= Duration::from_secs(2)).unwrap().1;
+    // Seven watches retrying every 100-200 ms (no growth) would make about
+    // 190 attempts in 4 s. With doubling delays capped at 1.6 s each watch
+    // makes at most 8 (0.1+0.2+0.4+0.8+0.8+0.8+0.8 s minimum) plus the one
+    // that found the server gone, 63 in all; in the last two seconds at
+    // most 3 per watch.
+    let watches = 7;
+    assert!(attempts >= watches, "every watch retries: {attempts} attempts");
+    assert!(attempts <= 9 * watches, "no backoff growth: {attempts} attempts in 4 s ({attempts_at:?})");
+    assert!(in_last_2s <= 3 * watches, "no backoff growth: {in_last_2s} attempts in the last 2 s ({attempts_at:?})");
+    let st = status_of(&e, "kubernetes");
+    assert!(!st.up);
+    assert!(st.errors >= attempts as u64 / 2, "failures are counted: {st:?}");
+    assert!(e.endpoint(311).is_some(), "answers from the caches meanwhile");
+
+    let warns = logs.lines("WARN");
+    assert_eq!(warns.len(), 1, "one WARN per outage:\n{}", warns.join("\n"));
+    assert!(warns[0].contains("kubernetes is down"), "{}", warns[0]);
+    assert!(warns[0].contains("retried with backoff"), "{}", warns[0]);
+
+    CapturedLogs::refresh_interest();
+    fake.resume().await;
+    wait_for("kubernetes up again", || status_of(&e, "kubernetes").up).await;
+    let infos: Vec<String> = logs.lines("INFO").into_iter().filter(|l| l.contains("answers again")).collect();
+    assert_eq!(infos.len(), 1, "one INFO per recovery:\n{}", infos.join("\n"));
+    assert!(infos[0].contains("down_for_ms="), "{}", infos[0]);
+    assert_eq!(logs.lines("WARN").len(), 1, "{:?}", logs.lines("WARN"));
+
+    // After the recovery the backoff starts over: watch events still flow.
+    fake.delete("ciliumendpoints", "shop/api-5c8b6-xyz12");
+    wait_for("a watch event after recovery", || e.endpoint(412).is_none()).await;
+}
+
+/// The pod watch asks for metadata only, of this node's pods only; so does
+/// the node-labels watch (metadata of every node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_watch_is_metadata_of_this_node_only() {
+    let fake = FakeKube::start().await;
+    load_kube(&fake);
+    let config =
+        EnrichmentConfig { cilium_socket: None, kube: true, node_name: Some("node-a".into()), ..Default::default() };
+    let e = start_with_kube_client(config, Some(fake.client()));
+    wait_for("owners", || e.endpoint(311).is_some_and(|i| i.workload.is_some())).await;
+    wait_for("a pod watch", || fake.seen().iter().any(|r| r.path.ends_with("/pods") && r.query.contains_key("watch")))
+        .await;
+
+    let pods: Vec<_> = fake.seen().into_iter().filter(|r| r.path == "/api/v1/pods").collect();
+    assert!(pods.len() >= 2, "a list and a watch: {pods:?}");
+    for r in &pods {
+        assert_eq!(r.query.get("fieldSelector").map(String::as_str), Some("spec.nodeName=node-a"), "{r:?}");
+        assert!(r.accept.contains("as=PartialObjectMetadata"), "metadata only: {r:?}");
+        assert!(r.accept.contains("g=meta.k8s.io"), "{r:?}");
+    }
+    assert!(pods.iter().any(|r| r.accept.contains("as=PartialObjectMetadataList")), "the list: {pods:?}");
+    let nodes: Vec<_> = fake
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/api/v1/nodes" && !r.query.contains_key("fieldSelector"))
+        .collect();
+    assert!(!nodes.is_empty() && nodes.iter().all(|r| r.accept.contains("as=PartialObjectMetadata")), "{nodes:?}");
+    // The node-b pod never reached the agent.
+    assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![311, 412]);
+}
+
+/// v1.20+: the API names no pods; the directory takes the pod name from
+/// this node's CiliumEndpoint with the same ID and identity, and the owner
+/// from the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_20_api_names_come_from_ciliumendpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let cilium = FakeCilium::new(&dir.path().join("cilium.sock"), json(ENDPOINTS_V1_20), identities(), json(CONFIG));
+    cilium.start();
+    let kube = FakeKube::start().await;
+    load_kube(&kube);
+    let config = EnrichmentConfig { kube: true, ..api_config(&dir) };
+    let e = start_with_kube_client(config, Some(kube.client()));
+    wait_for("names from CiliumEndpoints", || {
+        e.endpoint(311)
+            .is_some_and(|i| i.pod.is_some() && i.workload.is_some() && i.policy_source == Some(FactSource::CiliumApi))
+    })
+    .await;
+    let web = e.endpoint(311).unwrap();
+    assert_eq!((web.namespace.as_deref(), web.pod.as_deref()), (Some("shop"), Some("web-7d4f9-abcde")));
+    assert_eq!(web.workload.as_deref(), Some("Deployment/web"));
+    assert_eq!(web.kind, EndpointKind::Pod);
+    wait_for("412 named", || e.endpoint(412).is_some_and(|i| i.pod.is_some())).await;
+    assert_eq!(e.endpoint(412).unwrap().pod.as_deref(), Some("api-5c8b6-xyz12"));
+    let l = e.endpoint_labels(311);
+    assert_eq!((l.namespace.as_str(), l.pod.as_str()), ("shop", "web-7d4f9-abcde"));
+}
+
+/// Text from the remote side reaches a log line escaped: a crafted error
+/// body cannot start a forged line.
+#[tokio::test(flavor = "current_thread")]
+async fn hostile_text_is_escaped_in_outage_logs() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let h = super::health::SourceHealth::new("cilium_api", Duration::from_secs(60));
+    h.register("api");
+    h.failure("api", "GET /v1/endpoint answered HTTP 500: \"x\nlevel=INFO msg=\\\"all clear\\\" pod=\u{202e}evil\"");
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("\\u{a}level=INFO"), "{text}");
+    assert!(text.contains("\\u{202e}evil"), "{text}");
+    assert!(!text.contains('\u{202e}'), "{text}");
+}
+
+/// A deleted pod's per-endpoint series leave the scrape once its counters
+/// stopped moving for the grace period; the live pod's stay. While the
+/// Kubernetes source is down nothing is retired (it cannot know).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_deleted_endpoints_leave_the_scrape() {
+    use std::sync::{Arc, RwLock};
+
+    use crate::{
+        bpf::snapshot::{EndpointTotals, KernelClock, MapSnapshot},
+        state::AgentView,
+    };
+
+    let fake = FakeKube::start_on(19602).await;
+    load_kube(&fake);
+    let config = EnrichmentConfig {
+        cilium_socket: None,
+        kube: true,
+        node_name: Some("node-a".into()),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let e = start_with_kube_client(config, Some(fake.client()));
+    wait_for("endpoints", || e.endpoint(311).is_some() && e.endpoint(412).is_some()).await;
+    wait_for("kubernetes up", || status_of(&e, "kubernetes").up).await;
+    let owner = e.endpoint_owner(412).unwrap();
+    assert_eq!((owner.generation, owner.pod.as_deref()), (1, Some("api-5c8b6-xyz12")));
+
+    let totals = |id: u16, n: u64| EndpointTotals { id, verdicts: [[n, 0, 0, 0], [0; 4]], ..Default::default() };
+    let view = Arc::new(RwLock::new(AgentView::new(crate::bpf::loader::TapKind::Fentry, Default::default(), 1024)));
+    let set = |a: u64, b: u64| {
+        view.write().unwrap().snapshot = Some(MapSnapshot {
+            clock: KernelClock::now(),
+            endpoints: vec![totals(311, a), totals(412, b)],
+            flows: Vec::new(),
+            live_flows: 0,
+            stats: Default::default(),
+            read_duration: Duration::ZERO,
+        });
+    };
+    set(5, 7);
+    let collector = crate::metrics::VerdictCollector::new(view.clone(), Arc::new(e.clone()), None)
+        .with_retirement_grace(Duration::from_millis(300));
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(collector));
+    let scrape = || {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    };
+    let has = |text: &str, id: u16| text.contains(&format!("verdict_agent_endpoint_verdicts_total{{endpoint=\"{id}\""));
+    assert!(has(&scrape(), 311) && has(&scrape(), 412));
+
+    fake.delete("ciliumendpoints", "shop/api-5c8b6-xyz12");
+    wait_for("412 gone", || e.endpoint_gone(412)).await;
+    assert!(!e.endpoint_gone(311) && !e.endpoint_gone(4000), "live and never-known IDs are not gone");
+    assert_eq!(e.endpoint_owner(412), None);
+    // The final increment is still scraped (under the bare ID: the
+    // directory no longer names it).
+    set(5, 8);
+    assert!(has(&scrape(), 412), "the final increment is scraped");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let text = scrape();
+    assert!(!has(&text, 412), "gone and quiet for the grace period:\n{text}");
+    assert!(has(&text, 311));
+
+    // With the source down the agent cannot know what is gone: kept.
+    fake.refuse().await;
+    wait_for("kubernetes down", || status_of(&e, "kubernetes").errors > 0 && !status_of(&e, "kubernetes").up).await;
+    assert!(!e.endpoint_gone(412), "unknown, not gone, while a source is down");
+    assert!(has(&scrape(), 412));
+    fake.resume().await;
+    wait_for("kubernetes up again", || status_of(&e, "kubernetes").up).await;
+    assert!(e.endpoint_gone(412));
+
+    // Late counts bring it back; reuse by a new pod gives a new generation.
+    set(5, 9);
+    assert!(has(&scrape(), 412));
+    let mut reused = json(KUBE_OBJECTS)["ciliumendpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["status"]["id"] == 412)
+        .unwrap()
+        .clone();
+    reused["metadata"]["name"] = "api-5c8b6-new01".into();
+    reused["metadata"]["uid"] = "uid-api-new01".into();
+    reused["status"]["external-identifiers"]["k8s-pod-name"] = "api-5c8b6-new01".into();
+    reused["status"]["external-identifiers"]["pod-name"] = "shop/api-5c8b6-new01".into();
+    fake.apply("ciliumendpoints", reused);
+    wait_for("412 reused", || e.endpoint(412).is_some()).await;
+    let owner = e.endpoint_owner(412).unwrap();
+    assert_eq!((owner.generation, owner.pod.as_deref()), (2, Some("api-5c8b6-new01")));
+    assert_eq!(crate::model::EndpointDirectory::endpoint_generation(&e, 412), Some(2));
 }
