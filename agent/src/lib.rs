@@ -17,4 +17,5 @@ pub mod scenario;
 pub mod silence;
 pub mod state;
 pub mod suggest;
+pub mod text;
 pub mod timefmt;

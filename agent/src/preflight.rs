@@ -17,6 +17,8 @@ use crate::{
         evaluate::rejudge,
         report::{EndpointReadiness, GateStatus, ReadinessReport, ReadinessState, Reason, Summary},
     },
+    suggest::labels::{is_dns_label, is_dns_subdomain},
+    text::{escape_for_terminal as escape, neutralize},
     timefmt::{format_duration, format_rfc3339, parse_duration},
 };
 
@@ -262,7 +264,7 @@ fn print_outcome(
         out,
         "Readiness at {}{} (evidence period {}, window {})",
         format_rfc3339(report.generated_at),
-        report.node.as_deref().map(|n| format!(" on node {n}")).unwrap_or_default(),
+        report.node.as_deref().map(|n| format!(" on node {}", escape(n))).unwrap_or_default(),
         format_duration(window.unwrap_or(Duration::from_secs(report.config.min_evidence_seconds))),
         format_duration(Duration::from_secs(report.config.window_seconds)),
     )?;
@@ -296,13 +298,13 @@ fn print_outcome(
                 out,
                 "  {}  {}  {}  {}  {}  {}  {}{}",
                 pad(f.direction.as_str(), 9),
-                pad(&f.remote, 16),
-                pad(&f.remote_name, 12),
+                pad(&escape(&f.remote), 16),
+                pad(&escape(&f.remote_name), 12),
                 pad(&f.port.to_string(), 6),
-                pad(&f.protocol, 6),
+                pad(&escape(&f.protocol), 6),
                 pad(&f.notifications.to_string(), 13),
                 format_rfc3339(f.last_seen),
-                f.service.as_deref().map(|s| format!("  {s} (critical)")).unwrap_or_default()
+                f.service.as_deref().map(|s| format!("  {} (critical)", escape(s))).unwrap_or_default()
             )?;
         }
         if e.left_out.would_deny > 0 {
@@ -360,7 +362,7 @@ fn print_outcome(
                     )
                 })
                 .unwrap_or_default();
-            writeln!(out, "  [{status}] {}{dir}{src}: {}", g.name, g.detail)?;
+            writeln!(out, "  [{status}] {}{dir}{src}: {}", g.name, neutralize(&g.detail, 4096))?;
         }
     }
     writeln!(out)?;
@@ -421,7 +423,8 @@ fn selected_arg(selected: &[&EndpointReadiness]) -> String {
         let e = selected[0];
         match (e.kind, &e.namespace, &e.pod) {
             (EndpointKind::Host, _, _) => " --endpoint host".into(),
-            (_, Some(ns), Some(p)) => format!(" --endpoint {ns}/{p}"),
+            // Only names Kubernetes accepts go into a command line to copy.
+            (_, Some(ns), Some(p)) if is_dns_label(ns) && is_dns_subdomain(p) => format!(" --endpoint {ns}/{p}"),
             _ => format!(" --endpoint {}", e.endpoint_id),
         }
     } else {
@@ -437,7 +440,7 @@ fn print_switch_commands(
     selected: &[&EndpointReadiness],
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
-    let exec = match &report.node {
+    let exec = match report.node.as_deref().filter(|n| is_dns_subdomain(n)) {
         Some(node) => format!(
             "kubectl -n kube-system exec $(kubectl -n kube-system get pod -l k8s-app=cilium --field-selector spec.nodeName={node} -o name) --"
         ),
@@ -450,7 +453,14 @@ fn print_switch_commands(
     if targets.is_empty() {
         return Ok(());
     }
-    if report.node.is_none() {
+    if report.node.as_deref().is_some_and(|n| !is_dns_subdomain(n)) {
+        writeln!(
+            out,
+            "  Note: the agent reported the node name {}, which is not a valid node name; the commands below use \
+             `ds/cilium`: exec into the Cilium pod on the node this agent runs on.",
+            escape(report.node.as_deref().unwrap_or_default())
+        )?;
+    } else if report.node.is_none() {
         writeln!(
             out,
             "  Note: the agent did not report its node; `ds/cilium` picks the Cilium pod of an arbitrary node, and endpoint \

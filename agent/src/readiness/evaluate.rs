@@ -596,7 +596,7 @@ fn describe(ep: &EndpointReadiness, min_evidence: Duration) -> String {
                 ep.would_deny_flows(),
                 first.direction.as_str(),
                 if first.direction == Direction::Ingress { "from" } else { "to" },
-                first.remote_name,
+                crate::text::escape_for_terminal(&first.remote_name),
                 first.port,
                 first.protocol
             )

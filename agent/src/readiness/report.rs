@@ -242,12 +242,14 @@ impl EndpointReadiness {
         self.would_deny.len() + self.left_out.would_deny
     }
 
-    /// `ns/pod`, `host`, `health`, or the endpoint ID: how tables name it.
+    /// The endpoint's name for people (logs, terminals, comments): `host`,
+    /// `NAMESPACE/POD` escaped with [`crate::text::escape_for_terminal`], or
+    /// `endpoint ID`. The raw names stay in `namespace` and `pod`.
     pub fn display_name(&self) -> String {
         match (&self.namespace, &self.pod, self.kind) {
             (_, _, EndpointKind::Host) => "host".into(),
             (_, _, EndpointKind::Health) => "health".into(),
-            (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
+            (Some(ns), Some(pod), _) => crate::text::escape_for_terminal(&format!("{ns}/{pod}")),
             _ => format!("endpoint {}", self.endpoint_id),
         }
     }
@@ -309,7 +311,15 @@ pub struct LockoutEntry {
 impl LockoutEntry {
     /// "service direction remote port/protocol", as logs, alarms and the CLI print it.
     pub fn describe(&self) -> String {
-        format!("{} {} {} {}/{}", self.service, self.direction.as_str(), self.remote, self.port, self.protocol)
+        use crate::text::escape_for_terminal as escape;
+        format!(
+            "{} {} {} {}/{}",
+            escape(&self.service),
+            self.direction.as_str(),
+            escape(&self.remote),
+            self.port,
+            escape(&self.protocol)
+        )
     }
 }
 

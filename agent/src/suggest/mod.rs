@@ -35,6 +35,7 @@ use k8s_crds_cilium::{
     CiliumNetworkPolicyIngressToPortsPorts, CiliumNetworkPolicyIngressToPortsPortsProtocol, CiliumNetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString};
+use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
@@ -43,8 +44,13 @@ use crate::{
         RemoteSide,
         report::{EndpointReadiness, FlowEntry, ReadinessReport},
     },
+    text::escape_for_terminal as escape,
     timefmt::format_rfc3339,
 };
+
+#[cfg(test)]
+mod hostile_tests;
+pub mod labels;
 
 /// Choices the report cannot make.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,11 +84,18 @@ impl Default for SuggestOptions {
 #[derive(Debug, Error)]
 pub enum SuggestError {
     #[error(
-        "no endpoint in the report matches {selector:?}; use `host`, an endpoint ID, or NAMESPACE/POD as `preflight` lists them"
+        "no endpoint in the report matches \"{}\"; use `host`, an endpoint ID, or NAMESPACE/POD as `preflight` lists them",
+        escape(selector)
     )]
     NoSuchEndpoint { selector: String },
-    #[error("cannot serialize the suggested policy {name}: {source}")]
-    Yaml { name: String, source: serde_yaml::Error },
+    #[error("cannot serialize the suggested policy {name}")]
+    Yaml {
+        name: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("refusing to print the suggested policy {name}: {problem}; this is a bug, please report it with the input")]
+    Unsafe { name: String, problem: String },
 }
 
 /// Either kind of policy, as built.
@@ -120,33 +133,70 @@ pub struct Suggestion {
 }
 
 impl Suggestion {
-    /// The YAML document with the comments in place.
+    /// The comments, then the policy as one YAML document (`---` first), or
+    /// only comments when there is no policy.
+    ///
+    /// Names reach the document only through the serializer, and comments
+    /// only escaped ([`crate::text::escape_for_terminal`]): no name can end
+    /// a comment or start a document. The result is parsed back and must be
+    /// exactly the one policy, or it is refused.
     pub fn to_yaml(&self) -> Result<String, SuggestError> {
         let mut out = String::new();
-        out.push_str(&format!("# verdict-agent suggestion for {} (endpoint {})\n", self.endpoint, self.endpoint_id));
+        push_comment(
+            &mut out,
+            "",
+            &format!("verdict-agent suggestion for {} (endpoint {})", self.endpoint, self.endpoint_id),
+        );
         for n in &self.notes {
-            for line in wrap(n, 100) {
-                out.push_str(&format!("# {line}\n"));
-            }
+            push_comment(&mut out, "", n);
         }
         let Some(policy) = &self.policy else {
-            out.push_str("# nothing to suggest\n");
+            push_comment(&mut out, "", "nothing to suggest");
             return Ok(out);
         };
-        let yaml = match policy {
-            SuggestedPolicy::Namespaced(p) => serde_yaml::to_string(p),
-            SuggestedPolicy::Clusterwide(p) => serde_yaml::to_string(p),
-        }
-        .map_err(|source| SuggestError::Yaml { name: policy.name(), source })?;
+        let (yaml, expected) = match policy {
+            SuggestedPolicy::Namespaced(p) => (serde_yaml::to_string(p), serde_yaml::to_value(p)),
+            SuggestedPolicy::Clusterwide(p) => (serde_yaml::to_string(p), serde_yaml::to_value(p)),
+        };
+        let yaml_err = |source| SuggestError::Yaml { name: escape(&policy.name()), source };
+        let (yaml, expected) = (yaml.map_err(yaml_err)?, expected.map_err(yaml_err)?);
+        out.push_str("---\n");
         out.push_str(&annotate_rules(&yaml, &self.rule_comments));
+        check_one_document(&out, &expected)
+            .map_err(|problem| SuggestError::Unsafe { name: escape(&policy.name()), problem })?;
         Ok(out)
     }
 }
 
-/// Suggestions as one multi-document YAML stream.
+/// Whether `text` is exactly one YAML document equal to `expected`.
+fn check_one_document(text: &str, expected: &serde_yaml::Value) -> Result<(), String> {
+    let mut docs = Vec::new();
+    for d in serde_yaml::Deserializer::from_str(text) {
+        docs.push(serde_yaml::Value::deserialize(d).map_err(|e| format!("it does not parse back: {e}"))?);
+    }
+    match docs.as_slice() {
+        [one] if one == expected => Ok(()),
+        [_] => Err("it parses back to a different object".into()),
+        more => Err(format!("it parses back to {} documents instead of one", more.len())),
+    }
+}
+
+/// `text` as `# ` lines of at most 100 columns at `indent`. Characters that
+/// could break the line are replaced, whatever the caller escaped.
+fn push_comment(out: &mut String, indent: &str, text: &str) {
+    let safe: String = text.chars().map(|c| if crate::text::is_hazardous(c) { ' ' } else { c }).collect();
+    for line in wrap(&safe, 100) {
+        out.push_str(indent);
+        out.push_str("# ");
+        out.push_str(&line);
+        out.push('\n');
+    }
+}
+
+/// Suggestions as one multi-document YAML stream: one document per policy.
 pub fn render(suggestions: &[Suggestion]) -> Result<String, SuggestError> {
     let docs: Result<Vec<String>, _> = suggestions.iter().map(Suggestion::to_yaml).collect();
-    Ok(docs?.join("---\n"))
+    Ok(docs?.concat())
 }
 
 /// Inserts `# comment` lines before each rule of `spec.ingress` and then
@@ -165,9 +215,7 @@ fn annotate_rules(yaml: &str, comments: &[String]) -> String {
             && line.starts_with("  - ")
             && let Some(c) = next.next()
         {
-            for l in wrap(c, 100) {
-                out.push_str(&format!("  # {l}\n"));
-            }
+            push_comment(&mut out, "  ", c);
         }
         out.push_str(line);
         out.push('\n');
@@ -270,43 +318,14 @@ fn host_cidr(a: &IpAddr) -> String {
     }
 }
 
-/// Labels of a workload identity usable in a selector: the `k8s:` ones,
-/// which include the namespace (so the selector does not default to the
-/// policy's own namespace).
-fn selector_labels(labels: &[String]) -> BTreeMap<String, String> {
-    labels
-        .iter()
-        .filter(|l| l.starts_with("k8s:"))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-/// The endpoint's own selector: its workload labels, without the namespace
-/// (a CiliumNetworkPolicy only selects in its namespace) and without
-/// Cilium's policy bookkeeping labels unless nothing else is left.
-fn subject_labels(labels: &[String]) -> BTreeMap<String, String> {
-    let all = selector_labels(labels);
-    let own: BTreeMap<String, String> = all
-        .iter()
-        .filter(|(k, _)| !k.starts_with("k8s:io.kubernetes.pod.namespace") && !k.starts_with("k8s:io.cilium.k8s."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    if own.is_empty() {
-        all.into_iter().filter(|(k, _)| !k.starts_with("k8s:io.kubernetes.pod.namespace")).collect()
-    } else {
-        own
-    }
-}
-
-fn dns_name(s: &str) -> String {
-    let mut out: String = s
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
-        .collect();
+/// A DNS-subdomain object name from `s`: lower case, every other character
+/// `-`, at most 253 characters; `fallback` when nothing usable is left.
+fn dns_name(s: &str, fallback: &str) -> String {
+    let mut out: String =
+        s.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     out.truncate(253);
-    out.trim_matches(|c: char| c == '-' || c == '.').to_owned()
+    let out = out.trim_matches('-').to_owned();
+    if labels::is_dns_subdomain(&out) { out } else { fallback.to_owned() }
 }
 
 fn peer_for(f: &FlowEntry, opts: &SuggestOptions) -> Result<(Peer, Option<String>), String> {
@@ -336,11 +355,12 @@ fn peer_for(f: &FlowEntry, opts: &SuggestOptions) -> Result<(Peer, Option<String
             Ok((Peer::Entity("world".into()), Some(why)))
         }
         RemoteSide::Cluster => {
-            let labels = selector_labels(&f.remote_labels);
+            let labels = labels::peer_selector(&f.remote_labels);
             if labels.is_empty() {
                 Err(format!(
-                    "{} {} identity {} on {}/{}: its labels are unknown (no enrichment), so no selector can name it; \
-                     run the agent with enrichment or give `analyze` an --endpoints file",
+                    "{} {} identity {} on {}/{}: no stable label of it is known (no enrichment, or only volatile or \
+                     invalid labels), so no selector can name it; run the agent with enrichment or give `analyze` an \
+                     --endpoints file",
                     f.direction.as_str(),
                     if f.direction == Direction::Ingress { "from" } else { "to" },
                     f.remote_identity,
@@ -457,7 +477,7 @@ fn rules_for(
                     notes.push(format!(
                         "not suggested: {} {} {} with port 0: port 0 means every port in a policy, far wider than observed",
                         f.direction.as_str(),
-                        f.remote_name,
+                        escape(&f.remote_name),
                         f.protocol
                     ));
                     continue;
@@ -470,7 +490,7 @@ fn rules_for(
                         "not suggested: {} {} protocol {}: a policy drop carries no protocol or port, and policies \
                          cannot name this protocol",
                         f.direction.as_str(),
-                        f.remote_name,
+                        escape(&f.remote_name),
                         f.protocol
                     ));
                     continue;
@@ -733,10 +753,20 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
         None
     } else if e.kind == EndpointKind::Host {
         match node_selector(e, report, opts) {
+            Some((sel, _)) if !sel.iter().all(|(k, v)| labels::is_label_key(k) && labels::is_label_value(v)) => {
+                let shown: Vec<String> = sel.iter().map(|(k, v)| format!("{}={}", escape(k), escape(v))).collect();
+                notes.push(format!(
+                    "no policy: the nodeSelector {} is not a valid Kubernetes label selector, so no policy can select \
+                     this node; pass --node NAME or --node-selector key=value with a valid label",
+                    shown.join(",")
+                ));
+                None
+            }
             Some((sel, how)) => {
                 notes.push(format!("nodeSelector: {how}"));
                 let node = sel.values().next().cloned().unwrap_or_default();
-                let name = dns_name(&format!("{}-host-{node}", opts.name_prefix));
+                let fallback = format!("{}-host", dns_name(&opts.name_prefix, "allow-observed"));
+                let name = dns_name(&format!("{}-host-{node}", opts.name_prefix), &fallback);
                 let spec = CiliumClusterwideNetworkPolicySpec {
                     description: Some(description),
                     node_selector: Some(CiliumClusterwideNetworkPolicyNodeSelector {
@@ -767,13 +797,16 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
             }
         }
     } else {
-        let selector = subject_labels(&e.labels);
-        match (&e.namespace, selector.is_empty()) {
+        let selector = labels::subject_selector(&e.labels);
+        match (e.namespace.as_deref().filter(|ns| labels::is_dns_label(ns)), selector.is_empty()) {
             (Some(ns), false) => {
                 let base =
                     e.workload.as_deref().map(|w| w.rsplit('/').next().unwrap_or(w).to_owned()).or(e.pod.clone());
-                let name =
-                    dns_name(&format!("{}-{}", opts.name_prefix, base.unwrap_or_else(|| e.endpoint_id.to_string())));
+                let fallback = format!("{}-{}", dns_name(&opts.name_prefix, "allow-observed"), e.endpoint_id);
+                let name = dns_name(
+                    &format!("{}-{}", opts.name_prefix, base.unwrap_or_else(|| e.endpoint_id.to_string())),
+                    &fallback,
+                );
                 let spec = CiliumNetworkPolicySpec {
                     description: Some(description),
                     endpoint_selector: Some(CiliumNetworkPolicyEndpointSelector {
@@ -789,16 +822,21 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
                     ..Default::default()
                 };
                 Some(SuggestedPolicy::Namespaced(CiliumNetworkPolicy {
-                    metadata: ObjectMeta { name: Some(name), namespace: Some(ns.clone()), ..Default::default() },
+                    metadata: ObjectMeta { name: Some(name), namespace: Some(ns.to_owned()), ..Default::default() },
                     spec,
                     status: None,
                 }))
             }
             _ => {
                 notes.push(format!(
-                    "no policy: the endpoint's namespace or labels are unknown ({}), so no endpointSelector can name it; \
-                     run the agent with enrichment or give `analyze` an --endpoints file",
-                    if e.namespace.is_none() { "no namespace" } else { "no k8s labels" }
+                    "no policy: the endpoint's namespace or labels are unknown ({}), so no endpointSelector can name \
+                     it; run the agent with enrichment or give `analyze` an --endpoints file",
+                    match &e.namespace {
+                        None => "no namespace".to_owned(),
+                        Some(ns) if !labels::is_dns_label(ns) =>
+                            format!("namespace {} is not a valid name", escape(ns)),
+                        Some(_) => "no stable k8s label; see docs/critical-flows.md for the keys used".to_owned(),
+                    }
                 ));
                 None
             }
