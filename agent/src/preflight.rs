@@ -11,6 +11,7 @@ use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
 
+pub use crate::analyze::OutputFormat;
 use crate::{
     model::EndpointKind,
     readiness::{
@@ -48,6 +49,13 @@ pub struct PreflightArgs {
     /// Seconds to wait for the agent.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// Output format: table (for people), json or yaml (the selected endpoints' readiness, as the agent's API
+    /// answers it). The exit code is the same in every format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// Write the result to this file instead of standard output.
+    #[arg(long)]
+    pub output_file: Option<std::path::PathBuf>,
 }
 
 /// clap value parser for durations (`15m`, `24h`, `1h30m`).
@@ -241,7 +249,32 @@ pub async fn run_with(args: PreflightArgs, out: &mut dyn Write, err: &mut dyn Wr
         );
         return EXIT_ERROR;
     }
-    match print_outcome(&report, &selected, args.window, out) {
+    let mut text = Vec::new();
+    let code = match args.output {
+        OutputFormat::Table => print_outcome(&report, &selected, args.window, &mut text),
+        OutputFormat::Json | OutputFormat::Yaml => print_outcome(&report, &selected, args.window, &mut std::io::sink())
+            .and_then(|code| {
+                let mut chosen = report.clone();
+                chosen.endpoints = selected.iter().map(|e| (*e).clone()).collect();
+                let body = if args.output == OutputFormat::Json {
+                    serde_json::to_string_pretty(&chosen).map(|s| s + "\n").map_err(std::io::Error::other)
+                } else {
+                    serde_yaml::to_string(&chosen).map_err(std::io::Error::other)
+                }?;
+                text.extend_from_slice(body.as_bytes());
+                Ok(code)
+            }),
+    };
+    let written = code.and_then(|code| {
+        match &args.output_file {
+            Some(path) => std::fs::write(path, &text).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot write {}: {e}; check --output-file", path.display()))
+            })?,
+            None => out.write_all(&text)?,
+        }
+        Ok(code)
+    });
+    match written {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(err, "preflight: cannot write the result: {e}");
@@ -252,6 +285,30 @@ pub async fn run_with(args: PreflightArgs, out: &mut dyn Write, err: &mut dyn Wr
 
 fn pad(s: &str, w: usize) -> String {
     format!("{s:<w$}")
+}
+
+/// A short flow list: direction, remote, port, protocol, notifications.
+fn print_flows(
+    out: &mut dyn Write,
+    flows: &[crate::readiness::report::FlowEntry],
+    left_out: usize,
+) -> std::io::Result<()> {
+    for f in flows {
+        writeln!(
+            out,
+            "  {}  {}  {}  {}  {}  match {}",
+            pad(f.direction.as_str(), 9),
+            pad(&escape(&f.remote_name), 24),
+            pad(&f.port.to_string(), 6),
+            pad(&escape(&f.protocol), 6),
+            pad(&f.notifications.to_string(), 8),
+            escape(&f.match_type)
+        )?;
+    }
+    if left_out > 0 {
+        writeln!(out, "  ... and {left_out} more, not listed")?;
+    }
+    Ok(())
 }
 
 fn print_outcome(
@@ -269,16 +326,41 @@ fn print_outcome(
         format_duration(Duration::from_secs(report.config.window_seconds)),
     )?;
     writeln!(out)?;
-    writeln!(out, "{}  {}  {}  WOULD-DENY", pad("ENDPOINT", 36), pad("STATE", 12), pad("REASON", 26))?;
+    writeln!(
+        out,
+        "{}  {}  {}  {}  {}  DENY-RULE",
+        pad("ENDPOINT", 36),
+        pad("STATE", 12),
+        pad("REASON", 26),
+        pad("WOULD-DENY", 10),
+        pad("DENIED", 6)
+    )?;
     for e in selected {
         writeln!(
             out,
-            "{}  {}  {}  {}",
+            "{}  {}  {}  {}  {}  {}",
             pad(&format!("{} ({})", e.display_name(), e.endpoint_id), 36),
             pad(e.state.as_str(), 12),
             pad(e.reason.as_str(), 26),
-            e.would_deny_flows()
+            pad(&e.would_deny_flows().to_string(), 10),
+            pad(&(e.denied.len() + e.left_out.denied).to_string(), 6),
+            e.explicit_deny.len() + e.left_out.explicit_deny
         )?;
+    }
+    for e in selected.iter().filter(|e| !e.denied.is_empty()) {
+        writeln!(out)?;
+        writeln!(out, "Denied now on {} (endpoint {}):", e.display_name(), e.endpoint_id)?;
+        print_flows(out, &e.denied, e.left_out.denied)?;
+    }
+    for e in selected.iter().filter(|e| !e.explicit_deny.is_empty()) {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Matched a deny rule on {} (endpoint {}): enforcement drops these on purpose; no allow is suggested:",
+            e.display_name(),
+            e.endpoint_id
+        )?;
+        print_flows(out, &e.explicit_deny, e.left_out.explicit_deny)?;
     }
     for e in selected.iter().filter(|e| !e.would_deny.is_empty() && e.state == ReadinessState::WouldBreak) {
         writeln!(out)?;
@@ -542,6 +624,8 @@ mod tests {
             window: window.map(|w| parse_duration(w).unwrap()),
             agent: agent.into(),
             timeout: 5,
+            output: OutputFormat::Table,
+            output_file: None,
         }
     }
 

@@ -60,11 +60,15 @@ pub enum Reason {
     NoPolicy,
     /// Policy verdict notifications are off (endpoint option or agent flag).
     VerdictNotificationsOff,
-    /// The host firewall of Cilium before 1.16 emits no policy verdicts.
+    /// The host firewall of Cilium before 1.16 emits verdicts only for the
+    /// directions its filter had when bpf_host was compiled (cilium#21884).
     #[serde(rename = "host_program_pre_1_16")]
     HostProgramPre116,
     /// Cilium's events rate limit dropped notifications.
     RateLimited,
+    /// A silent host direction in audit mode on Cilium 1.16+: bpf_host emits
+    /// nothing for traffic a catch-all deny audited (match type `all`).
+    HostMatchAllSuppressed,
     /// Observed for less than the minimum evidence time (or unknown).
     WindowTooShort,
     /// Policy applies, notifications flow, nothing was seen.
@@ -85,6 +89,7 @@ impl Reason {
             Reason::VerdictNotificationsOff => "verdict_notifications_off",
             Reason::HostProgramPre116 => "host_program_pre_1_16",
             Reason::RateLimited => "rate_limited",
+            Reason::HostMatchAllSuppressed => "host_match_all_suppressed",
             Reason::WindowTooShort => "window_too_short",
             Reason::NoTraffic => "no_traffic",
         }
@@ -209,6 +214,10 @@ pub struct EndpointReadiness {
     pub allowed: Vec<FlowEntry>,
     /// Flows already denied (enforcing, or deny rules).
     pub denied: Vec<FlowEntry>,
+    /// Audited flows a deny rule matched (match type not `none`): enforcement
+    /// drops them on purpose. Never would-deny, never suggested.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub explicit_deny: Vec<FlowEntry>,
     /// Flows of the evidence period beyond what the lists above hold.
     #[serde(default, skip_serializing_if = "FlowsLeftOut::is_empty")]
     pub left_out: FlowsLeftOut,
@@ -228,6 +237,12 @@ pub struct FlowsLeftOut {
     pub would_deny: usize,
     pub allowed: usize,
     pub denied: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub explicit_deny: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl FlowsLeftOut {

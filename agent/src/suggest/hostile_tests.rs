@@ -104,7 +104,8 @@ fn args(input: &Path, endpoints: &Path) -> SuggestArgs {
         node: None,
         node_selector: vec![],
         max_cidrs: 8,
-        output: None,
+        output: SuggestFormat::Yaml,
+        output_file: None,
     }
 }
 

@@ -878,9 +878,52 @@ pub struct SuggestArgs {
     /// World flows with at most this many addresses are allowed by address.
     #[arg(long, default_value_t = 8)]
     pub max_cidrs: usize,
-    /// Write the YAML here instead of standard output.
-    #[arg(long, short = 'o')]
-    pub output: Option<PathBuf>,
+    /// Output format: yaml (the policies, ready for review and `kubectl apply`) or json (each endpoint's
+    /// policy and notes).
+    #[arg(long, short = 'o', value_enum, default_value_t = SuggestFormat::Yaml)]
+    pub output: SuggestFormat,
+    /// Write the result to this file instead of standard output.
+    #[arg(long)]
+    pub output_file: Option<PathBuf>,
+}
+
+/// What `suggest -o` writes. Table is not offered: a policy is read as YAML.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SuggestFormat {
+    #[default]
+    Yaml,
+    Json,
+}
+
+/// One endpoint's suggestion as `-o json` writes it.
+#[derive(serde::Serialize)]
+struct SuggestionJson<'a> {
+    endpoint_id: u16,
+    endpoint: &'a str,
+    notes: &'a [String],
+    rule_comments: &'a [String],
+    policy: Option<serde_json::Value>,
+}
+
+fn render_json(suggestions: &[Suggestion]) -> Result<String, serde_json::Error> {
+    let items: Result<Vec<SuggestionJson<'_>>, serde_json::Error> = suggestions
+        .iter()
+        .map(|s| {
+            let policy = match &s.policy {
+                Some(SuggestedPolicy::Namespaced(p)) => Some(serde_json::to_value(p)?),
+                Some(SuggestedPolicy::Clusterwide(p)) => Some(serde_json::to_value(p)?),
+                None => None,
+            };
+            Ok(SuggestionJson {
+                endpoint_id: s.endpoint_id,
+                endpoint: &s.endpoint,
+                notes: &s.notes,
+                rule_comments: &s.rule_comments,
+                policy,
+            })
+        })
+        .collect();
+    Ok(serde_json::to_string_pretty(&serde_json::json!({ "suggestions": items? }))? + "\n")
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -902,7 +945,7 @@ pub async fn run(args: SuggestArgs) -> anyhow::Result<ExitCode> {
 pub async fn run_with(args: SuggestArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     match run_inner(&args).await {
         Ok((yaml, code)) => {
-            let written = match &args.output {
+            let written = match &args.output_file {
                 Some(path) => std::fs::write(path, &yaml)
                     .map_err(|e| anyhow::anyhow!("cannot write the suggestions to {}: {e}", path.display())),
                 None => out.write_all(yaml.as_bytes()).map_err(anyhow::Error::from),
@@ -951,6 +994,11 @@ async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
         ..SuggestOptions::default()
     };
     let suggestions = suggest(&report, args.endpoint.as_deref(), &opts)?;
+    if args.output == SuggestFormat::Json {
+        let missing =
+            suggestions.iter().any(|s| s.policy.is_none() && s.notes.iter().any(|n| n.starts_with("no policy")));
+        return Ok((render_json(&suggestions)?, if missing { 1 } else { 0 }));
+    }
     if suggestions.is_empty() {
         return Ok(("# verdict-agent: no endpoint has would-deny flows; nothing to suggest\n".into(), 0));
     }
@@ -1231,7 +1279,8 @@ mod tests {
             node: None,
             node_selector: vec![],
             max_cidrs: 8,
-            output: None,
+            output: SuggestFormat::Yaml,
+            output_file: None,
         }
     }
 
@@ -1252,7 +1301,7 @@ mod tests {
         let file = dir.path().join("host.yaml");
         let mut a = cli(&url, Some("host"));
         a.node_selector = vec![("node-role.kubernetes.io/control-plane".into(), "".into())];
-        a.output = Some(file.clone());
+        a.output_file = Some(file.clone());
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert_eq!(run_with(a, &mut out, &mut err).await, 0);
         assert!(out.is_empty());
