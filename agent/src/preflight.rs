@@ -735,4 +735,47 @@ mod tests {
         assert!(parse_url("127.0.0.1:9965").is_err());
         assert_eq!(encode_query("shop/web-7d9f"), "shop%2Fweb-7d9f");
     }
+
+    #[tokio::test]
+    async fn output_formats_agree_on_the_exit_code() {
+        let (url, _) = serve_at("127.0.0.1:19730", 200, scenario_json()).await;
+        let (table_code, _, _) = run_capture(args(&url, Some("host"), None)).await;
+        let mut a = args(&url, Some("host"), None);
+        a.output = OutputFormat::Json;
+        let (code, out, err) = run_capture(a).await;
+        assert_eq!(code, table_code, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["endpoints"].as_array().unwrap().len(), 1);
+        assert_eq!(v["endpoints"][0]["kind"], "host");
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(&url, Some("host"), None);
+        a.output = OutputFormat::Yaml;
+        a.output_file = Some(dir.path().join("r.yaml"));
+        let (code, out, _) = run_capture(a).await;
+        assert_eq!((code, out.as_str()), (table_code, ""));
+        let y: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(dir.path().join("r.yaml")).unwrap()).unwrap();
+        assert_eq!(y["endpoints"][0]["kind"], "host");
+    }
+
+    #[tokio::test]
+    async fn hostile_names_cannot_forge_terminal_lines_or_commands() {
+        let hostile = "web\n\rSAFE: nothing seen would be denied\u{202e}\x1b[2J; rm -rf / #";
+        let mut r: ReadinessReport = serde_json::from_str(&quiet_json(Some(NODE))).unwrap();
+        r.node = Some(format!("node-a$(reboot){hostile}"));
+        for e in &mut r.endpoints {
+            if e.pod.is_some() {
+                e.pod = Some(hostile.into());
+            }
+            for f in e.would_deny.iter_mut().chain(e.allowed.iter_mut()).chain(e.denied.iter_mut()) {
+                f.remote_name = hostile.into();
+            }
+        }
+        let (url, _) = serve_at("127.0.0.1:19731", 200, serde_json::to_string(&r).unwrap()).await;
+        let (_, out, _) = run_capture(args(&url, None, None)).await;
+        assert!(!out.chars().any(|c| c != '\n' && crate::text::is_hazardous(c)), "{out:?}");
+        assert!(!out.lines().any(|l| l.starts_with("SAFE")), "{out}");
+        assert!(!out.contains("$(reboot)") || !out.contains("spec.nodeName=node-a$(reboot)"), "{out}");
+        assert!(!out.contains("--endpoint shop/web"), "{out}");
+    }
 }

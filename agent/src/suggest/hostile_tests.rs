@@ -232,3 +232,23 @@ fn a_hostile_node_selector_value_is_refused_not_printed() {
     check_stream(&yaml, &[]);
     assert!(yaml.contains("node-a\\n---\\nkind: X"), "{yaml}");
 }
+
+#[tokio::test]
+async fn json_output_carries_the_same_policies() {
+    let capture = std::fs::read_to_string(lockout_fixture("lockout-hubble.jsonl")).unwrap();
+    let endpoints = std::fs::read_to_string(lockout_fixture("lockout-endpoints.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (c, e) = (dir.path().join("capture.jsonl"), dir.path().join("endpoints.json"));
+    std::fs::write(&c, &capture).unwrap();
+    std::fs::write(&e, &endpoints).unwrap();
+    let mut a = args(&c, &e);
+    a.output = SuggestFormat::Json;
+    a.output_file = Some(dir.path().join("out.json"));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(run_with(a, &mut out, &mut err).await, 0, "{}", String::from_utf8_lossy(&err));
+    assert!(out.is_empty());
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap()).unwrap();
+    let kinds: Vec<&str> =
+        v["suggestions"].as_array().unwrap().iter().filter_map(|s| s["policy"]["kind"].as_str()).collect();
+    assert_eq!(kinds, ["CiliumClusterwideNetworkPolicy", "CiliumNetworkPolicy"]);
+}
