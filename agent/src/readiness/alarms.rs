@@ -315,7 +315,7 @@ impl AlarmManager {
                     outcome.published.push(event);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "alarm event not published; will retry next round");
+                    tracing::warn!(error = %neutralize(&e.to_string(), MAX_MESSAGE_CHARS), "alarm event not published; will retry next round");
                     outcome.errors.push(e.to_string());
                 }
             }

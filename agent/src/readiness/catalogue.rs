@@ -150,6 +150,26 @@ fn api_server_flows(ports: &[u16]) -> Vec<CriticalFlow> {
         .collect()
 }
 
+/// The API server ports a set of flows shows: the destination ports of
+/// egress verdicts towards the `kube-apiserver` identity (7), which is how
+/// pods and the host reach it. For `analyze` and `suggest --input`, next to
+/// `--api-server-port`; empty when the capture shows none.
+pub fn api_server_ports_in(flows: &[crate::model::FlowRecord]) -> Vec<u16> {
+    let mut ports: Vec<u16> = flows
+        .iter()
+        .filter(|f| {
+            f.direction == Direction::Egress
+                && f.remote_identity == crate::cilium::identity::KUBE_APISERVER
+                && f.proto == 6
+                && f.dst_port != 0
+        })
+        .map(|f| f.dst_port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 fn both_directions() -> Vec<Direction> {
     vec![Direction::Ingress, Direction::Egress]
 }
@@ -548,6 +568,19 @@ mod tests {
         assert_eq!(hit(IN, 17, 51820, World), Some("kubespan"));
         assert_eq!(hit(OUT, 17, 123, World), Some("ntp"));
         assert_eq!(hit(IN, 17, 123, World), None);
+    }
+
+    #[test]
+    fn api_server_ports_from_a_capture() {
+        use crate::{model::Verdict, readiness::testkit::flow};
+        let t = crate::readiness::testkit::now();
+        let flows = [
+            flow(1001, Direction::Egress, 7, 6, 8443, Verdict::Allowed, 3, t, t),
+            flow(1002, Direction::Egress, 7, 6, 8443, Verdict::Audited, 1, t, t),
+            flow(1002, Direction::Ingress, 7, 6, 10250, Verdict::Allowed, 1, t, t),
+            flow(1003, Direction::Egress, 51001, 6, 6443, Verdict::Allowed, 1, t, t),
+        ];
+        assert_eq!(api_server_ports_in(&flows), vec![8443]);
     }
 
     #[test]
