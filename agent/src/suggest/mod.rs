@@ -9,11 +9,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write,
     net::IpAddr,
-    path::PathBuf,
-    process::ExitCode,
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use k8s_crds_cilium::{
@@ -35,7 +32,6 @@ use k8s_crds_cilium::{
     CiliumNetworkPolicyIngressToPortsPorts, CiliumNetworkPolicyIngressToPortsPortsProtocol, CiliumNetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString};
-use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
@@ -48,9 +44,14 @@ use crate::{
     timefmt::format_rfc3339,
 };
 
+mod cli;
 #[cfg(test)]
 mod hostile_tests;
 pub mod labels;
+mod render;
+
+pub use cli::{SuggestArgs, SuggestFormat, run, run_with};
+pub use render::render;
 
 /// Choices the report cannot make.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,115 +131,6 @@ pub struct Suggestion {
     pub rule_comments: Vec<String>,
     /// What the policy does not cover, or covers wider than observed.
     pub notes: Vec<String>,
-}
-
-impl Suggestion {
-    /// The comments, then the policy as one YAML document (`---` first), or
-    /// only comments when there is no policy.
-    ///
-    /// Names reach the document only through the serializer, and comments
-    /// only escaped ([`crate::text::escape_for_terminal`]): no name can end
-    /// a comment or start a document. The result is parsed back and must be
-    /// exactly the one policy, or it is refused.
-    pub fn to_yaml(&self) -> Result<String, SuggestError> {
-        let mut out = String::new();
-        push_comment(
-            &mut out,
-            "",
-            &format!("verdict-agent suggestion for {} (endpoint {})", self.endpoint, self.endpoint_id),
-        );
-        for n in &self.notes {
-            push_comment(&mut out, "", n);
-        }
-        let Some(policy) = &self.policy else {
-            push_comment(&mut out, "", "nothing to suggest");
-            return Ok(out);
-        };
-        let (yaml, expected) = match policy {
-            SuggestedPolicy::Namespaced(p) => (serde_yaml::to_string(p), serde_yaml::to_value(p)),
-            SuggestedPolicy::Clusterwide(p) => (serde_yaml::to_string(p), serde_yaml::to_value(p)),
-        };
-        let yaml_err = |source| SuggestError::Yaml { name: escape(&policy.name()), source };
-        let (yaml, expected) = (yaml.map_err(yaml_err)?, expected.map_err(yaml_err)?);
-        out.push_str("---\n");
-        out.push_str(&annotate_rules(&yaml, &self.rule_comments));
-        check_one_document(&out, &expected)
-            .map_err(|problem| SuggestError::Unsafe { name: escape(&policy.name()), problem })?;
-        Ok(out)
-    }
-}
-
-/// Whether `text` is exactly one YAML document equal to `expected`.
-fn check_one_document(text: &str, expected: &serde_yaml::Value) -> Result<(), String> {
-    let mut docs = Vec::new();
-    for d in serde_yaml::Deserializer::from_str(text) {
-        docs.push(serde_yaml::Value::deserialize(d).map_err(|e| format!("it does not parse back: {e}"))?);
-    }
-    match docs.as_slice() {
-        [one] if one == expected => Ok(()),
-        [_] => Err("it parses back to a different object".into()),
-        more => Err(format!("it parses back to {} documents instead of one", more.len())),
-    }
-}
-
-/// `text` as `# ` lines of at most 100 columns at `indent`. Characters that
-/// could break the line are replaced, whatever the caller escaped.
-fn push_comment(out: &mut String, indent: &str, text: &str) {
-    let safe: String = text.chars().map(|c| if crate::text::is_hazardous(c) { ' ' } else { c }).collect();
-    for line in wrap(&safe, 100) {
-        out.push_str(indent);
-        out.push_str("# ");
-        out.push_str(&line);
-        out.push('\n');
-    }
-}
-
-/// Suggestions as one multi-document YAML stream: one document per policy.
-pub fn render(suggestions: &[Suggestion]) -> Result<String, SuggestError> {
-    let docs: Result<Vec<String>, _> = suggestions.iter().map(Suggestion::to_yaml).collect();
-    Ok(docs?.concat())
-}
-
-/// Inserts `# comment` lines before each rule of `spec.ingress` and then
-/// `spec.egress` (serde_yaml writes them as `  - ` items under `  ingress:`).
-fn annotate_rules(yaml: &str, comments: &[String]) -> String {
-    let mut out = String::with_capacity(yaml.len() + comments.iter().map(String::len).sum::<usize>());
-    let mut in_rules = false;
-    let mut next = comments.iter();
-    for line in yaml.lines() {
-        if line == "  ingress:" || line == "  egress:" {
-            in_rules = true;
-        } else if in_rules && !line.starts_with("  - ") && !line.starts_with("    ") {
-            in_rules = false;
-        }
-        if in_rules
-            && line.starts_with("  - ")
-            && let Some(c) = next.next()
-        {
-            push_comment(&mut out, "  ", c);
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
-fn wrap(text: &str, width: usize) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut cur = String::new();
-    for w in text.split_whitespace() {
-        if !cur.is_empty() && cur.len() + 1 + w.len() > width {
-            lines.push(std::mem::take(&mut cur));
-        }
-        if !cur.is_empty() {
-            cur.push(' ');
-        }
-        cur.push_str(w);
-    }
-    if !cur.is_empty() {
-        lines.push(cur);
-    }
-    lines
 }
 
 /// Who a rule allows.
@@ -843,168 +735,6 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
         }
     };
     Suggestion { endpoint_id: e.endpoint_id, endpoint: name_of(e), policy, rule_comments, notes }
-}
-
-/// `verdict-agent suggest`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SuggestArgs {
-    /// Only this endpoint: `host`, an endpoint ID, or NAMESPACE/POD.
-    #[arg(long)]
-    pub endpoint: Option<String>,
-    /// The running agent to ask (GET /api/v1/readiness).
-    #[arg(long, default_value = crate::preflight::DEFAULT_AGENT)]
-    pub agent: String,
-    /// Build from a capture instead of a running agent (as `analyze`).
-    #[arg(long)]
-    pub input: Option<PathBuf>,
-    /// Capture format for --input: monitor (cilium monitor text) or hubble-json.
-    #[arg(long, value_enum)]
-    pub format: Option<crate::analyze::CaptureFormat>,
-    /// `cilium endpoint list -o json` of the captured node (labels, host endpoint).
-    #[arg(long)]
-    pub endpoints: Option<PathBuf>,
-    /// The host endpoint's ID in the capture, when --endpoints is not given.
-    #[arg(long)]
-    pub host_endpoint: Option<u16>,
-    /// Evidence period (agent) or readiness window (capture), e.g. 24h.
-    #[arg(long, value_parser = crate::preflight::parse_duration_arg)]
-    pub window: Option<Duration>,
-    /// The node's name, for the host policy's nodeSelector.
-    #[arg(long)]
-    pub node: Option<String>,
-    /// nodeSelector for the host policy, `key=value` (repeatable).
-    #[arg(long = "node-selector", value_parser = parse_key_value)]
-    pub node_selector: Vec<(String, String)>,
-    /// World flows with at most this many addresses are allowed by address.
-    #[arg(long, default_value_t = 8)]
-    pub max_cidrs: usize,
-    /// Output format: yaml (the policies, ready for review and `kubectl apply`) or json (each endpoint's
-    /// policy and notes).
-    #[arg(long, short = 'o', value_enum, default_value_t = SuggestFormat::Yaml)]
-    pub output: SuggestFormat,
-    /// Write the result to this file instead of standard output.
-    #[arg(long)]
-    pub output_file: Option<PathBuf>,
-}
-
-/// What `suggest -o` writes. Table is not offered: a policy is read as YAML.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum SuggestFormat {
-    #[default]
-    Yaml,
-    Json,
-}
-
-/// One endpoint's suggestion as `-o json` writes it.
-#[derive(serde::Serialize)]
-struct SuggestionJson<'a> {
-    endpoint_id: u16,
-    endpoint: &'a str,
-    notes: &'a [String],
-    rule_comments: &'a [String],
-    policy: Option<serde_json::Value>,
-}
-
-fn render_json(suggestions: &[Suggestion]) -> Result<String, serde_json::Error> {
-    let items: Result<Vec<SuggestionJson<'_>>, serde_json::Error> = suggestions
-        .iter()
-        .map(|s| {
-            let policy = match &s.policy {
-                Some(SuggestedPolicy::Namespaced(p)) => Some(serde_json::to_value(p)?),
-                Some(SuggestedPolicy::Clusterwide(p)) => Some(serde_json::to_value(p)?),
-                None => None,
-            };
-            Ok(SuggestionJson {
-                endpoint_id: s.endpoint_id,
-                endpoint: &s.endpoint,
-                notes: &s.notes,
-                rule_comments: &s.rule_comments,
-                policy,
-            })
-        })
-        .collect();
-    Ok(serde_json::to_string_pretty(&serde_json::json!({ "suggestions": items? }))? + "\n")
-}
-
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not key=value")),
-    }
-}
-
-/// Runs `suggest`; exit 0 with policies written, 1 when nothing could be
-/// suggested for an endpoint that has would-deny flows, 2 on errors.
-pub async fn run(args: SuggestArgs) -> anyhow::Result<ExitCode> {
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    Ok(ExitCode::from(run_with(args, &mut stdout, &mut stderr).await))
-}
-
-/// `run` with its output streams, for tests.
-pub async fn run_with(args: SuggestArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    match run_inner(&args).await {
-        Ok((yaml, code)) => {
-            let written = match &args.output_file {
-                Some(path) => std::fs::write(path, &yaml)
-                    .map_err(|e| anyhow::anyhow!("cannot write the suggestions to {}: {e}", path.display())),
-                None => out.write_all(yaml.as_bytes()).map_err(anyhow::Error::from),
-            };
-            if let Err(e) = written {
-                let _ = writeln!(err, "error: {e:#}");
-                return 2;
-            }
-            code
-        }
-        Err(e) => {
-            let _ = writeln!(err, "error: {e:#}");
-            2
-        }
-    }
-}
-
-async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
-    let mut times_unknown = false;
-    let report = match &args.input {
-        Some(path) => {
-            let opts = crate::analyze::CaptureOptions {
-                format: args.format,
-                endpoints: args.endpoints.clone(),
-                host_endpoint: args.host_endpoint,
-                window: args.window,
-                ..crate::analyze::CaptureOptions::default()
-            };
-            let analysis = crate::analyze::analyze_file(path, &opts)?;
-            times_unknown = !analysis.capture.timestamps;
-            analysis.report
-        }
-        None => {
-            let report = crate::preflight::fetch_report(&args.agent, args.endpoint.as_deref(), args.window).await?;
-            match args.window {
-                Some(w) => crate::preflight::rejudge_report(&report, w),
-                None => report,
-            }
-        }
-    };
-    let opts = SuggestOptions {
-        max_cidrs: args.max_cidrs,
-        node: args.node.clone(),
-        node_selector: (!args.node_selector.is_empty()).then(|| args.node_selector.iter().cloned().collect()),
-        times_unknown,
-        ..SuggestOptions::default()
-    };
-    let suggestions = suggest(&report, args.endpoint.as_deref(), &opts)?;
-    if args.output == SuggestFormat::Json {
-        let missing =
-            suggestions.iter().any(|s| s.policy.is_none() && s.notes.iter().any(|n| n.starts_with("no policy")));
-        return Ok((render_json(&suggestions)?, if missing { 1 } else { 0 }));
-    }
-    if suggestions.is_empty() {
-        return Ok(("# verdict-agent: no endpoint has would-deny flows; nothing to suggest\n".into(), 0));
-    }
-    let missing = suggestions.iter().any(|s| s.policy.is_none() && !s.rule_comments.is_empty())
-        || suggestions.iter().any(|s| s.policy.is_none() && s.notes.iter().any(|n| n.starts_with("no policy")));
-    Ok((render(&suggestions)?, if missing { 1 } else { 0 }))
 }
 
 #[cfg(test)]
