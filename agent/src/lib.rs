@@ -16,4 +16,5 @@ pub mod run;
 pub mod silence;
 pub mod state;
 pub mod suggest;
+pub mod text;
 pub mod timefmt;

@@ -11,12 +11,15 @@ use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
 
+pub use crate::analyze::OutputFormat;
 use crate::{
     model::EndpointKind,
     readiness::{
         evaluate::rejudge,
         report::{EndpointReadiness, GateStatus, ReadinessReport, ReadinessState, Reason, Summary},
     },
+    suggest::labels::{is_dns_label, is_dns_subdomain},
+    text::{escape_for_terminal as escape, neutralize},
     timefmt::{format_duration, format_rfc3339, parse_duration},
 };
 
@@ -46,6 +49,13 @@ pub struct PreflightArgs {
     /// Seconds to wait for the agent.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// Output format: table (for people), json or yaml (the selected endpoints' readiness, as the agent's API
+    /// answers it). The exit code is the same in every format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// Write the result to this file instead of standard output.
+    #[arg(long)]
+    pub output_file: Option<std::path::PathBuf>,
 }
 
 /// clap value parser for durations (`15m`, `24h`, `1h30m`).
@@ -239,7 +249,32 @@ pub async fn run_with(args: PreflightArgs, out: &mut dyn Write, err: &mut dyn Wr
         );
         return EXIT_ERROR;
     }
-    match print_outcome(&report, &selected, args.window, out) {
+    let mut text = Vec::new();
+    let code = match args.output {
+        OutputFormat::Table => print_outcome(&report, &selected, args.window, &mut text),
+        OutputFormat::Json | OutputFormat::Yaml => print_outcome(&report, &selected, args.window, &mut std::io::sink())
+            .and_then(|code| {
+                let mut chosen = report.clone();
+                chosen.endpoints = selected.iter().map(|e| (*e).clone()).collect();
+                let body = if args.output == OutputFormat::Json {
+                    serde_json::to_string_pretty(&chosen).map(|s| s + "\n").map_err(std::io::Error::other)
+                } else {
+                    serde_yaml::to_string(&chosen).map_err(std::io::Error::other)
+                }?;
+                text.extend_from_slice(body.as_bytes());
+                Ok(code)
+            }),
+    };
+    let written = code.and_then(|code| {
+        match &args.output_file {
+            Some(path) => std::fs::write(path, &text).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot write {}: {e}; check --output-file", path.display()))
+            })?,
+            None => out.write_all(&text)?,
+        }
+        Ok(code)
+    });
+    match written {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(err, "preflight: cannot write the result: {e}");
@@ -252,6 +287,30 @@ fn pad(s: &str, w: usize) -> String {
     format!("{s:<w$}")
 }
 
+/// A short flow list: direction, remote, port, protocol, notifications.
+fn print_flows(
+    out: &mut dyn Write,
+    flows: &[crate::readiness::report::FlowEntry],
+    left_out: usize,
+) -> std::io::Result<()> {
+    for f in flows {
+        writeln!(
+            out,
+            "  {}  {}  {}  {}  {}  match {}",
+            pad(f.direction.as_str(), 9),
+            pad(&escape(&f.remote_name), 24),
+            pad(&f.port.to_string(), 6),
+            pad(&escape(&f.protocol), 6),
+            pad(&f.notifications.to_string(), 8),
+            escape(&f.match_type)
+        )?;
+    }
+    if left_out > 0 {
+        writeln!(out, "  ... and {left_out} more, not listed")?;
+    }
+    Ok(())
+}
+
 fn print_outcome(
     report: &ReadinessReport,
     selected: &[&EndpointReadiness],
@@ -262,21 +321,46 @@ fn print_outcome(
         out,
         "Readiness at {}{} (evidence period {}, window {})",
         format_rfc3339(report.generated_at),
-        report.node.as_deref().map(|n| format!(" on node {n}")).unwrap_or_default(),
+        report.node.as_deref().map(|n| format!(" on node {}", escape(n))).unwrap_or_default(),
         format_duration(window.unwrap_or(Duration::from_secs(report.config.min_evidence_seconds))),
         format_duration(Duration::from_secs(report.config.window_seconds)),
     )?;
     writeln!(out)?;
-    writeln!(out, "{}  {}  {}  WOULD-DENY", pad("ENDPOINT", 36), pad("STATE", 12), pad("REASON", 26))?;
+    writeln!(
+        out,
+        "{}  {}  {}  {}  {}  DENY-RULE",
+        pad("ENDPOINT", 36),
+        pad("STATE", 12),
+        pad("REASON", 26),
+        pad("WOULD-DENY", 10),
+        pad("DENIED", 6)
+    )?;
     for e in selected {
         writeln!(
             out,
-            "{}  {}  {}  {}",
+            "{}  {}  {}  {}  {}  {}",
             pad(&format!("{} ({})", e.display_name(), e.endpoint_id), 36),
             pad(e.state.as_str(), 12),
             pad(e.reason.as_str(), 26),
-            e.would_deny_flows()
+            pad(&e.would_deny_flows().to_string(), 10),
+            pad(&(e.denied.len() + e.left_out.denied).to_string(), 6),
+            e.explicit_deny.len() + e.left_out.explicit_deny
         )?;
+    }
+    for e in selected.iter().filter(|e| !e.denied.is_empty()) {
+        writeln!(out)?;
+        writeln!(out, "Denied now on {} (endpoint {}):", e.display_name(), e.endpoint_id)?;
+        print_flows(out, &e.denied, e.left_out.denied)?;
+    }
+    for e in selected.iter().filter(|e| !e.explicit_deny.is_empty()) {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Matched a deny rule on {} (endpoint {}): enforcement drops these on purpose; no allow is suggested:",
+            e.display_name(),
+            e.endpoint_id
+        )?;
+        print_flows(out, &e.explicit_deny, e.left_out.explicit_deny)?;
     }
     for e in selected.iter().filter(|e| !e.would_deny.is_empty() && e.state == ReadinessState::WouldBreak) {
         writeln!(out)?;
@@ -296,13 +380,13 @@ fn print_outcome(
                 out,
                 "  {}  {}  {}  {}  {}  {}  {}{}",
                 pad(f.direction.as_str(), 9),
-                pad(&f.remote, 16),
-                pad(&f.remote_name, 12),
+                pad(&escape(&f.remote), 16),
+                pad(&escape(&f.remote_name), 12),
                 pad(&f.port.to_string(), 6),
-                pad(&f.protocol, 6),
+                pad(&escape(&f.protocol), 6),
                 pad(&f.notifications.to_string(), 13),
                 format_rfc3339(f.last_seen),
-                f.service.as_deref().map(|s| format!("  {s} (critical)")).unwrap_or_default()
+                f.service.as_deref().map(|s| format!("  {} (critical)", escape(s))).unwrap_or_default()
             )?;
         }
         if e.left_out.would_deny > 0 {
@@ -360,7 +444,7 @@ fn print_outcome(
                     )
                 })
                 .unwrap_or_default();
-            writeln!(out, "  [{status}] {}{dir}{src}: {}", g.name, g.detail)?;
+            writeln!(out, "  [{status}] {}{dir}{src}: {}", g.name, neutralize(&g.detail, 4096))?;
         }
     }
     writeln!(out)?;
@@ -421,7 +505,8 @@ fn selected_arg(selected: &[&EndpointReadiness]) -> String {
         let e = selected[0];
         match (e.kind, &e.namespace, &e.pod) {
             (EndpointKind::Host, _, _) => " --endpoint host".into(),
-            (_, Some(ns), Some(p)) => format!(" --endpoint {ns}/{p}"),
+            // Only names Kubernetes accepts go into a command line to copy.
+            (_, Some(ns), Some(p)) if is_dns_label(ns) && is_dns_subdomain(p) => format!(" --endpoint {ns}/{p}"),
             _ => format!(" --endpoint {}", e.endpoint_id),
         }
     } else {
@@ -437,7 +522,7 @@ fn print_switch_commands(
     selected: &[&EndpointReadiness],
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
-    let exec = match &report.node {
+    let exec = match report.node.as_deref().filter(|n| is_dns_subdomain(n)) {
         Some(node) => format!(
             "kubectl -n kube-system exec $(kubectl -n kube-system get pod -l k8s-app=cilium --field-selector spec.nodeName={node} -o name) --"
         ),
@@ -450,7 +535,14 @@ fn print_switch_commands(
     if targets.is_empty() {
         return Ok(());
     }
-    if report.node.is_none() {
+    if report.node.as_deref().is_some_and(|n| !is_dns_subdomain(n)) {
+        writeln!(
+            out,
+            "  Note: the agent reported the node name {}, which is not a valid node name; the commands below use \
+             `ds/cilium`: exec into the Cilium pod on the node this agent runs on.",
+            escape(report.node.as_deref().unwrap_or_default())
+        )?;
+    } else if report.node.is_none() {
         writeln!(
             out,
             "  Note: the agent did not report its node; `ds/cilium` picks the Cilium pod of an arbitrary node, and endpoint \
@@ -532,6 +624,8 @@ mod tests {
             window: window.map(|w| parse_duration(w).unwrap()),
             agent: agent.into(),
             timeout: 5,
+            output: OutputFormat::Table,
+            output_file: None,
         }
     }
 
@@ -640,5 +734,48 @@ mod tests {
         assert_eq!(u.port, 80);
         assert!(parse_url("127.0.0.1:9965").is_err());
         assert_eq!(encode_query("shop/web-7d9f"), "shop%2Fweb-7d9f");
+    }
+
+    #[tokio::test]
+    async fn output_formats_agree_on_the_exit_code() {
+        let (url, _) = serve_at("127.0.0.1:19730", 200, scenario_json()).await;
+        let (table_code, _, _) = run_capture(args(&url, Some("host"), None)).await;
+        let mut a = args(&url, Some("host"), None);
+        a.output = OutputFormat::Json;
+        let (code, out, err) = run_capture(a).await;
+        assert_eq!(code, table_code, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["endpoints"].as_array().unwrap().len(), 1);
+        assert_eq!(v["endpoints"][0]["kind"], "host");
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(&url, Some("host"), None);
+        a.output = OutputFormat::Yaml;
+        a.output_file = Some(dir.path().join("r.yaml"));
+        let (code, out, _) = run_capture(a).await;
+        assert_eq!((code, out.as_str()), (table_code, ""));
+        let y: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(dir.path().join("r.yaml")).unwrap()).unwrap();
+        assert_eq!(y["endpoints"][0]["kind"], "host");
+    }
+
+    #[tokio::test]
+    async fn hostile_names_cannot_forge_terminal_lines_or_commands() {
+        let hostile = "web\n\rSAFE: nothing seen would be denied\u{202e}\x1b[2J; rm -rf / #";
+        let mut r: ReadinessReport = serde_json::from_str(&quiet_json(Some(NODE))).unwrap();
+        r.node = Some(format!("node-a$(reboot){hostile}"));
+        for e in &mut r.endpoints {
+            if e.pod.is_some() {
+                e.pod = Some(hostile.into());
+            }
+            for f in e.would_deny.iter_mut().chain(e.allowed.iter_mut()).chain(e.denied.iter_mut()) {
+                f.remote_name = hostile.into();
+            }
+        }
+        let (url, _) = serve_at("127.0.0.1:19731", 200, serde_json::to_string(&r).unwrap()).await;
+        let (_, out, _) = run_capture(args(&url, None, None)).await;
+        assert!(!out.chars().any(|c| c != '\n' && crate::text::is_hazardous(c)), "{out:?}");
+        assert!(!out.lines().any(|l| l.starts_with("SAFE")), "{out}");
+        assert!(!out.contains("$(reboot)") || !out.contains("spec.nodeName=node-a$(reboot)"), "{out}");
+        assert!(!out.contains("--endpoint shop/web"), "{out}");
     }
 }

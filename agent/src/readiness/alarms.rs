@@ -12,7 +12,13 @@ use futures::future::BoxFuture;
 use thiserror::Error;
 
 use super::report::{EndpointReadiness, ReadinessReport, ReadinessState};
-use crate::model::{Direction, EndpointKind};
+use crate::{
+    model::{Direction, EndpointKind},
+    text::{escape_for_terminal as escape, neutralize},
+};
+
+/// Longest alarm message logged, in characters.
+const MAX_MESSAGE_CHARS: usize = 2048;
 
 /// The object an Event is attached to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -258,7 +264,13 @@ impl AlarmManager {
                 .get(&a.key)
                 .is_none_or(|&t| now.duration_since(t).unwrap_or_default() >= self.limits.repeat_after);
             if !self.active.contains(&a.key) {
-                tracing::warn!(key = %a.key, kind = a.kind.reason(), target = ?a.target.as_ref().map(|t| t.to_string()), "{}", a.message);
+                tracing::warn!(
+                    key = %neutralize(&a.key, MAX_MESSAGE_CHARS),
+                    kind = a.kind.reason(),
+                    target = ?a.target.as_ref().map(|t| escape(&t.to_string())),
+                    "{}",
+                    neutralize(&a.message, MAX_MESSAGE_CHARS)
+                );
                 outcome.new.push(a.key.clone());
             }
             if due && a.target.is_some() {
@@ -303,7 +315,7 @@ impl AlarmManager {
                     outcome.published.push(event);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "alarm event not published; will retry next round");
+                    tracing::warn!(error = %neutralize(&e.to_string(), MAX_MESSAGE_CHARS), "alarm event not published; will retry next round");
                     outcome.errors.push(e.to_string());
                 }
             }
@@ -401,9 +413,10 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
             kind: AlarmKind::HostLockoutInProgress,
             target: node_target.clone(),
             message: format!(
-                "host firewall is dropping what look like replies from {remote} to the node's ephemeral ports ({n} \
+                "host firewall is dropping what look like replies from {} to the node's ephemeral ports ({n} \
                  notifications): connections opened before enforcement ({}) may be cut",
-                if services.is_empty() { "service unknown".into() } else { services.join(", ") }
+                escape(remote),
+                if services.is_empty() { "service unknown".into() } else { escape(&services.join(", ")) }
             ),
         });
     }
@@ -416,7 +429,7 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
                 "host firewall dropped {} packet(s) {} {} (reason {}; drop notifications carry no port){}",
                 d.notifications,
                 arrow(d.direction),
-                d.remote,
+                escape(&d.remote),
                 d.reason,
                 if d.after_switch { ", right after audit mode went off" } else { "" }
             ),
@@ -447,7 +460,7 @@ pub fn alarms_from(report: &ReadinessReport) -> Vec<Alarm> {
                     e.display_name(),
                     f.direction.as_str(),
                     arrow(f.direction),
-                    f.remote_name,
+                    escape(&f.remote_name),
                     f.port,
                     f.protocol,
                     f.notifications

@@ -1,7 +1,8 @@
 //! Flows a node cannot live without: the host-firewall lockout catalogue.
 //!
-//! Built in for kubeadm, Talos, k3s and RKE2; an operator overrides it with
-//! a YAML file (`--critical-flows FILE`):
+//! Built in for kubeadm, Talos, k3s and RKE2, with the API server's ports
+//! as an input; an operator overrides it with a YAML or JSON file
+//! (`--critical-flows FILE`), documented in `docs/critical-flows.md`:
 //!
 //! ```yaml
 //! # false (default): entries replace built-ins of the same service name,
@@ -111,6 +112,64 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+/// kubeadm, Talos, k3s and RKE2 serve the API on 6443; minikube uses 8443 and
+/// managed offerings 443, which is why the port is an input.
+pub const DEFAULT_API_SERVER_PORT: u16 = 6443;
+
+/// The API server entries: one per port. On self-managed control planes
+/// (kubeadm, Talos, k3s) the API server runs on the host, so every in-cluster
+/// client (kubelets, controllers, operators, Cilium itself, any pod using
+/// its service account) reaches it on the host endpoint: pod identities
+/// (`cluster`) are lockout-critical there, not only `kube-apiserver`,
+/// `remote-node` and `world`.
+fn api_server_flows(ports: &[u16]) -> Vec<CriticalFlow> {
+    let mut ports = ports.to_vec();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+        .into_iter()
+        .filter(|&p| p != 0)
+        .enumerate()
+        .map(|(i, port)| CriticalFlow {
+            service: if i == 0 { "kube-apiserver".into() } else { format!("kube-apiserver-{port}") },
+            protocol: CatalogueProtocol::Tcp,
+            ports: Some(PortRange::one(port)),
+            icmp_types: Vec::new(),
+            remotes: vec![
+                RemoteSide::RemoteNode,
+                RemoteSide::KubeApiserver,
+                RemoteSide::Host,
+                RemoteSide::World,
+                RemoteSide::Cluster,
+            ],
+            directions: vec![Direction::Ingress, Direction::Egress],
+            description: "Kubernetes API: kubelets, controllers and every pod that talks to it reach it on the \
+                          control-plane host; operators reach it from outside"
+                .into(),
+        })
+        .collect()
+}
+
+/// The API server ports a set of flows shows: the destination ports of
+/// egress verdicts towards the `kube-apiserver` identity (7), which is how
+/// pods and the host reach it. For `analyze` and `suggest --input`, next to
+/// `--api-server-port`; empty when the capture shows none.
+pub fn api_server_ports_in(flows: &[crate::model::FlowRecord]) -> Vec<u16> {
+    let mut ports: Vec<u16> = flows
+        .iter()
+        .filter(|f| {
+            f.direction == Direction::Egress
+                && f.remote_identity == crate::cilium::identity::KUBE_APISERVER
+                && f.proto == 6
+                && f.dst_port != 0
+        })
+        .map(|f| f.dst_port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 fn both_directions() -> Vec<Direction> {
     vec![Direction::Ingress, Direction::Egress]
 }
@@ -185,8 +244,8 @@ pub enum CatalogueError {
         "the critical-flow catalogue {path} is not valid YAML for verdict-agent: {source}; see the format in `verdict-agent --help` or docs"
     )]
     Parse { path: String, source: serde_yaml::Error },
-    #[error("critical flow {service:?} in {path}: {problem}")]
-    Invalid { path: String, service: String, problem: String },
+    #[error("critical flow \"{service}\" in {path}{}: {problem}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid { path: String, line: Option<usize>, service: String, problem: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +278,15 @@ impl CriticalCatalogue {
     /// reach the node from outside (API, SSH, Talos API, BGP peers, joining
     /// nodes), since scanners hit everything else too.
     pub fn builtin() -> CriticalCatalogue {
+        CriticalCatalogue::builtin_for(&[DEFAULT_API_SERVER_PORT])
+    }
+
+    /// The built-in catalogue for an API server listening on `api_server_ports`
+    /// (live: the ports of the `kubernetes` EndpointSlice; offline:
+    /// `--api-server-port`). No port given means 6443.
+    pub fn builtin_for(api_server_ports: &[u16]) -> CriticalCatalogue {
+        let api_server_ports =
+            if api_server_ports.is_empty() { &[DEFAULT_API_SERVER_PORT][..] } else { api_server_ports };
         use CatalogueProtocol::*;
         use RemoteSide::*;
         const IN: Direction = Direction::Ingress;
@@ -238,15 +306,7 @@ impl CriticalCatalogue {
             description: desc.into(),
         };
         let both = &[IN, OUT];
-        let flows = vec![
-            f(
-                "kube-apiserver",
-                Tcp,
-                Some(PortRange::one(6443)),
-                &[RemoteNode, KubeApiserver, Host, World],
-                both,
-                "Kubernetes API: kubelets and controllers reach it, operators reach it from outside",
-            ),
+        let mut flows = vec![
             f(
                 "kubelet",
                 Tcp,
@@ -345,7 +405,24 @@ impl CriticalCatalogue {
                 both,
                 "RKE2/k3s supervisor: nodes join and fetch certificates through it",
             ),
+            f(
+                "kubespan",
+                Udp,
+                Some(PortRange::one(51820)),
+                &[RemoteNode, Host, World],
+                both,
+                "Talos KubeSpan WireGuard mesh between nodes (peers may be reached on public addresses)",
+            ),
+            f(
+                "ntp",
+                Udp,
+                Some(PortRange::one(123)),
+                &[World, Cluster, RemoteNode, Host],
+                &[OUT],
+                "Time sync of the node: certificates and etcd fail when clocks drift",
+            ),
         ];
+        flows.splice(0..0, api_server_flows(api_server_ports));
         CriticalCatalogue { flows, source: "built-in".into() }
     }
 
@@ -358,7 +435,7 @@ impl CriticalCatalogue {
         let file: CatalogueFile =
             serde_yaml::from_str(yaml).map_err(|source| CatalogueError::Parse { path: path.into(), source })?;
         for flow in &file.flows {
-            validate(flow, path)?;
+            validate(flow, path).map_err(|e| with_line(e, yaml))?;
         }
         let (mut flows, source) = if file.replace {
             (Vec::new(), path.to_owned())
@@ -367,11 +444,15 @@ impl CriticalCatalogue {
         };
         for name in &file.disable {
             if !flows.iter().any(|f| &f.service == name) && !file.replace {
-                return Err(CatalogueError::Invalid {
-                    path: path.into(),
-                    service: name.clone(),
-                    problem: "listed under `disable` but no such service exists; check the spelling".into(),
-                });
+                return Err(with_line(
+                    CatalogueError::Invalid {
+                        path: path.into(),
+                        line: None,
+                        service: crate::text::escape_for_terminal(name),
+                        problem: "listed under `disable` but no such service exists; check the spelling".into(),
+                    },
+                    yaml,
+                ));
             }
             flows.retain(|f| &f.service != name);
         }
@@ -386,10 +467,17 @@ impl CriticalCatalogue {
 
     /// The built-in catalogue with the file's overrides applied.
     pub fn load(path: &Path) -> Result<CriticalCatalogue, CatalogueError> {
+        CriticalCatalogue::load_for(path, &[])
+    }
+
+    /// [`CriticalCatalogue::builtin_for`] `api_server_ports`, with the file's
+    /// overrides applied (an entry of the file wins over a built-in one of
+    /// the same service name).
+    pub fn load_for(path: &Path, api_server_ports: &[u16]) -> Result<CriticalCatalogue, CatalogueError> {
         let shown = path.display().to_string();
         let text =
             std::fs::read_to_string(path).map_err(|source| CatalogueError::Read { path: shown.clone(), source })?;
-        CriticalCatalogue::with_overrides(CriticalCatalogue::builtin(), &text, &shown)
+        CriticalCatalogue::with_overrides(CriticalCatalogue::builtin_for(api_server_ports), &text, &shown)
     }
 
     /// The first entry this flow of the host endpoint matches.
@@ -403,10 +491,23 @@ impl CriticalCatalogue {
     }
 }
 
+/// Adds the line of the file where the named service first appears (serde
+/// gives parse errors their line, not validation errors).
+fn with_line(e: CatalogueError, yaml: &str) -> CatalogueError {
+    match e {
+        CatalogueError::Invalid { path, line: None, service, problem } => {
+            let line = yaml.lines().position(|l| l.contains(service.as_str())).map(|i| i + 1);
+            CatalogueError::Invalid { path, line, service, problem }
+        }
+        e => e,
+    }
+}
+
 fn validate(flow: &CriticalFlow, path: &str) -> Result<(), CatalogueError> {
     let invalid = |problem: &str| CatalogueError::Invalid {
         path: path.into(),
-        service: flow.service.clone(),
+        line: None,
+        service: crate::text::escape_for_terminal(&flow.service),
         problem: problem.into(),
     };
     if flow.service.trim().is_empty() {
@@ -462,6 +563,35 @@ mod tests {
         assert_eq!(hit(IN, 6, 179, World), Some("bgp"));
         assert_eq!(hit(IN, 6, 9345, RemoteNode), Some("rke2-k3s-supervisor"));
         assert_eq!(hit(IN, 6, 8080, RemoteNode), None);
+        assert_eq!(hit(IN, 6, 6443, Cluster), Some("kube-apiserver"), "pods reach the API server on the host");
+        assert_eq!(hit(IN, 17, 51820, RemoteNode), Some("kubespan"));
+        assert_eq!(hit(IN, 17, 51820, World), Some("kubespan"));
+        assert_eq!(hit(OUT, 17, 123, World), Some("ntp"));
+        assert_eq!(hit(IN, 17, 123, World), None);
+    }
+
+    #[test]
+    fn api_server_ports_from_a_capture() {
+        use crate::{model::Verdict, readiness::testkit::flow};
+        let t = crate::readiness::testkit::now();
+        let flows = [
+            flow(1001, Direction::Egress, 7, 6, 8443, Verdict::Allowed, 3, t, t),
+            flow(1002, Direction::Egress, 7, 6, 8443, Verdict::Audited, 1, t, t),
+            flow(1002, Direction::Ingress, 7, 6, 10250, Verdict::Allowed, 1, t, t),
+            flow(1003, Direction::Egress, 51001, 6, 6443, Verdict::Allowed, 1, t, t),
+        ];
+        assert_eq!(api_server_ports_in(&flows), vec![8443]);
+    }
+
+    #[test]
+    fn the_api_server_port_is_an_input() {
+        use RemoteSide::*;
+        let c = CriticalCatalogue::builtin_for(&[8443, 443, 8443]);
+        let hit = |port, remote| c.find(Direction::Ingress, 6, port, remote).map(|f| f.service.clone());
+        assert_eq!(hit(443, Cluster).as_deref(), Some("kube-apiserver"));
+        assert_eq!(hit(8443, World).as_deref(), Some("kube-apiserver-8443"));
+        assert_eq!(hit(6443, Cluster), None, "6443 is only the default");
+        assert_eq!(CriticalCatalogue::builtin_for(&[]), CriticalCatalogue::builtin());
     }
 
     #[test]
@@ -503,8 +633,17 @@ flows:
         )
         .unwrap_err();
         assert!(e.to_string().contains("`ports` is required"), "{e}");
+        assert!(e.to_string().contains("(line 2)"), "{e}");
         let e = CriticalCatalogue::with_overrides(base(), "disable: [shh]\n", "f").unwrap_err();
-        assert!(e.to_string().contains("\"shh\""), "{e}");
+        assert!(e.to_string().contains("\"shh\" in f (line 1)"), "{e}");
+        // JSON is YAML: the same format as a JSON document.
+        let json = r#"{"flows": [{"service": "x", "protocol": "tcp", "ports": "7000", "remotes": ["world"]}]}"#;
+        let c = CriticalCatalogue::with_overrides(base(), json, "f.json").unwrap();
+        assert_eq!(c.find(Direction::Ingress, 6, 7000, RemoteSide::World).unwrap().service, "x");
+        // A parse error says where.
+        let e =
+            CriticalCatalogue::with_overrides(base(), "flows:\n  - {service: a, protocol: tcpp}\n", "f").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
         let e = CriticalCatalogue::with_overrides(
             base(),
             "flows:\n  - {service: a, protocol: tcp, ports: 70000, remotes: [host]}\n",

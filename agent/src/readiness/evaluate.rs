@@ -274,7 +274,7 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
 
     let mut directions = Vec::new();
     let mut all_gates = endpoint_gates.clone();
-    let (mut would_deny, mut allowed, mut denied) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut would_deny, mut allowed, mut denied, mut explicit_deny) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for dir in [Direction::Ingress, Direction::Egress] {
         let dflows: Vec<(usize, &FlowRecord)> = flows.iter().copied().filter(|(_, f)| f.direction == dir).collect();
         let refs: Vec<&FlowRecord> = dflows.iter().map(|(_, f)| *f).collect();
@@ -287,6 +287,7 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
                 continue;
             }
             match f.verdict {
+                Verdict::Audited if super::is_explicit_deny_hit(f) => explicit_deny.push(idx),
                 Verdict::Audited => {
                     wd += 1;
                     would_deny.push(idx);
@@ -314,6 +315,7 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
     let (would_deny, would_deny_left_out) = listed(ctx, would_deny);
     let (allowed, allowed_left_out) = listed(ctx, allowed);
     let (denied, denied_left_out) = listed(ctx, denied);
+    let (explicit_deny, explicit_deny_left_out) = listed(ctx, explicit_deny);
     let (state, reason) = combine(&directions);
     let mut ep = EndpointReadiness {
         endpoint_id: id,
@@ -330,7 +332,13 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
         would_deny,
         allowed,
         denied,
-        left_out: FlowsLeftOut { would_deny: would_deny_left_out, allowed: allowed_left_out, denied: denied_left_out },
+        explicit_deny,
+        left_out: FlowsLeftOut {
+            would_deny: would_deny_left_out,
+            allowed: allowed_left_out,
+            denied: denied_left_out,
+            explicit_deny: explicit_deny_left_out,
+        },
         gates: all_gates,
         noise_notifications_total: ctx.noise_totals.get(&id).copied().unwrap_or(0),
     };
@@ -445,6 +453,16 @@ fn direction_gates(
     gates
 }
 
+/// Why a silent host direction in audit mode (Cilium 1.16+) is no evidence:
+/// `policy_log.h` in bpf_host returns before emitting when the match type is
+/// `all` and the verdict is CTX_ACT_OK, which it is after audit mode turned
+/// a deny into an allow (see docs/cilium-compatibility.md, "Silence of the
+/// host firewall").
+const HOST_MATCH_ALL_SILENCE: &str = "bpf_host (Cilium 1.16+) emits no verdict for traffic matched with match type \
+    `all` once audit mode has allowed it: traffic audited by a catch-all host deny (`fromEntities: [all]` without \
+    ports) and, from 1.20, by entity rules without ports leaves no trace, so this silence may hide traffic \
+    enforcement would drop; give the catch-all rule ports or capture drops after a short enforcement test";
+
 /// The most likely reason a direction is silent, most fundamental first.
 fn diagnose_silence(ctx: &Ctx<'_>, is_host: bool, fx: &Facts, short_observation: bool) -> (Reason, String) {
     let env = ctx.input.environment;
@@ -454,8 +472,9 @@ fn diagnose_silence(ctx: &Ctx<'_>, is_host: bool, fx: &Facts, short_observation:
     if is_host && env.cilium_version.is_some_and(|v| !v.at_least(1, 16)) {
         return (
             Reason::HostProgramPre116,
-            "before 1.16 the host firewall emits verdicts only for the policy bpf_host was loaded with \
-             (cilium#21884)"
+            "before Cilium 1.16 bpf_host emits verdicts only for the directions its filter had when it was compiled \
+             (at load time, not on policy changes, cilium#21884); restart the Cilium agent on this node after the \
+             last host policy change, and capture drops as well"
                 .into(),
         );
     }
@@ -470,6 +489,9 @@ fn diagnose_silence(ctx: &Ctx<'_>, is_host: bool, fx: &Facts, short_observation:
             Reason::NoPolicy,
             "most likely no policy selects the endpoint in this direction (inferred: nothing was ever seen)".into(),
         );
+    }
+    if is_host && fx.audit != Some(false) {
+        return (Reason::HostMatchAllSuppressed, HOST_MATCH_ALL_SILENCE.into());
     }
     (
         Reason::NoTraffic,
@@ -511,23 +533,26 @@ fn host_endpoint_gates(ctx: &Ctx<'_>, flows: &[(usize, &FlowRecord)]) -> Vec<Gat
     gates.push(match ctx.input.environment.cilium_version {
         Some(v) if v.at_least(1, 16) => host_program
             .passed(Some(FactSource::CiliumApi), format!("Cilium {v}: the host firewall emits policy verdicts")),
-        // Before 1.16 bpf_host takes its verdict filter from the host policy
-        // at load time and is not reloaded on policy changes (cilium#21884).
+        // Before 1.16 bpf_host takes its verdict filter from the host's
+        // policy when it is compiled and is not reloaded when the policy
+        // changes (cilium#21884): verdicts that flow are real, but a
+        // direction whose policy came later may be silent.
         Some(v) if host_verdicts > 0 => host_program.advisory().passed(
             Some(FactSource::CiliumApi),
             format!(
-                "Cilium {v}: the host firewall's verdicts are arriving; before 1.16 bpf_host is compiled with the \
-                 host's verdict filter when it is loaded and not reloaded on policy changes (cilium#21884), so a \
-                 direction whose host policy changed since the last agent restart may emit none, and host denials \
-                 show mostly as drops"
+                "Cilium {v}: the host firewall emits policy verdicts ({host_verdicts} flows seen), but before 1.16 \
+                 only for the directions its filter had when bpf_host was last compiled (not on policy changes, \
+                 cilium#21884): a direction or rule added since the Cilium agent last restarted may emit nothing; \
+                 restart the Cilium agent on this node after the last host policy change to be sure"
             ),
         ),
         Some(v) => host_program.failed(
             Some(FactSource::CiliumApi),
             format!(
-                "Cilium {v}: no host policy verdict seen; before 1.16 bpf_host is compiled with the host's verdict \
-                 filter when it is loaded and not reloaded on policy changes (cilium#21884), so audited host traffic \
-                 may be invisible: restart the Cilium agent after applying the host policy and capture drops as well"
+                "Cilium {v}: no host policy verdict seen; before 1.16 bpf_host emits verdicts only for the \
+                 directions its filter had when it was compiled (at load time, cilium#21884), so audited host \
+                 traffic may be invisible; restart the Cilium agent on this node after the last host policy change, \
+                 or capture with `-t drop` as well"
             ),
         ),
         None if host_verdicts > 0 => host_program.passed(
@@ -602,6 +627,32 @@ pub(super) fn host_checks(ctx: &Ctx<'_>, host_entry: Option<&EndpointReadiness>)
 }
 
 fn describe(ep: &EndpointReadiness, min_evidence: Duration) -> String {
+    let mut text = describe_reason(ep, min_evidence);
+    // Traffic dropped now is news whatever the state says: an enforcing or
+    // silent endpoint that is dropping must not read as quiet.
+    let denied = ep.denied.len() + ep.left_out.denied;
+    if denied > 0 && ep.reason != Reason::Enforcing {
+        let f = &ep.denied[0];
+        text.push_str(&format!(
+            "; {denied} flow(s) denied now, e.g. {} {} {} {}/{}",
+            f.direction.as_str(),
+            if f.direction == Direction::Ingress { "from" } else { "to" },
+            crate::text::escape_for_terminal(&f.remote_name),
+            f.port,
+            f.protocol
+        ));
+    }
+    let explicit = ep.explicit_deny.len() + ep.left_out.explicit_deny;
+    if explicit > 0 {
+        text.push_str(&format!(
+            "; {explicit} audited flow(s) matched a deny rule: enforcement drops them as the policy says (no allow \
+             is suggested for them)"
+        ));
+    }
+    text
+}
+
+fn describe_reason(ep: &EndpointReadiness, min_evidence: Duration) -> String {
     match ep.reason {
         Reason::WouldDenyFlows => {
             let first = &ep.would_deny[0];
@@ -610,7 +661,7 @@ fn describe(ep: &EndpointReadiness, min_evidence: Duration) -> String {
                 ep.would_deny_flows(),
                 first.direction.as_str(),
                 if first.direction == Direction::Ingress { "from" } else { "to" },
-                first.remote_name,
+                crate::text::escape_for_terminal(&first.remote_name),
                 first.port,
                 first.protocol
             )
@@ -645,6 +696,7 @@ pub fn rejudge(ep: &EndpointReadiness, generated_at: SystemTime, lookback: Durat
     keep(&mut out.would_deny);
     keep(&mut out.allowed);
     keep(&mut out.denied);
+    keep(&mut out.explicit_deny);
     let is_host = ep.kind == EndpointKind::Host;
     let mut gates: Vec<Gate> = Vec::new();
     for g in &ep.gates {
@@ -672,7 +724,7 @@ pub fn rejudge(ep: &EndpointReadiness, generated_at: SystemTime, lookback: Durat
             }
             ("verdicts_seen", Some(dir)) => {
                 let n = |v: &Vec<FlowEntry>| v.iter().filter(|f| f.direction == dir).count();
-                let (a, w, x) = (n(&out.allowed), n(&out.would_deny), n(&out.denied));
+                let (a, w, x) = (n(&out.allowed), n(&out.would_deny) + n(&out.explicit_deny), n(&out.denied));
                 if a + w + x > 0 {
                     g.status = GateStatus::Passed;
                     g.cause = Some(Reason::NoTraffic);

@@ -492,13 +492,23 @@ fn accumulate(
             Some(p) if f.notifications >= p => f.notifications - p,
             _ => f.notifications,
         };
-        if f.verdict == Verdict::Audited {
+        if f.verdict == Verdict::Audited && !is_explicit_deny_hit(f) {
             *would_deny_totals.entry((f.endpoint_id, f.direction)).or_default() += delta;
         }
         if noise.contains(&idx) {
             *noise_totals.entry(f.endpoint_id).or_default() += delta;
         }
     }
+}
+
+/// An audited verdict whose match type is not `none` was matched by a deny
+/// rule: audit mode let it through, enforcement will drop it as the
+/// operator asked. It needs no allow (deny wins in Cilium) and breaks
+/// nothing the operator did not mean to close. Match type `none` (no rule
+/// matched: the default deny) and match types this build does not know
+/// stay would-deny: an unknown value must not hide a flow that would break.
+pub fn is_explicit_deny_hit(f: &FlowRecord) -> bool {
+    f.verdict == Verdict::Audited && f.source == NotifySource::PolicyVerdict && (1..=6).contains(&f.match_type)
 }
 
 /// One evaluation without history: what `analyze` and tests use.

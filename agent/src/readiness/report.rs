@@ -60,11 +60,15 @@ pub enum Reason {
     NoPolicy,
     /// Policy verdict notifications are off (endpoint option or agent flag).
     VerdictNotificationsOff,
-    /// The host firewall of Cilium before 1.16 emits no policy verdicts.
+    /// The host firewall of Cilium before 1.16 emits verdicts only for the
+    /// directions its filter had when bpf_host was compiled (cilium#21884).
     #[serde(rename = "host_program_pre_1_16")]
     HostProgramPre116,
     /// Cilium's events rate limit dropped notifications.
     RateLimited,
+    /// A silent host direction in audit mode on Cilium 1.16+: bpf_host emits
+    /// nothing for traffic a catch-all deny audited (match type `all`).
+    HostMatchAllSuppressed,
     /// Observed for less than the minimum evidence time (or unknown).
     WindowTooShort,
     /// Policy applies, notifications flow, nothing was seen.
@@ -85,6 +89,7 @@ impl Reason {
             Reason::VerdictNotificationsOff => "verdict_notifications_off",
             Reason::HostProgramPre116 => "host_program_pre_1_16",
             Reason::RateLimited => "rate_limited",
+            Reason::HostMatchAllSuppressed => "host_match_all_suppressed",
             Reason::WindowTooShort => "window_too_short",
             Reason::NoTraffic => "no_traffic",
         }
@@ -209,6 +214,10 @@ pub struct EndpointReadiness {
     pub allowed: Vec<FlowEntry>,
     /// Flows already denied (enforcing, or deny rules).
     pub denied: Vec<FlowEntry>,
+    /// Audited flows a deny rule matched (match type not `none`): enforcement
+    /// drops them on purpose. Never would-deny, never suggested.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub explicit_deny: Vec<FlowEntry>,
     /// Flows of the evidence period beyond what the lists above hold.
     #[serde(default, skip_serializing_if = "FlowsLeftOut::is_empty")]
     pub left_out: FlowsLeftOut,
@@ -228,6 +237,12 @@ pub struct FlowsLeftOut {
     pub would_deny: usize,
     pub allowed: usize,
     pub denied: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub explicit_deny: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl FlowsLeftOut {
@@ -242,12 +257,14 @@ impl EndpointReadiness {
         self.would_deny.len() + self.left_out.would_deny
     }
 
-    /// `ns/pod`, `host`, `health`, or the endpoint ID: how tables name it.
+    /// The endpoint's name for people (logs, terminals, comments): `host`,
+    /// `NAMESPACE/POD` escaped with [`crate::text::escape_for_terminal`], or
+    /// `endpoint ID`. The raw names stay in `namespace` and `pod`.
     pub fn display_name(&self) -> String {
         match (&self.namespace, &self.pod, self.kind) {
             (_, _, EndpointKind::Host) => "host".into(),
             (_, _, EndpointKind::Health) => "health".into(),
-            (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
+            (Some(ns), Some(pod), _) => crate::text::escape_for_terminal(&format!("{ns}/{pod}")),
             _ => format!("endpoint {}", self.endpoint_id),
         }
     }
@@ -309,7 +326,15 @@ pub struct LockoutEntry {
 impl LockoutEntry {
     /// "service direction remote port/protocol", as logs, alarms and the CLI print it.
     pub fn describe(&self) -> String {
-        format!("{} {} {} {}/{}", self.service, self.direction.as_str(), self.remote, self.port, self.protocol)
+        use crate::text::escape_for_terminal as escape;
+        format!(
+            "{} {} {} {}/{}",
+            escape(&self.service),
+            self.direction.as_str(),
+            escape(&self.remote),
+            self.port,
+            escape(&self.protocol)
+        )
     }
 }
 

@@ -673,3 +673,89 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn explicit_deny_hits_are_reported_never_would_break_nor_suggested() {
+    let long = ago(48 * 3600);
+    let covered = Some(HostPolicyCoverage {
+        selecting: vec!["hp".into()],
+        selecting_no_node: vec![],
+        source: FactSource::Kubernetes,
+    });
+    let allowed = flow(HOST, Direction::Ingress, 7, 6, 6443, Verdict::Allowed, 10, ago(40 * 3600), ago(10));
+    // Audited with match L3-L4: a deny rule matched (audit mode let it through).
+    let mut deny_hit = flow(HOST, Direction::Ingress, 2, 6, 8080, Verdict::Audited, 4, ago(40 * 3600), ago(20));
+    deny_hit.match_type = 2;
+    let r =
+        report_for(&host_only(host_info(true), covered.clone()), &[allowed.clone(), deny_hit.clone()], long, env_ok());
+    let h = ep(&r, HOST);
+    assert_ne!(h.state, ReadinessState::WouldBreak, "{}", h.detail);
+    assert!(h.would_deny.is_empty());
+    assert_eq!(h.explicit_deny.len(), 1);
+    assert!(h.detail.contains("matched a deny rule"), "{}", h.detail);
+    let s = crate::suggest::suggest(&r, None, &crate::suggest::SuggestOptions::default()).unwrap();
+    assert!(s.is_empty(), "an explicit deny is never suggested: {s:?}");
+    // Match type none (no rule: the default deny) stays would-deny; so does
+    // a match type this build does not know.
+    for m in [0u8, 7] {
+        let mut missing_allow = deny_hit.clone();
+        missing_allow.match_type = m;
+        let r =
+            report_for(&host_only(host_info(true), covered.clone()), &[allowed.clone(), missing_allow], long, env_ok());
+        assert_eq!(ep(&r, HOST).state, ReadinessState::WouldBreak, "match type {m}");
+    }
+}
+
+#[test]
+fn pre_1_16_host_verdicts_that_flow_pass_with_a_caveat() {
+    let long = ago(48 * 3600);
+    let covered = Some(HostPolicyCoverage {
+        selecting: vec!["hp".into()],
+        selecting_no_node: vec![],
+        source: FactSource::Kubernetes,
+    });
+    let old = EvidenceEnvironment { cilium_version: Some("v1.13.4".parse().unwrap()), ..env_ok() };
+    let mut h = host_info(true);
+    h.egress = dp(false, true);
+    let flows = [flow(HOST, Direction::Ingress, 7, 6, 6443, Verdict::Allowed, 10, ago(40 * 3600), ago(10))];
+    let r = report_for(&host_only(h, covered), &flows, long, old);
+    let e = ep(&r, HOST);
+    let gate = e.gates.iter().find(|g| g.name == "host_program_version").unwrap();
+    assert_eq!(gate.status, GateStatus::Passed, "{}", gate.detail);
+    assert!(gate.detail.contains("cilium#21884") && !gate.detail.contains("upgrade"), "{}", gate.detail);
+    assert_ne!(e.reason, Reason::HostProgramPre116, "{}", e.detail);
+}
+
+#[test]
+fn silent_audited_host_direction_on_1_16_names_match_all_suppression() {
+    let long = ago(48 * 3600);
+    let covered = Some(HostPolicyCoverage {
+        selecting: vec!["hp".into()],
+        selecting_no_node: vec![],
+        source: FactSource::Kubernetes,
+    });
+    let mut h = host_info(true);
+    h.egress = dp(false, true);
+    let r = report_for(&host_only(h, covered), &[], long, env_ok());
+    let e = ep(&r, HOST);
+    assert_eq!((e.state, e.reason), (ReadinessState::NoEvidence, Reason::HostMatchAllSuppressed), "{}", e.detail);
+    assert!(e.detail.contains("match type `all`"), "{}", e.detail);
+}
+
+#[test]
+fn denials_are_described_whatever_the_state() {
+    let long = ago(48 * 3600);
+    let covered = Some(HostPolicyCoverage {
+        selecting: vec!["hp".into()],
+        selecting_no_node: vec![],
+        source: FactSource::Kubernetes,
+    });
+    let mut h = host_info(false);
+    h.egress = dp(false, false);
+    let denied = flow(HOST, Direction::Ingress, 2, 6, 22, Verdict::Denied, 30, ago(3600), ago(5));
+    let r = report_for(&host_only(h, covered), &[denied], long, env_ok());
+    let e = ep(&r, HOST);
+    assert_eq!(e.denied.len(), 1);
+    assert!(e.reason == Reason::Enforcing || e.detail.contains("denied now"), "{:?}: {}", e.reason, e.detail);
+    assert!(e.detail.contains("denied"), "{}", e.detail);
+}

@@ -4,7 +4,6 @@
 //! suggested policies applied is a real check, not a restatement).
 
 pub mod policy_model;
-pub mod regex;
 pub mod schema;
 
 use std::{
@@ -437,8 +436,17 @@ impl Scenario {
 /// A stand-in for the agent's HTTP server: one fixed answer to every
 /// request; the request lines are recorded.
 pub async fn serve(status: u16, body: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    serve_at("127.0.0.1:0", status, body).await
+}
+
+/// [`serve`] on a given loopback address (tests that must stay in a port range).
+pub async fn serve_at(
+    addr: &str,
+    status: u16,
+    body: String,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     let url = format!("http://{}", listener.local_addr().unwrap());
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();

@@ -9,11 +9,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write,
     net::IpAddr,
-    path::PathBuf,
-    process::ExitCode,
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use k8s_crds_cilium::{
@@ -43,8 +40,18 @@ use crate::{
         RemoteSide,
         report::{EndpointReadiness, FlowEntry, ReadinessReport},
     },
+    text::escape_for_terminal as escape,
     timefmt::format_rfc3339,
 };
+
+mod cli;
+#[cfg(test)]
+mod hostile_tests;
+pub mod labels;
+mod render;
+
+pub use cli::{SuggestArgs, SuggestFormat, run, run_with};
+pub use render::render;
 
 /// Choices the report cannot make.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,11 +85,18 @@ impl Default for SuggestOptions {
 #[derive(Debug, Error)]
 pub enum SuggestError {
     #[error(
-        "no endpoint in the report matches {selector:?}; use `host`, an endpoint ID, or NAMESPACE/POD as `preflight` lists them"
+        "no endpoint in the report matches \"{}\"; use `host`, an endpoint ID, or NAMESPACE/POD as `preflight` lists them",
+        escape(selector)
     )]
     NoSuchEndpoint { selector: String },
-    #[error("cannot serialize the suggested policy {name}: {source}")]
-    Yaml { name: String, source: serde_yaml::Error },
+    #[error("cannot serialize the suggested policy {name}")]
+    Yaml {
+        name: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("refusing to print the suggested policy {name}: {problem}; this is a bug, please report it with the input")]
+    Unsafe { name: String, problem: String },
 }
 
 /// Either kind of policy, as built.
@@ -117,80 +131,6 @@ pub struct Suggestion {
     pub rule_comments: Vec<String>,
     /// What the policy does not cover, or covers wider than observed.
     pub notes: Vec<String>,
-}
-
-impl Suggestion {
-    /// The YAML document with the comments in place.
-    pub fn to_yaml(&self) -> Result<String, SuggestError> {
-        let mut out = String::new();
-        out.push_str(&format!("# verdict-agent suggestion for {} (endpoint {})\n", self.endpoint, self.endpoint_id));
-        for n in &self.notes {
-            for line in wrap(n, 100) {
-                out.push_str(&format!("# {line}\n"));
-            }
-        }
-        let Some(policy) = &self.policy else {
-            out.push_str("# nothing to suggest\n");
-            return Ok(out);
-        };
-        let yaml = match policy {
-            SuggestedPolicy::Namespaced(p) => serde_yaml::to_string(p),
-            SuggestedPolicy::Clusterwide(p) => serde_yaml::to_string(p),
-        }
-        .map_err(|source| SuggestError::Yaml { name: policy.name(), source })?;
-        out.push_str(&annotate_rules(&yaml, &self.rule_comments));
-        Ok(out)
-    }
-}
-
-/// Suggestions as one multi-document YAML stream.
-pub fn render(suggestions: &[Suggestion]) -> Result<String, SuggestError> {
-    let docs: Result<Vec<String>, _> = suggestions.iter().map(Suggestion::to_yaml).collect();
-    Ok(docs?.join("---\n"))
-}
-
-/// Inserts `# comment` lines before each rule of `spec.ingress` and then
-/// `spec.egress` (serde_yaml writes them as `  - ` items under `  ingress:`).
-fn annotate_rules(yaml: &str, comments: &[String]) -> String {
-    let mut out = String::with_capacity(yaml.len() + comments.iter().map(String::len).sum::<usize>());
-    let mut in_rules = false;
-    let mut next = comments.iter();
-    for line in yaml.lines() {
-        if line == "  ingress:" || line == "  egress:" {
-            in_rules = true;
-        } else if in_rules && !line.starts_with("  - ") && !line.starts_with("    ") {
-            in_rules = false;
-        }
-        if in_rules
-            && line.starts_with("  - ")
-            && let Some(c) = next.next()
-        {
-            for l in wrap(c, 100) {
-                out.push_str(&format!("  # {l}\n"));
-            }
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
-fn wrap(text: &str, width: usize) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut cur = String::new();
-    for w in text.split_whitespace() {
-        if !cur.is_empty() && cur.len() + 1 + w.len() > width {
-            lines.push(std::mem::take(&mut cur));
-        }
-        if !cur.is_empty() {
-            cur.push(' ');
-        }
-        cur.push_str(w);
-    }
-    if !cur.is_empty() {
-        lines.push(cur);
-    }
-    lines
 }
 
 /// Who a rule allows.
@@ -270,43 +210,14 @@ fn host_cidr(a: &IpAddr) -> String {
     }
 }
 
-/// Labels of a workload identity usable in a selector: the `k8s:` ones,
-/// which include the namespace (so the selector does not default to the
-/// policy's own namespace).
-fn selector_labels(labels: &[String]) -> BTreeMap<String, String> {
-    labels
-        .iter()
-        .filter(|l| l.starts_with("k8s:"))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-/// The endpoint's own selector: its workload labels, without the namespace
-/// (a CiliumNetworkPolicy only selects in its namespace) and without
-/// Cilium's policy bookkeeping labels unless nothing else is left.
-fn subject_labels(labels: &[String]) -> BTreeMap<String, String> {
-    let all = selector_labels(labels);
-    let own: BTreeMap<String, String> = all
-        .iter()
-        .filter(|(k, _)| !k.starts_with("k8s:io.kubernetes.pod.namespace") && !k.starts_with("k8s:io.cilium.k8s."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    if own.is_empty() {
-        all.into_iter().filter(|(k, _)| !k.starts_with("k8s:io.kubernetes.pod.namespace")).collect()
-    } else {
-        own
-    }
-}
-
-fn dns_name(s: &str) -> String {
-    let mut out: String = s
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
-        .collect();
+/// A DNS-subdomain object name from `s`: lower case, every other character
+/// `-`, at most 253 characters; `fallback` when nothing usable is left.
+fn dns_name(s: &str, fallback: &str) -> String {
+    let mut out: String =
+        s.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     out.truncate(253);
-    out.trim_matches(|c: char| c == '-' || c == '.').to_owned()
+    let out = out.trim_matches('-').to_owned();
+    if labels::is_dns_subdomain(&out) { out } else { fallback.to_owned() }
 }
 
 fn peer_for(f: &FlowEntry, opts: &SuggestOptions) -> Result<(Peer, Option<String>), String> {
@@ -336,11 +247,12 @@ fn peer_for(f: &FlowEntry, opts: &SuggestOptions) -> Result<(Peer, Option<String
             Ok((Peer::Entity("world".into()), Some(why)))
         }
         RemoteSide::Cluster => {
-            let labels = selector_labels(&f.remote_labels);
+            let labels = labels::peer_selector(&f.remote_labels);
             if labels.is_empty() {
                 Err(format!(
-                    "{} {} identity {} on {}/{}: its labels are unknown (no enrichment), so no selector can name it; \
-                     run the agent with enrichment or give `analyze` an --endpoints file",
+                    "{} {} identity {} on {}/{}: no stable label of it is known (no enrichment, or only volatile or \
+                     invalid labels), so no selector can name it; run the agent with enrichment or give `analyze` an \
+                     --endpoints file",
                     f.direction.as_str(),
                     if f.direction == Direction::Ingress { "from" } else { "to" },
                     f.remote_identity,
@@ -457,7 +369,7 @@ fn rules_for(
                     notes.push(format!(
                         "not suggested: {} {} {} with port 0: port 0 means every port in a policy, far wider than observed",
                         f.direction.as_str(),
-                        f.remote_name,
+                        escape(&f.remote_name),
                         f.protocol
                     ));
                     continue;
@@ -470,7 +382,7 @@ fn rules_for(
                         "not suggested: {} {} protocol {}: a policy drop carries no protocol or port, and policies \
                          cannot name this protocol",
                         f.direction.as_str(),
-                        f.remote_name,
+                        escape(&f.remote_name),
                         f.protocol
                     ));
                     continue;
@@ -733,10 +645,20 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
         None
     } else if e.kind == EndpointKind::Host {
         match node_selector(e, report, opts) {
+            Some((sel, _)) if !sel.iter().all(|(k, v)| labels::is_label_key(k) && labels::is_label_value(v)) => {
+                let shown: Vec<String> = sel.iter().map(|(k, v)| format!("{}={}", escape(k), escape(v))).collect();
+                notes.push(format!(
+                    "no policy: the nodeSelector {} is not a valid Kubernetes label selector, so no policy can select \
+                     this node; pass --node NAME or --node-selector key=value with a valid label",
+                    shown.join(",")
+                ));
+                None
+            }
             Some((sel, how)) => {
                 notes.push(format!("nodeSelector: {how}"));
                 let node = sel.values().next().cloned().unwrap_or_default();
-                let name = dns_name(&format!("{}-host-{node}", opts.name_prefix));
+                let fallback = format!("{}-host", dns_name(&opts.name_prefix, "allow-observed"));
+                let name = dns_name(&format!("{}-host-{node}", opts.name_prefix), &fallback);
                 let spec = CiliumClusterwideNetworkPolicySpec {
                     description: Some(description),
                     node_selector: Some(CiliumClusterwideNetworkPolicyNodeSelector {
@@ -767,13 +689,16 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
             }
         }
     } else {
-        let selector = subject_labels(&e.labels);
-        match (&e.namespace, selector.is_empty()) {
+        let selector = labels::subject_selector(&e.labels);
+        match (e.namespace.as_deref().filter(|ns| labels::is_dns_label(ns)), selector.is_empty()) {
             (Some(ns), false) => {
                 let base =
                     e.workload.as_deref().map(|w| w.rsplit('/').next().unwrap_or(w).to_owned()).or(e.pod.clone());
-                let name =
-                    dns_name(&format!("{}-{}", opts.name_prefix, base.unwrap_or_else(|| e.endpoint_id.to_string())));
+                let fallback = format!("{}-{}", dns_name(&opts.name_prefix, "allow-observed"), e.endpoint_id);
+                let name = dns_name(
+                    &format!("{}-{}", opts.name_prefix, base.unwrap_or_else(|| e.endpoint_id.to_string())),
+                    &fallback,
+                );
                 let spec = CiliumNetworkPolicySpec {
                     description: Some(description),
                     endpoint_selector: Some(CiliumNetworkPolicyEndpointSelector {
@@ -789,157 +714,27 @@ fn suggest_one(report: &ReadinessReport, e: &EndpointReadiness, opts: &SuggestOp
                     ..Default::default()
                 };
                 Some(SuggestedPolicy::Namespaced(CiliumNetworkPolicy {
-                    metadata: ObjectMeta { name: Some(name), namespace: Some(ns.clone()), ..Default::default() },
+                    metadata: ObjectMeta { name: Some(name), namespace: Some(ns.to_owned()), ..Default::default() },
                     spec,
                     status: None,
                 }))
             }
             _ => {
                 notes.push(format!(
-                    "no policy: the endpoint's namespace or labels are unknown ({}), so no endpointSelector can name it; \
-                     run the agent with enrichment or give `analyze` an --endpoints file",
-                    if e.namespace.is_none() { "no namespace" } else { "no k8s labels" }
+                    "no policy: the endpoint's namespace or labels are unknown ({}), so no endpointSelector can name \
+                     it; run the agent with enrichment or give `analyze` an --endpoints file",
+                    match &e.namespace {
+                        None => "no namespace".to_owned(),
+                        Some(ns) if !labels::is_dns_label(ns) =>
+                            format!("namespace {} is not a valid name", escape(ns)),
+                        Some(_) => "no stable k8s label; see docs/critical-flows.md for the keys used".to_owned(),
+                    }
                 ));
                 None
             }
         }
     };
     Suggestion { endpoint_id: e.endpoint_id, endpoint: name_of(e), policy, rule_comments, notes }
-}
-
-/// `verdict-agent suggest`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SuggestArgs {
-    /// Only this endpoint: `host`, an endpoint ID, or NAMESPACE/POD.
-    #[arg(long)]
-    pub endpoint: Option<String>,
-    /// The running agent to ask (GET /api/v1/readiness).
-    #[arg(long, default_value = crate::preflight::DEFAULT_AGENT)]
-    pub agent: String,
-    /// Build from a capture instead of a running agent (as `analyze`).
-    #[arg(long)]
-    pub input: Option<PathBuf>,
-    /// Capture format for --input: monitor (cilium monitor text) or hubble-json.
-    #[arg(long, value_enum)]
-    pub format: Option<crate::analyze::CaptureFormat>,
-    /// `cilium endpoint list -o json` of the captured node (labels, host endpoint).
-    #[arg(long)]
-    pub endpoints: Option<PathBuf>,
-    /// The host endpoint's ID in the capture, when --endpoints is not given.
-    #[arg(long)]
-    pub host_endpoint: Option<u16>,
-    /// Evidence period (agent) or readiness window (capture), e.g. 24h.
-    #[arg(long, value_parser = crate::preflight::parse_duration_arg)]
-    pub window: Option<Duration>,
-    /// The node's name, for the host policy's nodeSelector.
-    #[arg(long)]
-    pub node: Option<String>,
-    /// nodeSelector for the host policy, `key=value` (repeatable).
-    #[arg(long = "node-selector", value_parser = parse_key_value)]
-    pub node_selector: Vec<(String, String)>,
-    /// World flows with at most this many addresses are allowed by address.
-    #[arg(long, default_value_t = 8)]
-    pub max_cidrs: usize,
-    /// Write the YAML here instead of standard output.
-    #[arg(long, short = 'o')]
-    pub output: Option<PathBuf>,
-}
-
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not key=value")),
-    }
-}
-
-/// Runs `suggest`; exit 0 with policies written, 1 when nothing could be
-/// suggested for an endpoint that has would-deny flows, 2 on errors, 3 when
-/// the `--input` capture is incomplete (unreadable verdict lines, lost events).
-pub async fn run(args: SuggestArgs) -> anyhow::Result<ExitCode> {
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    Ok(ExitCode::from(run_with(args, &mut stdout, &mut stderr).await))
-}
-
-/// `run` with its output streams, for tests.
-pub async fn run_with(args: SuggestArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    match run_inner(&args).await {
-        Ok((yaml, code)) => {
-            let written = match &args.output {
-                Some(path) => std::fs::write(path, &yaml)
-                    .map_err(|e| anyhow::anyhow!("cannot write the suggestions to {}: {e}", path.display())),
-                None => out.write_all(yaml.as_bytes()).map_err(anyhow::Error::from),
-            };
-            if let Err(e) = written {
-                let _ = writeln!(err, "error: {e:#}");
-                return 2;
-            }
-            code
-        }
-        Err(e) => {
-            let _ = writeln!(err, "error: {e:#}");
-            2
-        }
-    }
-}
-
-async fn run_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8)> {
-    let (yaml, code, incomplete) = suggest_inner(args).await?;
-    // A capture with unreadable verdict lines or lost events never gives a
-    // clean answer: a missing flow may be the one a policy must allow.
-    Ok(match incomplete {
-        Some((rejected, lost)) => (
-            format!(
-                "# verdict-agent: the capture is incomplete ({rejected} verdict lines could not be read, {lost} events \
-                 lost): flows may be missing from these suggestions; run `verdict-agent analyze` for the lines\n{yaml}"
-            ),
-            3,
-        ),
-        None => (yaml, code),
-    })
-}
-
-async fn suggest_inner(args: &SuggestArgs) -> anyhow::Result<(String, u8, Option<(usize, u64)>)> {
-    let mut times_unknown = false;
-    let mut incomplete = None;
-    let report = match &args.input {
-        Some(path) => {
-            let opts = crate::analyze::CaptureOptions {
-                format: args.format,
-                endpoints: args.endpoints.clone(),
-                host_endpoint: args.host_endpoint,
-                window: args.window,
-                ..crate::analyze::CaptureOptions::default()
-            };
-            let analysis = crate::analyze::analyze_file(path, &opts)?;
-            times_unknown = !analysis.capture.timestamps;
-            if analysis.incomplete_because.is_some() {
-                incomplete = Some((analysis.capture.rejected_verdict_lines, analysis.capture.lost_events));
-            }
-            analysis.report
-        }
-        None => {
-            let report = crate::preflight::fetch_report(&args.agent, args.endpoint.as_deref(), args.window).await?;
-            match args.window {
-                Some(w) => crate::preflight::rejudge_report(&report, w),
-                None => report,
-            }
-        }
-    };
-    let opts = SuggestOptions {
-        max_cidrs: args.max_cidrs,
-        node: args.node.clone(),
-        node_selector: (!args.node_selector.is_empty()).then(|| args.node_selector.iter().cloned().collect()),
-        times_unknown,
-        ..SuggestOptions::default()
-    };
-    let suggestions = suggest(&report, args.endpoint.as_deref(), &opts)?;
-    if suggestions.is_empty() {
-        return Ok(("# verdict-agent: no endpoint has would-deny flows; nothing to suggest\n".into(), 0, incomplete));
-    }
-    let missing = suggestions.iter().any(|s| s.policy.is_none() && !s.rule_comments.is_empty())
-        || suggestions.iter().any(|s| s.policy.is_none() && s.notes.iter().any(|n| n.starts_with("no policy")));
-    Ok((render(&suggestions)?, if missing { 1 } else { 0 }, incomplete))
 }
 
 #[cfg(test)]
@@ -1214,7 +1009,8 @@ mod tests {
             node: None,
             node_selector: vec![],
             max_cidrs: 8,
-            output: None,
+            output: SuggestFormat::Yaml,
+            output_file: None,
         }
     }
 
@@ -1235,7 +1031,7 @@ mod tests {
         let file = dir.path().join("host.yaml");
         let mut a = cli(&url, Some("host"));
         a.node_selector = vec![("node-role.kubernetes.io/control-plane".into(), "".into())];
-        a.output = Some(file.clone());
+        a.output_file = Some(file.clone());
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert_eq!(run_with(a, &mut out, &mut err).await, 0);
         assert!(out.is_empty());
