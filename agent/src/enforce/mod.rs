@@ -48,7 +48,7 @@ use cilium_config::EndpointConfigClient;
 use metrics::EnforcementMetrics;
 use store::{StoreError, TrialStore};
 use trial::{TrialManager, TrialSettings};
-use watch::{ReadCadence, TRIAL_READ_INTERVAL, TrialWatch};
+use watch::{ReadCadence, TrialWatch};
 
 /// Default `--state-dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/verdict-agent";
@@ -147,7 +147,7 @@ pub async fn watch_loop(
     cadence: ReadCadence,
 ) {
     loop {
-        tokio::time::sleep(if cadence.is_fast() { TRIAL_READ_INTERVAL } else { IDLE_TICK }).await;
+        cadence.pause(IDLE_TICK).await;
         let mut manager = trials.lock().await;
         if manager.any_active() {
             let flows = flows();

@@ -216,15 +216,19 @@ fn denial_signals(own: &[FlowRecord], w: &WatchedEndpoint, out: &mut Vec<Critica
 }
 
 /// Tells the map reader to read at [`TRIAL_READ_INTERVAL`] while a trial
-/// runs, at its configured interval otherwise.
+/// runs, at its configured interval otherwise; wakes the watch loop when a
+/// trial starts.
 #[derive(Clone, Debug, Default)]
 pub struct ReadCadence {
     fast: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl ReadCadence {
     pub fn set_fast(&self, fast: bool) {
-        self.fast.store(fast, Ordering::Relaxed);
+        if !self.fast.swap(fast, Ordering::Relaxed) && fast {
+            self.wake.notify_one();
+        }
     }
 
     pub fn is_fast(&self) -> bool {
@@ -234,5 +238,14 @@ impl ReadCadence {
     /// The interval the map reader should wait now.
     pub fn interval(&self, configured: Duration) -> Duration {
         if self.is_fast() { configured.min(TRIAL_READ_INTERVAL) } else { configured }
+    }
+
+    /// Sleeps the watch loop's interval, or until a trial starts.
+    pub async fn pause(&self, idle: Duration) {
+        let wait = if self.is_fast() { TRIAL_READ_INTERVAL } else { idle };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = self.wake.notified() => {}
+        }
     }
 }
