@@ -195,6 +195,9 @@ pub struct Traffic {
     pub policy_denies: bool,
 }
 
+/// Notifications, first seen, last seen.
+type Counted = (u64, SystemTime, SystemTime);
+
 /// What the tap would have counted: per traffic, an audited (or allowed)
 /// record while the endpoint is in audit mode, a denied one from the first
 /// packet after the switch. Counts grow by one per read.
@@ -202,7 +205,7 @@ pub struct Datapath {
     fake: FakeCiliumConfig,
     traffic: Vec<Traffic>,
     started: SystemTime,
-    counts: Mutex<BTreeMap<(usize, Verdict), (u64, SystemTime, SystemTime)>>,
+    counts: Mutex<BTreeMap<(usize, Verdict), Counted>>,
 }
 
 impl Datapath {
