@@ -47,6 +47,9 @@ enum Command {
     Suggest(verdict_agent::suggest::SuggestArgs),
     /// Readiness, lockout and suggestions offline, from `cilium monitor` text or `hubble observe -o json`.
     Analyze(verdict_agent::analyze::AnalyzeArgs),
+    /// Leave audit mode on one endpoint for a trial the running agent reverts by itself (first critical
+    /// drop, --abort, or the end of --try unless --confirm); refused unless preflight says safe.
+    Enforce(verdict_agent::enforce::cli::EnforceArgs),
 }
 
 fn init_logging() {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Preflight(args) => tokio_main(verdict_agent::preflight::run(args)),
         Command::Suggest(args) => tokio_main(verdict_agent::suggest::run(args)),
         Command::Analyze(args) => verdict_agent::analyze::run(args),
+        Command::Enforce(args) => tokio_main(verdict_agent::enforce::cli::run(args)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("verdict-agent: {e:#}");
