@@ -575,3 +575,80 @@ fn the_record_is_replaced_atomically_and_refuses_unknown_formats() {
     let e = store.load().unwrap_err();
     assert!(e.to_string().contains("cilium-dbg endpoint config"), "{e}");
 }
+
+/// `enforce` asks for readiness as `preflight` does and refuses with its
+/// exit codes; `--force --reason` goes through and is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_refuses_unless_preflight_says_safe() {
+    use crate::readiness::{self, Observation, ReadinessInput, testkit};
+    let sc = testkit::Scenario::lockout();
+    let flows = sc.flows(&sc.policies, false);
+    let obs = Observation::since_start(sc.observed_since);
+    let mut input = ReadinessInput::new(&flows, &sc.directory, &obs, testkit::now());
+    input.node = Some(testkit::NODE.into());
+    let report = serde_json::to_value(readiness::evaluate(&input, &ReadinessConfig::default())).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeCiliumConfig::new(&dir.path().join("cilium.sock"), &[testkit::HOST, testkit::QUIET]);
+    fake.start();
+    let metrics = Arc::new(EnforcementMetrics::default());
+    let manager = TrialManager::open(
+        EndpointConfigClient::new(dir.path().join("cilium.sock"), Duration::from_millis(500)),
+        TrialStore::new(dir.path().join("state")),
+        enabled(),
+        TrialWatch::new(ReadinessConfig::default()),
+        metrics.clone(),
+    )
+    .unwrap();
+    let manager = Arc::new(tokio::sync::Mutex::new(manager));
+    let readiness_route = axum::Router::new()
+        .route("/api/v1/readiness", axum::routing::get(move || async move { axum::Json(report.clone()) }));
+    let router =
+        readiness_route.merge(api::router(ApiState { trials: manager.clone(), cadence: ReadCadence::default() }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:19812").await.unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let args = |extra: &[&str]| {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            a: EnforceArgs,
+        }
+        let mut argv = vec!["enforce", "--agent", "http://127.0.0.1:19812"];
+        argv.extend_from_slice(extra);
+        Wrap::parse_from(argv).a
+    };
+    let run = |extra: &'static [&'static str]| async move {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = cli::run_with(args(extra), &mut out, &mut err).await;
+        (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+    };
+
+    // The host would break (kubelet audited): preflight's exit 1, nothing sent.
+    let (code, out, err) = run(&["--endpoint", "host", "--try", "5m"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("NOT SAFE"), "preflight's own output: {out}");
+    assert!(err.contains("refusing to leave audit mode on host"), "{err}");
+    // Not enough evidence: exit 3.
+    let (code, out, err) = run(&["--endpoint", "shop/quiet-0"]).await;
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(fake.patches().is_empty(), "a refused trial writes nothing");
+    assert!(manager.lock().await.trials().is_empty());
+
+    // Forced, with the reason recorded.
+    let (code, out, err) = run(&["--endpoint", "host", "--try", "2m", "--force", "--reason", "console attached"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("Trial t") && out.contains("--confirm"), "{out}");
+    let m = manager.lock().await;
+    let t = &m.trials()[0];
+    assert_eq!(t.endpoint_id, testkit::HOST);
+    assert_eq!(t.endpoint_name, "host");
+    assert_eq!(t.try_seconds, 120);
+    assert!(t.preflight.forced);
+    assert_eq!(t.preflight.exit_code, 1);
+    assert_eq!(t.requested_by.reason.as_deref(), Some("console attached"));
+    assert_eq!(fake.audit(testkit::HOST), Some(OptionValue::Disabled));
+    drop(m);
+    server.abort();
+}
