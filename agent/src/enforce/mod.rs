@@ -38,11 +38,12 @@ use std::{
 };
 
 use tokio::{sync::Mutex, task::JoinHandle};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     model::{EndpointDirectory, FlowRecord},
     readiness::ReadinessConfig,
+    state::SharedView,
 };
 use cilium_config::EndpointConfigClient;
 use metrics::EnforcementMetrics;
@@ -117,6 +118,7 @@ impl Enforcement {
         readiness: ReadinessConfig,
         flows: FlowSource,
         directory: Arc<dyn EndpointDirectory>,
+        cadence: ReadCadence,
     ) -> Result<Enforcement, StoreError> {
         let metrics = Arc::new(EnforcementMetrics::default());
         let api = EndpointConfigClient::new(cilium_socket, Duration::from_secs(args.enforcement_api_timeout));
@@ -130,11 +132,42 @@ impl Enforcement {
         manager.resume(SystemTime::now()).await;
         info!(enabled = args.enable_enforcement, state_dir = %args.state_dir.display(),
               recorded = manager.trials().len(), active = manager.any_active(), "enforcement trials loaded");
-        let cadence = ReadCadence::default();
         cadence.set_fast(manager.any_active());
         let trials = Arc::new(Mutex::new(manager));
         let task = tokio::spawn(watch_loop(trials.clone(), flows, directory, cadence.clone()));
         Ok(Enforcement { trials, metrics, cadence, task })
+    }
+
+    /// [`Enforcement::start`] for `verdict-agent run`: flows from the shared
+    /// view. An unreadable record stops the agent only when enforcement is
+    /// enabled (it may owe a revert); otherwise the feature stays off.
+    pub async fn start_for_daemon(
+        args: &EnforcementArgs,
+        cilium_socket: PathBuf,
+        readiness: ReadinessConfig,
+        view: SharedView,
+        directory: Arc<dyn EndpointDirectory>,
+        cadence: ReadCadence,
+    ) -> anyhow::Result<Option<Enforcement>> {
+        let flows: FlowSource = Arc::new(move || view.read().unwrap_or_else(|e| e.into_inner()).flows.clone());
+        match Enforcement::start(args, cilium_socket, readiness, flows, directory, cadence).await {
+            Ok(e) => Ok(Some(e)),
+            Err(e) if args.enable_enforcement => Err(anyhow::Error::new(e).context("starting enforcement trials")),
+            Err(e) => {
+                warn!(error = %e, "enforcement trials unavailable (enforcement is off)");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The `/api/v1/enforcement/trials` routes, to merge into the agent's router.
+    pub fn router(&self) -> axum::Router {
+        api::router(api::ApiState { trials: self.trials.clone(), cadence: self.cadence.clone() })
+    }
+
+    /// `/metrics`: trial outcomes and time to revert.
+    pub fn collector(&self) -> Box<dyn prometheus_client::collector::Collector> {
+        Box::new(metrics::EnforcementCollector(self.metrics.clone()))
     }
 }
 
