@@ -181,7 +181,9 @@ impl MapReader {
         // Cilium's map is looked up more often than the counters are read,
         // so a recreated map loses at most a second of verdicts.
         let follow_every = Duration::from_secs(1).min(self.interval);
-        let mut next_read = Instant::now();
+        // From the last read, not scheduled at it: a trial that starts
+        // shortens the wait that is already running.
+        let mut last_read: Option<Instant> = None;
         let mut next_follow = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
@@ -189,9 +191,9 @@ impl MapReader {
                 self.follow();
                 next_follow = now + follow_every;
             }
-            if now >= next_read {
+            if last_read.is_none_or(|t| now >= t + self.cadence.interval(self.interval)) {
                 self.read();
-                next_read = now + self.cadence.interval(self.interval);
+                last_read = Some(now);
             }
             thread::sleep(Duration::from_millis(if self.cadence.is_fast() { 10 } else { 50 }));
         }
