@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: attach the tap, serve /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Ask a running agent whether switching PolicyAuditMode off is safe (exit 0 safe, 1 would break,
     /// 2 error, 3 not enough evidence).
     Preflight(verdict_agent::preflight::PreflightArgs),
@@ -37,6 +37,9 @@ enum Command {
     Suggest(verdict_agent::suggest::SuggestArgs),
     /// Readiness, lockout and suggestions offline, from `cilium monitor` text or `hubble observe -o json`.
     Analyze(verdict_agent::analyze::AnalyzeArgs),
+    /// Leave audit mode on one endpoint for a trial the running agent reverts by itself (first critical
+    /// drop, --abort, or the end of --try unless --confirm); refused unless preflight says safe.
+    Enforce(verdict_agent::enforce::cli::EnforceArgs),
 }
 
 fn init_logging() {
@@ -48,10 +51,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Run(args) => tokio_main(run::run(args)).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => tokio_main(run::run(*args)).map(|()| ExitCode::SUCCESS),
         Command::Preflight(args) => tokio_main(verdict_agent::preflight::run(args)),
         Command::Suggest(args) => tokio_main(verdict_agent::suggest::run(args)),
         Command::Analyze(args) => verdict_agent::analyze::run(args),
+        Command::Enforce(args) => tokio_main(verdict_agent::enforce::cli::run(args)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("verdict-agent: {e:#}");

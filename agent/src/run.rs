@@ -27,6 +27,7 @@ use crate::{
         snapshot::{CountingMaps, MapSnapshot},
     },
     cilium::endpoint_list::parse_endpoint_list,
+    enforce::{Enforcement, watch::ReadCadence},
     enrich::{self, EnrichArgs, Enrichment},
     http::{self, HttpState},
     ledger::FlowLedger,
@@ -101,6 +102,9 @@ pub struct RunArgs {
     /// Do not publish Kubernetes Events for alarms (the WARN log line stays).
     #[arg(long)]
     pub no_events: bool,
+
+    #[command(flatten)]
+    pub enforcement: crate::enforce::EnforcementArgs,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -120,7 +124,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Loads the pipeline and starts the map reader. Returns the shared view and
 /// a handle that stops the reader (and detaches the tap) when dropped.
-pub fn start_pipeline(args: &RunArgs) -> anyhow::Result<(SharedView, ReaderHandle)> {
+pub fn start_pipeline(args: &RunArgs, cadence: ReadCadence) -> anyhow::Result<(SharedView, ReaderHandle)> {
     let loader = LoaderConfig {
         pin_dir: args.pin_dir.clone(),
         flow_table_size: args.flow_table_size,
@@ -138,8 +142,16 @@ pub fn start_pipeline(args: &RunArgs) -> anyhow::Result<(SharedView, ReaderHandl
     let store = LedgerStore::open(&loader.pin_path(), ledger_capacity).context("opening the pinned flow ledger")?;
     let ledger = FlowLedger::restore(args.max_retained_flows, store.load());
     let pins = PinWatch::new(loader.pin_path());
-    let reader =
-        MapReader { pipeline, follower, ledger, store, pins, view: view.clone(), interval: args.poll_interval };
+    let reader = MapReader {
+        pipeline,
+        follower,
+        ledger,
+        store,
+        pins,
+        view: view.clone(),
+        interval: args.poll_interval,
+        cadence,
+    };
     let thread_stop = stop.clone();
     let join = thread::Builder::new()
         .name("map-reader".into())
@@ -171,6 +183,8 @@ struct MapReader {
     pins: PinWatch,
     view: SharedView,
     interval: Duration,
+    /// Shorter reads while an enforcement trial runs.
+    cadence: ReadCadence,
 }
 
 /// Notices the pin directory vanishing under the running agent (removed
@@ -213,7 +227,9 @@ impl MapReader {
         // Cilium's map is looked up more often than the counters are read,
         // so a recreated map loses at most a second of verdicts.
         let follow_every = Duration::from_secs(1).min(self.interval);
-        let mut next_read = Instant::now();
+        // From the last read, not scheduled at it: a trial that starts
+        // shortens the wait that is already running.
+        let mut last_read: Option<Instant> = None;
         let mut next_follow = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
@@ -222,11 +238,11 @@ impl MapReader {
                 self.follow();
                 next_follow = now + follow_every;
             }
-            if now >= next_read {
+            if last_read.is_none_or(|t| now >= t + self.cadence.interval(self.interval)) {
                 self.read();
-                next_read = now + self.interval;
+                last_read = Some(now);
             }
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(if self.cadence.is_fast() { 10 } else { 50 }));
         }
         info!("map reader stopped; detaching the tap, pinned maps stay");
     }
@@ -280,7 +296,8 @@ impl MapReader {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     keep_large_buffers_returnable();
     let readiness_config = readiness_config(&args)?;
-    let (view, reader) = start_pipeline(&args)?;
+    let cadence = ReadCadence::default();
+    let (view, reader) = start_pipeline(&args, cadence.clone())?;
     // The maps were created when counting began: that is how long this
     // node has been observed, across agent restarts.
     let observed_since = std::fs::metadata(args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(FLOWS))
@@ -289,6 +306,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (enrichment, kube_client) = start_enrichment(&args).await?;
     let directory: Arc<dyn EndpointDirectory> = Arc::new(enrichment.clone());
+    let enforcement = Enforcement::start_for_daemon(
+        &args.enforcement,
+        args.enrich.cilium_socket.clone(),
+        readiness_config.clone(),
+        view.clone(),
+        directory.clone(),
+        cadence,
+    )
+    .await?;
     let report: SharedReport = Arc::new(RwLock::new(None));
     let sink: Arc<dyn AlarmSink> = match kube_client.filter(|_| !args.no_events) {
         Some(client) => Arc::new(KubeEventSink::new(client, std::env::var("POD_NAME").ok())),
@@ -308,7 +334,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         interval: args.poll_interval.max(Duration::from_secs(1)),
     }));
 
-    let collectors: Vec<Box<dyn Collector>> = vec![
+    let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(VerdictCollector::new(
             view.clone(),
             directory.clone(),
@@ -317,6 +343,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Box::new(EnrichmentCollector { enrichment, view: view.clone() }),
         Box::new(ReadinessCollector(report.clone())),
     ];
+    collectors.extend(enforcement.as_ref().map(Enforcement::collector));
     let readiness_report = report.clone();
     let state = HttpState {
         view,
@@ -329,10 +356,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {} (is another agent running? use --listen)", args.listen))?;
     info!(listen = %args.listen, "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server")?;
+    let app = http::router(state);
+    let app = match &enforcement {
+        Some(e) => app.merge(e.router()),
+        None => app,
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")?;
     readiness_task.abort();
     drop(reader);
     info!("stopped");

@@ -1,0 +1,244 @@
+//! The shipped binary as a daemon: a trial handed over its HTTP API, the
+//! agent SIGKILLed mid-trial and restarted (it continues, as recorded),
+//! then denied verdicts of the forgotten API-server flow replayed through
+//! the real BPF counters: the agent puts audit mode back through the
+//! (fake) Cilium API within a second, with the configured 2 s read interval
+//! shortened for the trial.
+//!
+//! Needs root and bpffs (the replay tap loads real BPF programs).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{Json, Router, extract::Path as UrlPath, http::StatusCode, response::IntoResponse, routing::get};
+use serde_json::{Value, json};
+use verdict_agent::{
+    bpf::loader::{LoaderConfig, Pipeline, TapChoice, replay_with},
+    scenario::{self, DEMO_HOST_ENDPOINT, Layout, PolicyVerdict},
+};
+
+const ADDR: &str = "127.0.0.1:19821";
+const KUBE_APISERVER: u32 = 7;
+
+/// PolicyAuditMode per endpoint and every PATCH: (when, value).
+#[derive(Default)]
+struct FakeCilium {
+    audit: Mutex<String>,
+    patches: Mutex<Vec<(SystemTime, String)>>,
+}
+
+fn serve_fake_cilium(socket: PathBuf, fake: Arc<FakeCilium>) {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let get_fake = fake.clone();
+            let app = Router::new().route(
+                "/v1/endpoint/{id}/config",
+                get(move |UrlPath(id): UrlPath<u16>| async move {
+                    if id != DEMO_HOST_ENDPOINT {
+                        return StatusCode::NOT_FOUND.into_response();
+                    }
+                    let v = get_fake.audit.lock().unwrap().clone();
+                    Json(json!({"realized": {"options": {"PolicyAuditMode": v}}, "immutable": {}})).into_response()
+                })
+                .patch(move |UrlPath(id): UrlPath<u16>, Json(spec): Json<Value>| async move {
+                    if id != DEMO_HOST_ENDPOINT {
+                        return StatusCode::NOT_FOUND;
+                    }
+                    let v = spec["options"]["PolicyAuditMode"].as_str().unwrap_or_default().to_owned();
+                    fake.patches.lock().unwrap().push((SystemTime::now(), v.clone()));
+                    *fake.audit.lock().unwrap() = v;
+                    StatusCode::OK
+                }),
+            );
+            let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+}
+
+/// Removes the pin directory even when an assertion fails.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(args: &[String], log: &Path) -> Agent {
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_verdict-agent"))
+        .arg("run")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .unwrap();
+    let agent = Agent(child);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if let Ok((200, _)) = http(reqwest_like::GET, "/readyz", None) {
+            return agent;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("agent not ready; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+}
+
+mod reqwest_like {
+    pub const GET: &str = "GET";
+    pub const POST: &str = "POST";
+}
+
+/// One HTTP/1.1 exchange with the agent (std only: the test must not
+/// depend on the code under test to talk to it).
+fn http(method: &str, path: &str, body: Option<&Value>) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = ADDR.parse().unwrap();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {ADDR}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn host_verdict(verdict: i32, audited: bool) -> Vec<u8> {
+    PolicyVerdict {
+        layout: Layout::V1_19,
+        endpoint: DEMO_HOST_ENDPOINT,
+        remote_identity: KUBE_APISERVER,
+        verdict,
+        dst_port: 6443,
+        proto: 6,
+        dir: 1,
+        ipv6: false,
+        match_type: 0,
+        audited,
+        packet_len: 60,
+    }
+    .encode()
+}
+
+#[test]
+fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_denial() {
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test loads BPF programs: run it as root (cargo test runs as root in CI and the VMs)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pins_guard = Pins(PathBuf::from(format!("/sys/fs/bpf/verdict-enforce-{}", std::process::id())));
+    let pins = pins_guard.0.clone();
+    let socket = dir.path().join("cilium.sock");
+    let fake = Arc::new(FakeCilium { audit: Mutex::new("Enabled".into()), ..FakeCilium::default() });
+    serve_fake_cilium(socket.clone(), fake.clone());
+    let endpoints = dir.path().join("endpoints.json");
+    let sc = scenario::demo(Layout::V1_19);
+    std::fs::write(&endpoints, scenario::cilium_endpoint_list(&sc.endpoints).to_string()).unwrap();
+    let log = dir.path().join("agent.log");
+    let args: Vec<String> = [
+        "--listen",
+        ADDR,
+        "--tap",
+        "replay",
+        "--pin-dir",
+        pins.to_str().unwrap(),
+        "--poll-interval",
+        "2s",
+        "--endpoints-file",
+        endpoints.to_str().unwrap(),
+        "--cilium-socket",
+        socket.to_str().unwrap(),
+        "--enable-enforcement",
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+
+    let agent = start_agent(&args, &log);
+    let pipeline = Pipeline::load(&LoaderConfig {
+        pin_dir: pins.clone(),
+        flow_table_size: verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE,
+        tap: TapChoice::Replay,
+        btf_path: "/sys/kernel/btf/vmlinux".into(),
+    })
+    .expect("joining the agent's pinned maps");
+    // In audit mode the API server's connections to the host are audited.
+    replay_with(pipeline.ebpf(), &host_verdict(0, true), 20).unwrap();
+
+    let request = json!({
+        "endpoint_id": DEMO_HOST_ENDPOINT, "endpoint_name": "host", "endpoint_kind": "host",
+        "try_seconds": 120, "strict": false,
+        "requested_by": {"who": "test@ci", "reason": "enforce_daemon test"},
+        "preflight": {"state": "would_break", "exit_code": 1, "forced": true},
+    });
+    let (status, body) = http(reqwest_like::POST, "/api/v1/enforcement/trials", Some(&request)).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let trial: Value = serde_json::from_str(&body).unwrap();
+    let id = trial["id"].as_str().unwrap().to_owned();
+    assert_eq!(trial["phase"], "switched");
+    assert_eq!(*fake.audit.lock().unwrap(), "Disabled");
+
+    // SIGKILL mid-trial; the restarted agent continues it from the record.
+    drop(agent);
+    let agent = start_agent(&args, &log);
+    let (status, body) = http(reqwest_like::GET, &format!("/api/v1/enforcement/trials/{id}"), None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let resumed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(resumed["phase"], "switched", "{resumed}");
+    assert_eq!(fake.patches.lock().unwrap().len(), 1, "the restart wrote nothing");
+    let (status, body) = http(reqwest_like::POST, "/api/v1/enforcement/trials", Some(&request)).unwrap();
+    assert_eq!(status, 409, "a second trial on the host is refused: {body}");
+
+    // Enforcement cuts the API server: denied verdicts, once per packet.
+    std::thread::sleep(Duration::from_millis(300));
+    let first_denied = SystemTime::now();
+    replay_with(pipeline.ebpf(), &host_verdict(-133, false), 3).unwrap();
+    let start = Instant::now();
+    while fake.patches.lock().unwrap().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no revert within 5 s; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (at, value) = fake.patches.lock().unwrap()[1].clone();
+    assert_eq!(value, "Enabled");
+    let latency = at.duration_since(first_denied).unwrap();
+    assert!(latency < Duration::from_secs(1), "revert {latency:?} after the first denied critical verdict");
+    println!("time from the first denied critical verdict to the revert PATCH: {latency:?}");
+
+    let (_, body) = http(reqwest_like::GET, &format!("/api/v1/enforcement/trials/{id}"), None).unwrap();
+    let ended: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ended["phase"], "reverted", "{ended}");
+    let (_, metrics) = http(reqwest_like::GET, "/metrics", None).unwrap();
+    assert!(metrics.contains("verdict_agent_enforcement_trials_total{outcome=\"reverted\"} 1"), "{metrics}");
+    assert!(metrics.contains("verdict_agent_enforcement_time_to_revert_seconds_count 1"), "{metrics}");
+    drop(agent);
+    drop(pipeline);
+    drop(pins_guard);
+}
