@@ -5,6 +5,7 @@
 pub mod analyze;
 pub mod bpf;
 pub mod cilium;
+pub mod duration;
 pub mod enrich;
 pub mod http;
 pub mod ledger;

@@ -17,7 +17,7 @@ use crate::{
         evaluate::rejudge,
         report::{EndpointReadiness, GateStatus, ReadinessReport, ReadinessState, Reason, Summary},
     },
-    timefmt::{format_duration, format_rfc3339, parse_duration},
+    timefmt::{format_duration, format_rfc3339},
 };
 
 pub const DEFAULT_AGENT: &str = "http://127.0.0.1:9965";
@@ -48,10 +48,9 @@ pub struct PreflightArgs {
     pub timeout: u64,
 }
 
-/// clap value parser for durations (`15m`, `24h`, `1h30m`).
-pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
+/// clap value parser for durations: the one grammar of `crate::duration`
+/// (`analyze` and `suggest` name it through here).
+pub use crate::duration::arg as parse_duration_arg;
 
 #[derive(Debug, Error)]
 pub enum PreflightError {
@@ -529,7 +528,7 @@ mod tests {
     fn args(agent: &str, endpoint: Option<&str>, window: Option<&str>) -> PreflightArgs {
         PreflightArgs {
             endpoint: endpoint.map(str::to_owned),
-            window: window.map(|w| parse_duration(w).unwrap()),
+            window: window.map(|w| crate::duration::parse(w).unwrap()),
             agent: agent.into(),
             timeout: 5,
         }

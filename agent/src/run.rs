@@ -27,6 +27,7 @@ use crate::{
         snapshot::{CountingMaps, MapSnapshot},
     },
     cilium::endpoint_list::parse_endpoint_list,
+    duration,
     enrich::{self, EnrichArgs, Enrichment},
     http::{self, HttpState},
     ledger::FlowLedger,
@@ -59,7 +60,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_FLOW_TABLE_SIZE)]
     pub flow_table_size: u32,
     /// How often the BPF maps are read. Shorter loses less of evicted flows' last counts.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::positive_arg)]
     pub poll_interval: Duration,
     /// Kernel BTF used to find struct layouts and the hooked function.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
@@ -82,10 +83,10 @@ pub struct RunArgs {
     pub endpoints_file: Option<PathBuf>,
 
     /// Recent past for lockout risk, lockout in progress and scan noise.
-    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, default_value = "15m", value_parser = duration::positive_arg)]
     pub window: Duration,
     /// Observation needed before an endpoint can be called ready to leave audit mode.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = duration::arg)]
     pub min_evidence: Duration,
     /// YAML file overriding the built-in catalogue of flows a node cannot live without.
     #[arg(long)]
@@ -100,21 +101,6 @@ pub struct RunArgs {
     /// Do not publish Kubernetes Events for alarms (the WARN log line stays).
     #[arg(long)]
     pub no_events: bool,
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 5s, 15m, 24h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m, h or d")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Loads the pipeline and starts the map reader. Returns the shared view and
