@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: attach the tap, serve /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Play a built-in traffic scenario as Cilium notifications (tests and demos only: it writes
     /// into the cilium_events map at the given path, or into the agent's counters).
     Scenario(ScenarioArgs),
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Run(args) => tokio_main(run::run(args)).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => tokio_main(run::run(*args)).map(|()| ExitCode::SUCCESS),
         Command::Scenario(args) => play_scenario(args).map(|()| ExitCode::SUCCESS),
         Command::Preflight(args) => tokio_main(verdict_agent::preflight::run(args)),
         Command::Suggest(args) => tokio_main(verdict_agent::suggest::run(args)),

@@ -20,7 +20,7 @@ use crate::{
     timefmt::{format_duration, format_rfc3339},
 };
 
-pub const DEFAULT_AGENT: &str = "http://127.0.0.1:9965";
+pub const DEFAULT_AGENT: &str = "http://127.0.0.1:9975";
 
 /// Exit codes, as documented in `--help`.
 pub const EXIT_SAFE: u8 = 0;
@@ -57,7 +57,7 @@ pub enum PreflightError {
     #[error("{url:?} is not an agent address (expected http://HOST:PORT, e.g. {DEFAULT_AGENT})")]
     BadUrl { url: String },
     #[error(
-        "cannot reach the agent at {addr}: {source}; is `verdict-agent run` running there (kubectl -n kube-system port-forward ds/verdict-agent 9965)?"
+        "cannot reach the agent at {addr}: {source}; is `verdict-agent run` running there (kubectl -n kube-system port-forward ds/verdict-agent 9975)?"
     )]
     Connect { addr: String, source: std::io::Error },
     #[error("the agent at {addr} did not answer within {secs}s")]

@@ -43,9 +43,26 @@ use crate::{
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Address for /metrics, /healthz, /readyz and /api/v1/*.
-    #[arg(long, default_value = "127.0.0.1:9965", env = "VERDICT_AGENT_LISTEN")]
+    /// Address for /metrics, /healthz, /readyz and /api/v1/*: 0.0.0.0:PORT (IPv4), [::]:PORT
+    /// (IPv4 and IPv6), or one address.
+    #[arg(long, default_value = http::DEFAULT_LISTEN, env = "VERDICT_AGENT_LISTEN")]
     pub listen: SocketAddr,
+    /// Who may read /api/v1/* (pods, identities, ports): local = loopback clients only
+    /// (kubectl exec, kubectl port-forward); any = whoever reaches the port.
+    #[arg(long, value_enum, default_value = "local", env = "VERDICT_AGENT_API_ACCESS")]
+    pub api_access: http::ApiAccess,
+    /// Open HTTP connections at most; a new one displaces the one waiting longest.
+    #[arg(long, default_value_t = http::server::Limits::default().max_connections)]
+    pub http_max_connections: usize,
+    /// Time a client has to send a request's headers (also the keep-alive idle limit).
+    #[arg(long, default_value = "5s", value_parser = duration::positive_arg)]
+    pub http_header_timeout: Duration,
+    /// Connections with no request in progress for this long are closed (slow readers).
+    #[arg(long, default_value = "30s", value_parser = duration::positive_arg)]
+    pub http_idle_timeout: Duration,
+    /// On SIGTERM, how long requests in progress may take before the agent exits anyway.
+    #[arg(long, default_value = "5s", value_parser = duration::arg)]
+    pub shutdown_grace: Duration,
     /// How verdicts reach the counters: fentry (kernel >= 5.5 with BTF), kprobe, auto (fentry, else
     /// kprobe), or replay (no hook; only for tests and kernels that allow neither).
     #[arg(long, value_enum, default_value = "auto")]
@@ -250,6 +267,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         interval: args.poll_interval.max(Duration::from_secs(1)),
     }));
 
+    let http_stats = Arc::new(http::server::ServerStats::default());
     let collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(VerdictCollector::new(
             view.clone(),
@@ -258,6 +276,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )),
         Box::new(EnrichmentCollector { enrichment, view: view.clone() }),
         Box::new(ReadinessCollector(report.clone())),
+        Box::new(http::server::ServerCollector(http_stats.clone())),
     ];
     let readiness_report = report.clone();
     let state = HttpState {
@@ -265,16 +284,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         registry: Arc::new(metrics::registry(collectors)),
         directory,
         readiness: Some(Arc::new(move |selector: Option<&str>| readiness_json(&readiness_report, selector))),
-        stale_after: args.poll_interval * 3 + Duration::from_secs(5),
+        stale_after: args.poll_interval.saturating_mul(3).saturating_add(Duration::from_secs(5)),
+        api_access: args.api_access,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {} (is another agent running? use --listen)", args.listen))?;
-    info!(listen = %args.listen, "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server")?;
+    let listener = http::server::bind(args.listen).with_context(|| {
+        format!("listening on {} (is another agent running? choose another with --listen)", args.listen)
+    })?;
+    info!(listen = %args.listen, api_access = ?args.api_access, "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
+    let limits = http::server::Limits {
+        max_connections: args.http_max_connections.max(1),
+        header_read_timeout: args.http_header_timeout,
+        idle_timeout: args.http_idle_timeout,
+        shutdown_grace: args.shutdown_grace,
+        ..http::server::Limits::default()
+    };
+    http::server::serve(listener, http::router(state), limits, http_stats, shutdown_signal()).await;
     readiness_task.abort();
     drop(reader);
     info!("stopped");
