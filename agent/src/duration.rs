@@ -30,6 +30,8 @@ pub enum DurationError {
     Negative { input: String },
     #[error("{input:?} is longer than the 3650d this flag allows")]
     TooLong { input: String },
+    #[error("{input:?} counts months or years, which have no fixed length; write days instead (e.g. 30d)")]
+    Calendar { input: String },
     #[error("{input:?} is zero; this flag needs a positive duration, {EXAMPLES}")]
     Zero { input: String },
 }
@@ -46,6 +48,9 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
     let span: Span = text
         .parse()
         .map_err(|e: jiff::Error| DurationError::Syntax { input: input.to_owned(), reason: e.to_string() })?;
+    if span.get_years() != 0 || span.get_months() != 0 {
+        return Err(DurationError::Calendar { input: input.to_owned() });
+    }
     let signed = span
         .to_duration(SpanRelativeTo::days_are_24_hours())
         .map_err(|e| DurationError::Syntax { input: input.to_owned(), reason: e.to_string() })?;
@@ -129,7 +134,10 @@ mod tests {
 
     #[test]
     fn refusals_say_why() {
-        for bad in ["", "15x", "h", "15m3", "yesterday", "1y", "2mo", "-", "5s5s"] {
+        for cal in ["1y", "2mo", "1 year"] {
+            assert!(matches!(parse(cal), Err(DurationError::Calendar { .. })), "{cal}");
+        }
+        for bad in ["", "15x", "h", "15m3", "yesterday", "-", "5s5s"] {
             let e = parse(bad).expect_err(bad);
             assert!(matches!(e, DurationError::Syntax { .. }), "{bad}: {e:?}");
             assert!(e.to_string().contains("e.g. 500ms"), "{bad}: {e}");

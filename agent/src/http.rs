@@ -65,6 +65,15 @@ pub enum ApiAccess {
     Any,
 }
 
+impl ApiAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiAccess::Local => "local",
+            ApiAccess::Any => "any",
+        }
+    }
+}
+
 pub fn router(state: HttpState) -> Router {
     let api = Router::new()
         .route("/api/v1/flows", get(flows))

@@ -290,7 +290,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = http::server::bind(args.listen).with_context(|| {
         format!("listening on {} (is another agent running? choose another with --listen)", args.listen)
     })?;
-    info!(listen = %args.listen, api_access = ?args.api_access, "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
+    info!(listen = %args.listen, api_access = args.api_access.as_str(), "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
     let limits = http::server::Limits {
         max_connections: args.http_max_connections.max(1),
         header_read_timeout: args.http_header_timeout,

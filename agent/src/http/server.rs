@@ -6,23 +6,30 @@
 //! for probes is itself a cap an attacker can fill, and kubelet's probes
 //! come from the node like any other client, so nothing tells them apart
 //! before their request is read. Instead, when the cap is reached a new
-//! connection displaces the connection that has waited longest without a
-//! request in progress (a half-sent header, a slow drip, an idle keep-alive,
-//! a client that does not read its answer). A probe writes its whole
-//! request at once, so it is the freshest connection and is answered; a
-//! slowloris only ever displaces its own older connections. Connections
-//! with a handler running are never displaced; when all of them are busy
-//! the new one is closed at once (and counted) rather than queued.
+//! connection displaces another one with no request in progress: first
+//! those that sent part of a request and stalled (a half-sent header, a slow
+//! drip, a large unfinished header), the one waiting longest among them;
+//! then silent ones (an idle keep-alive, a client that does not read its
+//! answer, a connect without a request), again the one waiting longest. A
+//! probe writes its whole request at once, so it is never "partial" and is
+//! the freshest of the silent ones: it is answered, and a slowloris only
+//! ever displaces its own connections. Connections with a handler running
+//! are never displaced; when all of them are busy the new one is closed at
+//! once (and counted) rather than queued. The limit: a flood of more than
+//! the cap of silent connects within the moment between a probe's connect
+//! and its request can still displace the probe.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     io,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -34,7 +41,12 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
-use tokio::{net::TcpListener, sync::Notify, task::JoinSet};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpListener,
+    sync::Notify,
+    task::JoinSet,
+};
 use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
@@ -140,7 +152,10 @@ impl Collector for ServerCollector {
 struct Conn {
     /// Requests in progress (0 or 1 with HTTP/1.1).
     busy: AtomicU32,
-    /// Milliseconds since the server's epoch when the connection last had
+    /// Bytes arrived since the last request began or ended: a request is
+    /// under way but its head is not complete.
+    partial: AtomicBool,
+    /// Microseconds since the server's epoch when the connection last had
     /// no request in progress.
     waiting_since: AtomicU64,
     close: Notify,
@@ -155,8 +170,8 @@ struct Registry {
 }
 
 impl Registry {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
     }
 
     /// Registers a new connection, displacing the longest-waiting one when
@@ -167,7 +182,11 @@ impl Registry {
             let victim = conns
                 .iter()
                 .filter(|(_, c)| c.busy.load(Ordering::Acquire) == 0)
-                .min_by_key(|(_, c)| c.waiting_since.load(Ordering::Acquire))
+                // Ties (connections accepted in the same microsecond) go to
+                // the one accepted first.
+                .min_by_key(|(id, c)| {
+                    (!c.partial.load(Ordering::Acquire), c.waiting_since.load(Ordering::Acquire), **id)
+                })
                 .map(|(id, _)| *id);
             match victim.and_then(|id| conns.remove(&id)) {
                 Some(c) => {
@@ -183,7 +202,8 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             busy: AtomicU32::new(0),
-            waiting_since: AtomicU64::new(self.now_ms()),
+            partial: AtomicBool::new(false),
+            waiting_since: AtomicU64::new(self.now_us()),
             close: Notify::new(),
         });
         conns.insert(id, conn.clone());
@@ -201,14 +221,14 @@ impl Registry {
     /// Closes the connections that have waited longer than `idle` (all of
     /// them with `Duration::ZERO`), busy ones excepted.
     fn close_waiting(&self, idle: Duration) -> usize {
-        let now = self.now_ms();
-        let idle_ms = idle.as_millis() as u64;
+        let now = self.now_us();
+        let idle_us = idle.as_micros() as u64;
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let stale: Vec<u64> = conns
             .iter()
             .filter(|(_, c)| {
                 c.busy.load(Ordering::Acquire) == 0
-                    && now.saturating_sub(c.waiting_since.load(Ordering::Acquire)) >= idle_ms
+                    && now.saturating_sub(c.waiting_since.load(Ordering::Acquire)) >= idle_us
             })
             .map(|(id, _)| *id)
             .collect();
@@ -231,13 +251,15 @@ struct BusyGuard {
 impl BusyGuard {
     fn new(conn: Arc<Conn>, registry: Arc<Registry>) -> BusyGuard {
         conn.busy.fetch_add(1, Ordering::AcqRel);
+        conn.partial.store(false, Ordering::Release);
         BusyGuard { conn, registry }
     }
 }
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.conn.waiting_since.store(self.registry.now_ms(), Ordering::Release);
+        self.conn.waiting_since.store(self.registry.now_us(), Ordering::Release);
+        self.conn.partial.store(false, Ordering::Release);
         self.conn.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -287,12 +309,19 @@ pub async fn serve(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                let conn_for_io = conn.clone();
                 tasks.spawn(serve_connection(
                     ConnectionTask { id, conn, registry: registry.clone(), peer, router: router.clone() },
-                    TokioIo::new(stream),
+                    TokioIo::new(Watched { stream, conn: conn_for_io }),
                     h1.clone(),
                     stopping.subscribe(),
                 ));
+                // Let the new connection read what it was sent before more
+                // are accepted: a probe's request is in its socket on
+                // arrival, and once read it is busy and cannot be displaced.
+                // Without this a flood of connects outruns the connection
+                // tasks and displaces probes before they are looked at.
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -319,7 +348,7 @@ struct ConnectionTask {
 
 async fn serve_connection(
     task: ConnectionTask,
-    io: TokioIo<tokio::net::TcpStream>,
+    io: TokioIo<Watched>,
     h1: http1::Builder,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -359,6 +388,46 @@ async fn serve_connection(
         }
     }
     registry.remove(id);
+}
+
+/// The connection's socket, noting when request bytes arrive (`Conn::partial`).
+struct Watched {
+    stream: tokio::net::TcpStream,
+    conn: Arc<Conn>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.conn.partial.store(true, Ordering::Release);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 /// Hostile or broken clients are routine here: debug, not warn.
@@ -409,6 +478,19 @@ mod tests {
     }
 
     #[test]
+    fn stalled_partial_requests_go_before_silent_connections() {
+        let r = registry();
+        let (silent_id, silent) = r.admit(2).unwrap();
+        let (partial_id, partial) = r.admit(2).unwrap();
+        silent.waiting_since.store(0, Ordering::Release);
+        partial.partial.store(true, Ordering::Release);
+        r.admit(2).unwrap();
+        let conns = r.conns.lock().unwrap();
+        assert!(!conns.contains_key(&partial_id), "the stalled partial request leaves first");
+        assert!(conns.contains_key(&silent_id), "though the silent one waited longer");
+    }
+
+    #[test]
     fn busy_connections_are_never_displaced() {
         let r = Arc::new(registry());
         let (_, a) = r.admit(1).unwrap();
@@ -427,7 +509,7 @@ mod tests {
         let (_, fresh) = r.admit(10).unwrap();
         let _guard = BusyGuard::new(busy, r.clone());
         std::thread::sleep(Duration::from_millis(30));
-        fresh.waiting_since.store(r.now_ms(), Ordering::Release);
+        fresh.waiting_since.store(r.now_us(), Ordering::Release);
         assert_eq!(r.close_waiting(Duration::from_millis(20)), 1, "only the old idle one");
         assert_eq!(r.conns.lock().unwrap().len(), 2);
         assert_eq!(r.close_waiting(Duration::ZERO), 1, "shutdown closes every waiting connection, not busy ones");
