@@ -1,6 +1,17 @@
 //! The agent's HTTP endpoints: `/metrics`, `/healthz`, `/readyz`,
 //! `/api/v1/flows`, `/api/v1/readiness`. Handlers only read the shared view
-//! and never touch the BPF maps or a remote API.
+//! and never touch the BPF maps or a remote API. How connections are
+//! bounded is `server`'s job.
+//!
+//! Who may read what: `/metrics` and the probes answer anyone who reaches
+//! the port (Prometheus, kubelet). `/api/v1/*` names pods, identities,
+//! ports and which host ports a policy would cut, so by default it answers
+//! only clients on loopback: in a pod that is `kubectl exec ... verdict-agent
+//! preflight|suggest` and `kubectl port-forward`, both gated by the
+//! Kubernetes RBAC on `pods/exec` and `pods/portforward`. `--api-access any`
+//! opens it to the network (then restrict the port with a network policy).
+
+pub mod server;
 
 use std::{
     sync::Arc,
@@ -9,8 +20,9 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{Query, Request, State},
     http::{StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -35,16 +47,64 @@ pub struct HttpState {
     pub readiness: Option<ReadinessFn>,
     /// `/healthz` fails when the map reader has not read for this long.
     pub stale_after: Duration,
+    pub api_access: ApiAccess,
+}
+
+/// The default listen address of `verdict-agent run`: loopback, so a
+/// hand-started agent is private; the chart listens on the pod IP. Port 9975
+/// because Cilium and Hubble use 9962-9966 (docs/operations.md, "Port").
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9975";
+
+/// Who may read `/api/v1/*`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ApiAccess {
+    /// Clients on loopback only (kubectl exec, kubectl port-forward, the node itself).
+    #[default]
+    Local,
+    /// Anyone who reaches the port.
+    Any,
+}
+
+impl ApiAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiAccess::Local => "local",
+            ApiAccess::Any => "any",
+        }
+    }
 }
 
 pub fn router(state: HttpState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/flows", get(flows))
+        .route("/api/v1/readiness", get(readiness))
+        .route_layer(middleware::from_fn_with_state(state.api_access, api_guard));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/api/v1/flows", get(flows))
-        .route("/api/v1/readiness", get(readiness))
+        .merge(api)
         .with_state(state)
+}
+
+/// `/api/v1/*` for loopback peers only, unless `--api-access any`. A request
+/// without a known peer (not from `server::serve`) is refused: fail closed.
+async fn api_guard(State(access): State<ApiAccess>, req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<server::PeerAddr>().map(|p| p.0);
+    let allowed = match access {
+        ApiAccess::Any => true,
+        // `[::]` listeners see IPv4 peers as ::ffff:a.b.c.d.
+        ApiAccess::Local => peer.is_some_and(|p| p.ip().to_canonical().is_loopback()),
+    };
+    if allowed {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::FORBIDDEN,
+        "/api/v1 answers only clients on loopback: run `kubectl -n NAMESPACE exec POD -- verdict-agent preflight` \
+         or `kubectl port-forward`, or start the agent with --api-access any\n",
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
@@ -179,5 +239,65 @@ async fn readiness(State(s): State<HttpState>, Query(q): Query<ReadinessQuery>) 
                 .into_response(),
         },
         None => (StatusCode::NOT_FOUND, "readiness is not enabled in this agent\n").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::{Arc, RwLock},
+    };
+
+    use axum::body::Body;
+    use tower_service::Service as _;
+
+    use super::*;
+    use crate::{bpf::loader::TapKind, model::NoDirectory, state::AgentView};
+
+    fn app(api_access: ApiAccess) -> Router {
+        let view = Arc::new(RwLock::new(AgentView::new(TapKind::Fentry, Default::default(), 16)));
+        router(HttpState {
+            view,
+            registry: Arc::new(Registry::default()),
+            directory: Arc::new(NoDirectory),
+            readiness: None,
+            stale_after: Duration::from_secs(60),
+            api_access,
+        })
+    }
+
+    async fn status(app: &Router, path: &str, peer: Option<&str>) -> StatusCode {
+        let mut req = axum::http::Request::get(path).body(Body::empty()).unwrap();
+        if let Some(p) = peer {
+            req.extensions_mut().insert(server::PeerAddr(p.parse::<SocketAddr>().unwrap()));
+        }
+        app.clone().call(req).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn api_answers_loopback_only_by_default() {
+        let app = app(ApiAccess::default());
+        for path in ["/api/v1/flows", "/api/v1/readiness"] {
+            for remote in ["10.0.0.7:40000", "[fd00::7]:40000", "[::ffff:10.0.0.7]:40000"] {
+                assert_eq!(status(&app, path, Some(remote)).await, StatusCode::FORBIDDEN, "{path} from {remote}");
+            }
+            assert_eq!(status(&app, path, None).await, StatusCode::FORBIDDEN, "{path}: no known peer fails closed");
+            for local in ["127.0.0.1:40000", "[::1]:40000", "[::ffff:127.0.0.1]:40000"] {
+                assert_ne!(status(&app, path, Some(local)).await, StatusCode::FORBIDDEN, "{path} from {local}");
+            }
+        }
+        assert_eq!(status(&app, "/api/v1/flows", Some("127.0.0.1:1")).await, StatusCode::OK);
+        // Prometheus and kubelet reach these from the pod network.
+        for path in ["/metrics", "/healthz"] {
+            assert_eq!(status(&app, path, Some("10.0.0.7:40000")).await, StatusCode::OK, "{path}");
+        }
+        assert_eq!(status(&app, "/readyz", Some("10.0.0.7:40000")).await, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn api_access_any_opens_the_api() {
+        let app = app(ApiAccess::Any);
+        assert_eq!(status(&app, "/api/v1/flows", Some("10.0.0.7:40000")).await, StatusCode::OK);
     }
 }

@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod bpf;
 pub mod cilium;
 pub mod enforce;
+pub mod duration;
 pub mod enrich;
 pub mod http;
 pub mod ledger;

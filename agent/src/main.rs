@@ -23,6 +23,15 @@ use verdict_agent::run::{self, RunArgs};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log line format on stderr: text for people, json (one object per line) for log collectors.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "VERDICT_AGENT_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -42,14 +51,25 @@ enum Command {
     Enforce(verdict_agent::enforce::cli::EnforceArgs),
 }
 
-fn init_logging() {
+/// Logs go to stderr, filtered by RUST_LOG (default info). Colour only for
+/// a terminal, and never with NO_COLOR set (no-color.org): `kubectl logs`
+/// and log collectors get plain text or JSON, not escape sequences.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::stderr().is_terminal() && !no_color;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).init(),
+        // Fields at the top level next to "message", as log collectors expect.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_ansi(false).init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => tokio_main(run::run(*args)).map(|()| ExitCode::SUCCESS),
         Command::Preflight(args) => tokio_main(verdict_agent::preflight::run(args)),
@@ -58,7 +78,11 @@ fn main() -> ExitCode {
         Command::Enforce(args) => tokio_main(verdict_agent::enforce::cli::run(args)),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("verdict-agent: {e:#}");
+        match cli.log_format {
+            LogFormat::Text => eprintln!("verdict-agent: {e:#}"),
+            // Every stderr line stays one JSON object.
+            LogFormat::Json => tracing::error!(error = format!("{e:#}"), "verdict-agent stopped on an error"),
+        }
         ExitCode::from(2)
     })
 }

@@ -20,10 +20,10 @@ use crate::{
     },
     suggest::labels::{is_dns_label, is_dns_subdomain},
     text::{escape_for_terminal as escape, neutralize},
-    timefmt::{format_duration, format_rfc3339, parse_duration},
+    timefmt::{format_duration, format_rfc3339},
 };
 
-pub const DEFAULT_AGENT: &str = "http://127.0.0.1:9965";
+pub const DEFAULT_AGENT: &str = "http://127.0.0.1:9975";
 
 /// Exit codes, as documented in `--help`.
 pub const EXIT_SAFE: u8 = 0;
@@ -58,17 +58,16 @@ pub struct PreflightArgs {
     pub output_file: Option<std::path::PathBuf>,
 }
 
-/// clap value parser for durations (`15m`, `24h`, `1h30m`).
-pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
+/// clap value parser for durations: the one grammar of `crate::duration`
+/// (`analyze` and `suggest` name it through here).
+pub use crate::duration::arg as parse_duration_arg;
 
 #[derive(Debug, Error)]
 pub enum PreflightError {
     #[error("{url:?} is not an agent address (expected http://HOST:PORT, e.g. {DEFAULT_AGENT})")]
     BadUrl { url: String },
     #[error(
-        "cannot reach the agent at {addr}: {source}; is `verdict-agent run` running there (kubectl -n kube-system port-forward ds/verdict-agent 9965)?"
+        "cannot reach the agent at {addr}: {source}; is `verdict-agent run` running there (kubectl -n kube-system port-forward ds/verdict-agent 9975)?"
     )]
     Connect { addr: String, source: std::io::Error },
     #[error("the agent at {addr} did not answer within {secs}s")]
@@ -621,7 +620,7 @@ mod tests {
     fn args(agent: &str, endpoint: Option<&str>, window: Option<&str>) -> PreflightArgs {
         PreflightArgs {
             endpoint: endpoint.map(str::to_owned),
-            window: window.map(|w| parse_duration(w).unwrap()),
+            window: window.map(|w| crate::duration::parse(w).unwrap()),
             agent: agent.into(),
             timeout: 5,
             output: OutputFormat::Table,

@@ -28,6 +28,7 @@ use crate::{
     },
     cilium::endpoint_list::parse_endpoint_list,
     enforce::{Enforcement, watch::ReadCadence},
+    duration,
     enrich::{self, EnrichArgs, Enrichment},
     http::{self, HttpState},
     ledger::FlowLedger,
@@ -43,9 +44,26 @@ use crate::{
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Address for /metrics, /healthz, /readyz and /api/v1/*.
-    #[arg(long, default_value = "127.0.0.1:9965", env = "VERDICT_AGENT_LISTEN")]
+    /// Address for /metrics, /healthz, /readyz and /api/v1/*: 0.0.0.0:PORT (IPv4), [::]:PORT
+    /// (IPv4 and IPv6), or one address.
+    #[arg(long, default_value = http::DEFAULT_LISTEN, env = "VERDICT_AGENT_LISTEN")]
     pub listen: SocketAddr,
+    /// Who may read /api/v1/* (pods, identities, ports): local = loopback clients only
+    /// (kubectl exec, kubectl port-forward); any = whoever reaches the port.
+    #[arg(long, value_enum, default_value = "local", env = "VERDICT_AGENT_API_ACCESS")]
+    pub api_access: http::ApiAccess,
+    /// Open HTTP connections at most; a new one displaces the one waiting longest.
+    #[arg(long, default_value_t = http::server::Limits::default().max_connections)]
+    pub http_max_connections: usize,
+    /// Time a client has to send a request's headers (also the keep-alive idle limit).
+    #[arg(long, default_value = "5s", value_parser = duration::positive_arg)]
+    pub http_header_timeout: Duration,
+    /// Connections with no request in progress for this long are closed (slow readers).
+    #[arg(long, default_value = "30s", value_parser = duration::positive_arg)]
+    pub http_idle_timeout: Duration,
+    /// On SIGTERM, how long requests in progress may take before the agent exits anyway.
+    #[arg(long, default_value = "5s", value_parser = duration::arg)]
+    pub shutdown_grace: Duration,
     /// How verdicts reach the counters: fentry (kernel >= 5.5 with BTF), kprobe, auto (fentry, else
     /// kprobe), or none (no hook: the pinned counters move only if another program feeds them;
     /// tests and demos on kernels that allow neither).
@@ -61,7 +79,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_FLOW_TABLE_SIZE)]
     pub flow_table_size: u32,
     /// How often the BPF maps are read. Shorter loses less of evicted flows' last counts.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::positive_arg)]
     pub poll_interval: Duration,
     /// Kernel BTF used to find struct layouts and the hooked function.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
@@ -84,10 +102,10 @@ pub struct RunArgs {
     pub endpoints_file: Option<PathBuf>,
 
     /// Recent past for lockout risk, lockout in progress and scan noise.
-    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, default_value = "15m", value_parser = duration::positive_arg)]
     pub window: Duration,
     /// Observation needed before an endpoint can be called ready to leave audit mode.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = duration::arg)]
     pub min_evidence: Duration,
     /// YAML file overriding the built-in catalogue of flows a node cannot live without.
     #[arg(long)]
@@ -105,21 +123,6 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub enforcement: crate::enforce::EnforcementArgs,
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 5s, 15m, 24h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m, h or d")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Loads the pipeline and starts the map reader. Returns the shared view and
@@ -335,6 +338,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }));
 
     let mut collectors: Vec<Box<dyn Collector>> = vec![
+    let http_stats = Arc::new(http::server::ServerStats::default());
+    let collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(VerdictCollector::new(
             view.clone(),
             directory.clone(),
@@ -342,6 +347,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )),
         Box::new(EnrichmentCollector { enrichment, view: view.clone() }),
         Box::new(ReadinessCollector(report.clone())),
+        Box::new(http::server::ServerCollector(http_stats.clone())),
     ];
     collectors.extend(enforcement.as_ref().map(Enforcement::collector));
     let readiness_report = report.clone();
@@ -350,7 +356,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         registry: Arc::new(metrics::registry(collectors)),
         directory,
         readiness: Some(Arc::new(move |selector: Option<&str>| readiness_json(&readiness_report, selector))),
-        stale_after: args.poll_interval * 3 + Duration::from_secs(5),
+        stale_after: args.poll_interval.saturating_mul(3).saturating_add(Duration::from_secs(5)),
+        api_access: args.api_access,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -362,6 +369,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => app,
     };
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")?;
+    let listener = http::server::bind(args.listen).with_context(|| {
+        format!("listening on {} (is another agent running? choose another with --listen)", args.listen)
+    })?;
+    info!(listen = %args.listen, api_access = args.api_access.as_str(), "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
+    let limits = http::server::Limits {
+        max_connections: args.http_max_connections.max(1),
+        header_read_timeout: args.http_header_timeout,
+        idle_timeout: args.http_idle_timeout,
+        shutdown_grace: args.shutdown_grace,
+        ..http::server::Limits::default()
+    };
+    http::server::serve(listener, http::router(state), limits, http_stats, shutdown_signal()).await;
     readiness_task.abort();
     drop(reader);
     info!("stopped");

@@ -1,6 +1,6 @@
 //! Time in the words an operator reads: RFC 3339 UTC timestamps in the
-//! JSON (serde's default for `SystemTime` is an opaque struct), and
-//! durations such as `15m` or `1h30m` on the command line.
+//! JSON (serde's default for `SystemTime` is an opaque struct). Durations
+//! on the command line are `crate::duration`'s.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,8 +51,6 @@ pub fn format_rfc3339(t: SystemTime) -> String {
 pub enum TimeParseError {
     #[error("{input:?} is not an RFC 3339 timestamp (expected e.g. 2026-11-22T22:31:05Z)")]
     Timestamp { input: String },
-    #[error("{input:?} is not a duration (expected e.g. 90s, 15m, 24h, 7d or 1h30m)")]
-    Duration { input: String },
 }
 
 /// Parses RFC 3339 as Hubble and this agent print it: `Z` or a numeric
@@ -117,64 +115,9 @@ pub fn parse_rfc3339(input: &str) -> Result<SystemTime, TimeParseError> {
     Ok(UNIX_EPOCH + Duration::new(secs as u64, nanos))
 }
 
-/// `90s`, `15m`, `24h`, `7d`, `1h30m`, or plain seconds (`900`).
-pub fn parse_duration(input: &str) -> Result<Duration, TimeParseError> {
-    let err = || TimeParseError::Duration { input: input.to_owned() };
-    let s = input.trim();
-    if s.is_empty() {
-        return Err(err());
-    }
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total: u64 = 0;
-    let mut num = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num.parse().map_err(|_| err())?;
-        num.clear();
-        let unit = match c {
-            'm' if chars.peek() == Some(&'s') => {
-                chars.next();
-                let ms = n;
-                total = total.checked_add(ms / 1000).ok_or_else(err)?;
-                continue;
-            }
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
-            _ => return Err(err()),
-        };
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(err)?;
-    }
-    if !num.is_empty() {
-        return Err(err());
-    }
-    Ok(Duration::from_secs(total))
-}
-
-/// The shortest of `1d2h`, `15m`, `90s`: how the report and tables print
-/// windows and ages.
-pub fn format_duration(d: Duration) -> String {
-    let mut secs = d.as_secs();
-    if secs == 0 {
-        return "0s".into();
-    }
-    let mut out = String::new();
-    for (unit, name) in [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")] {
-        if secs >= unit {
-            out.push_str(&format!("{}{name}", secs / unit));
-            secs %= unit;
-        }
-    }
-    out
-}
+/// How reports and tables print windows and ages: the one duration
+/// formatter, next to the one parser (`crate::duration`).
+pub use crate::duration::format as format_duration;
 
 /// serde adapter: `SystemTime` as an RFC 3339 string.
 pub mod rfc3339 {
@@ -253,20 +196,5 @@ mod tests {
         assert_eq!(parse("not a time at all!!"), None);
         assert_eq!(parse("2024-05-01T0é:00:00Z"), None);
         assert_eq!(parse("2024-05-01T+1:00:00Z"), None);
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
-        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
-        assert_eq!(parse_duration("900").unwrap(), Duration::from_secs(900));
-        assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_secs(1));
-        assert!(parse_duration("15x").is_err());
-        assert!(parse_duration("h").is_err());
-        assert!(parse_duration("15m3").is_err());
-        assert_eq!(format_duration(Duration::from_secs(93_784)), "1d2h3m4s");
-        assert_eq!(format_duration(Duration::from_secs(900)), "15m");
     }
 }

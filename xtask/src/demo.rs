@@ -11,7 +11,7 @@
 //! endpoint in audit mode whose host policy forgot the API server and the
 //! kubelet, receiving an internet port scan; a pod with denied egress to a
 //! private range), prints a per-endpoint table, and keeps serving
-//! /metrics on 127.0.0.1:9965 until Ctrl-C (or `--seconds`).
+//! /metrics on 127.0.0.1:9975 until Ctrl-C (or `--seconds`).
 
 use std::{
     io::{Read, Write},
@@ -29,7 +29,7 @@ pub struct DemoArgs {
     /// Stop after serving this many seconds (default: until Ctrl-C).
     #[arg(long)]
     pub seconds: Option<u64>,
-    #[arg(long, default_value = "127.0.0.1:9965")]
+    #[arg(long, default_value = "127.0.0.1:9975")]
     pub listen: String,
 }
 

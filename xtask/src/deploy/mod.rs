@@ -91,7 +91,7 @@ enum DeployCommand {
     /// Write a Prometheus config that scrapes TARGET and evaluates the alert rules.
     E2eConfig {
         /// host:port of a running agent (loopback only).
-        #[arg(long, default_value = "127.0.0.1:9965")]
+        #[arg(long, default_value = "127.0.0.1:9975")]
         target: String,
         /// Directory for prometheus.yml.
         #[arg(long)]
@@ -230,7 +230,7 @@ fn check_in(tools: &Tools, work: &Path) -> Result<()> {
     }
     step("e2e Prometheus config", || {
         let dir = work.join("e2e");
-        let cfg = prometheus_e2e_config("127.0.0.1:9965", &dir)?;
+        let cfg = prometheus_e2e_config("127.0.0.1:9975", &dir)?;
         tools::run(Command::new(&tools.promtool).args(["check", "config"]).arg(cfg))
     })?;
     Ok(())
