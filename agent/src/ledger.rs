@@ -7,7 +7,8 @@
 //! last count read is added to the flow's *base*, and the exported value is
 //! base + current count, so it never decreases. Notifications that arrived
 //! between the last read and the eviction are not in the flow (they are in
-//! the endpoint totals, which never evict). Dead flows are kept up to a
+//! the endpoint totals, which never evict): the ledger counts them as lost
+//! evidence per endpoint, direction and class (`crate::unattributed`). Dead flows are kept up to a
 //! bound, then folded into per-label-set aggregates, which is all that
 //! `verdict_agent_policy_verdicts_total` needs.
 
@@ -21,6 +22,7 @@ use verdict_common::maps::{FlowKey, LEDGER_AGGREGATE_MARK, LedgerRecord, Verdict
 use crate::{
     bpf::snapshot::{FlowTotals, MapSnapshot},
     model::{Direction, FlowRecord, NotifySource, Verdict},
+    unattributed::{ClassKey, LostEvidence, Unattributed},
 };
 
 /// The label set of `verdict_agent_policy_verdicts_total`: a flow without
@@ -97,6 +99,8 @@ pub struct FlowLedger {
     max_dead: usize,
     dead: usize,
     evictions_observed: u64,
+    /// Verdicts of the endpoint totals that no flow read carries.
+    unattributed: Unattributed,
 }
 
 impl FlowLedger {
@@ -110,6 +114,7 @@ impl FlowLedger {
             max_dead,
             dead: 0,
             evictions_observed: 0,
+            unattributed: Unattributed::default(),
         }
     }
 
@@ -119,6 +124,9 @@ impl FlowLedger {
     pub fn restore(max_dead: usize, records: impl IntoIterator<Item = (FlowKey, LedgerRecord)>) -> FlowLedger {
         let mut ledger = FlowLedger::new(max_dead);
         for (key, r) in records {
+            if ledger.unattributed.restore(&key, &r) {
+                continue;
+            }
             if key._pad == LEDGER_AGGREGATE_MARK {
                 let totals = Totals { notifications: r.base_notifications, bytes: r.base_bytes };
                 ledger.retired.insert(AggregateKey::from(&key), totals);
@@ -159,6 +167,7 @@ impl FlowLedger {
                 ));
             }
         }
+        out.extend(self.unattributed.take_changes());
         // The first read marks every flow changed: do not keep a 100 k-slot
         // set around for the handful that change per read afterwards.
         self.changed.shrink_to(out.len().min(4096));
@@ -220,6 +229,26 @@ impl FlowLedger {
             }
         }
         self.fold_oldest_dead();
+        let attributed = self.attributed();
+        self.unattributed.update(&snapshot.endpoints, &attributed, snapshot.clock.taken_at());
+    }
+
+    /// Notifications attributed to flows (live, evicted or folded) per
+    /// endpoint, direction and verdict class.
+    pub fn attributed(&self) -> HashMap<ClassKey, u64> {
+        let mut out: HashMap<ClassKey, u64> = HashMap::new();
+        for (agg, t) in &self.retired {
+            *out.entry((agg.endpoint_id, agg.direction, agg.class)).or_default() += t.notifications;
+        }
+        for (key, e) in &self.entries {
+            *out.entry((key.endpoint_id, key.direction, key.class)).or_default() += e.totals().notifications;
+        }
+        out
+    }
+
+    /// Verdicts counted in the endpoint totals that no flow read carries.
+    pub fn lost_evidence(&self) -> Vec<LostEvidence> {
+        self.unattributed.lost()
     }
 
     fn fold_oldest_dead(&mut self) {

@@ -18,3 +18,4 @@ pub mod silence;
 pub mod state;
 pub mod suggest;
 pub mod timefmt;
+pub mod unattributed;

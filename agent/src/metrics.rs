@@ -223,6 +223,21 @@ impl Collector for VerdictCollector {
                 MetricType::Counter,
                 [(vec![], counter(snap.stat(Stat::FlowUpdateFailed)))],
             )?;
+            let lost = view.lost_evidence.iter().map(|l| {
+                let mut labels = endpoint_labels(dir, l.endpoint_id);
+                labels.push(("direction", l.direction.as_str().into()));
+                labels.push(("verdict", l.verdict.as_str().into()));
+                (labels, counter(l.verdicts))
+            });
+            family(
+                &mut encoder,
+                "verdict_agent_unattributed_verdicts",
+                "Verdicts in the exact endpoint totals that no flow the agent read carries (evicted from the \
+                 flow table before a read, or never created): lost evidence. While an endpoint's audited ones \
+                 grow within the evidence window its readiness is no_evidence (evidence_lost).",
+                MetricType::Counter,
+                lost.collect::<Vec<_>>(),
+            )?;
             family(
                 &mut encoder,
                 "verdict_agent_endpoint_id_out_of_range",

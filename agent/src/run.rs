@@ -217,7 +217,9 @@ impl MapReader {
                 self.store.write(&changed, &removed);
                 let aggregates = self.ledger.aggregates();
                 let flows = self.ledger.records();
+                let lost_evidence = self.ledger.lost_evidence();
                 let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+                view.lost_evidence = lost_evidence.into();
                 view.snapshot = Some(snapshot);
                 view.aggregates = aggregates;
                 view.flows = flows.into();
@@ -355,7 +357,10 @@ async fn readiness_loop(mut l: ReadinessLoop) {
     let mut silence_log = crate::silence::SilenceLog::default();
     loop {
         tick.tick().await;
-        let flows = l.view.read().unwrap_or_else(|e| e.into_inner()).flows.clone();
+        let (flows, lost_evidence) = {
+            let view = l.view.read().unwrap_or_else(|e| e.into_inner());
+            (view.flows.clone(), view.lost_evidence.clone())
+        };
         let now = std::time::SystemTime::now();
         let facts = l.enrichment.daemon_facts();
         let environment = EvidenceEnvironment {
@@ -372,6 +377,7 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         input.environment = environment;
         input.host_endpoint = l.host_endpoint;
         input.node = l.node.clone();
+        input.lost_evidence = &lost_evidence;
         let report = l.engine.evaluate(&input);
         l.alarms.process(&report, now).await;
         silence_log.update(&report);

@@ -12,6 +12,7 @@ use crate::{
     bpf::{events_map::EventsMapState, loader::TapKind, snapshot::MapSnapshot},
     ledger::{AggregateKey, Totals},
     model::FlowRecord,
+    unattributed::LostEvidence,
 };
 
 #[derive(Debug)]
@@ -27,6 +28,8 @@ pub struct AgentView {
     /// Every flow known individually, with monotonic totals. Shared, so
     /// readers take a reference instead of a copy of 100 k records.
     pub flows: Arc<[FlowRecord]>,
+    /// Verdicts in the endpoint totals that no flow read carries.
+    pub lost_evidence: Arc<[LostEvidence]>,
     pub map_reads: u64,
     pub last_read: Option<Instant>,
     pub map_read_errors: u64,
@@ -44,6 +47,7 @@ impl AgentView {
             snapshot: None,
             aggregates: HashMap::new(),
             flows: Arc::from([]),
+            lost_evidence: Arc::from([]),
             map_reads: 0,
             last_read: None,
             map_read_errors: 0,

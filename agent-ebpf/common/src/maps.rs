@@ -199,6 +199,12 @@ pub const FLOW_LEDGER: &str = "FLOW_LEDGER";
 /// totals of evicted flows for one aggregate label set (remote and port 0).
 pub const LEDGER_AGGREGATE_MARK: u8 = 0xff;
 
+/// `FlowKey::_pad` value marking a ledger record that holds the verdicts of
+/// one endpoint, direction and class that no flow read carries (lost
+/// evidence, `agent/src/unattributed.rs`): `base_notifications` is the
+/// count, `last_seen_unix_ns` when it last grew.
+pub const LEDGER_UNATTRIBUTED_MARK: u8 = 0xfe;
+
 /// One flow's ledger state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

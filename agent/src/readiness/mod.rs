@@ -18,6 +18,8 @@ pub mod remote;
 pub mod report;
 
 #[cfg(test)]
+mod evidence_tests;
+#[cfg(test)]
 pub(crate) mod testkit;
 #[cfg(test)]
 mod tests;
@@ -36,8 +38,9 @@ pub use noise::NoiseConfig;
 pub use remote::RemoteSide;
 pub use report::*;
 
-use crate::model::{
-    Direction, EndpointDirectory, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict,
+use crate::{
+    model::{Direction, EndpointDirectory, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict},
+    unattributed::LostEvidence,
 };
 
 /// Tunables of the readiness engine.
@@ -192,6 +195,10 @@ pub struct ReadinessInput<'a> {
     /// This node's name (for the report, alarms and suggested nodeSelectors).
     pub node: Option<String>,
     pub source_ports: Option<&'a SourcePorts>,
+    /// Verdicts the kernel counted per endpoint that no flow carries
+    /// (`crate::unattributed`); empty for captures, which lose nothing in
+    /// the agent.
+    pub lost_evidence: &'a [LostEvidence],
 }
 
 impl<'a> ReadinessInput<'a> {
@@ -210,6 +217,7 @@ impl<'a> ReadinessInput<'a> {
             host_endpoint: None,
             node: None,
             source_ports: None,
+            lost_evidence: &[],
         }
     }
 }
