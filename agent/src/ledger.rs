@@ -22,6 +22,7 @@ use verdict_common::maps::{FlowKey, LEDGER_AGGREGATE_MARK, LedgerRecord, Verdict
 use crate::{
     bpf::snapshot::{FlowTotals, MapSnapshot},
     model::{Direction, FlowRecord, NotifySource, Verdict},
+    readiness_totals::{self, ReadinessTotals},
     unattributed::{ClassKey, LostEvidence, Unattributed},
 };
 
@@ -101,6 +102,9 @@ pub struct FlowLedger {
     evictions_observed: u64,
     /// Verdicts of the endpoint totals that no flow read carries.
     unattributed: Unattributed,
+    /// The readiness engine's counters, stored here so they survive a restart.
+    readiness_totals: ReadinessTotals,
+    readiness_changed: Vec<(crate::readiness_totals::ReadinessCounter, u64)>,
 }
 
 impl FlowLedger {
@@ -115,6 +119,8 @@ impl FlowLedger {
             dead: 0,
             evictions_observed: 0,
             unattributed: Unattributed::default(),
+            readiness_totals: ReadinessTotals::new(),
+            readiness_changed: Vec::new(),
         }
     }
 
@@ -125,6 +131,10 @@ impl FlowLedger {
         let mut ledger = FlowLedger::new(max_dead);
         for (key, r) in records {
             if ledger.unattributed.restore(&key, &r) {
+                continue;
+            }
+            if let Some((counter, value)) = readiness_totals::from_record(&key, &r) {
+                ledger.readiness_totals.insert(counter, value);
                 continue;
             }
             if key._pad == LEDGER_AGGREGATE_MARK {
@@ -168,6 +178,7 @@ impl FlowLedger {
             }
         }
         out.extend(self.unattributed.take_changes());
+        out.extend(self.readiness_changed.drain(..).map(|(c, v)| readiness_totals::to_record(c, v)));
         // The first read marks every flow changed: do not keep a 100 k-slot
         // set around for the handful that change per read afterwards.
         self.changed.shrink_to(out.len().min(4096));
@@ -249,6 +260,23 @@ impl FlowLedger {
     /// Verdicts counted in the endpoint totals that no flow read carries.
     pub fn lost_evidence(&self) -> Vec<LostEvidence> {
         self.unattributed.lost()
+    }
+
+    /// The readiness counters restored from the pinned ledger.
+    pub fn readiness_totals(&self) -> &ReadinessTotals {
+        &self.readiness_totals
+    }
+
+    /// Takes the readiness engine's latest counters; only grown ones are
+    /// written (a counter never goes down, so a smaller value is ignored).
+    pub fn set_readiness_totals(&mut self, totals: &ReadinessTotals) {
+        for (&counter, &value) in totals {
+            let known = self.readiness_totals.entry(counter).or_default();
+            if value > *known {
+                *known = value;
+                self.readiness_changed.push((counter, value));
+            }
+        }
     }
 
     fn fold_oldest_dead(&mut self) {

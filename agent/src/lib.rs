@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod preflight;
 pub mod readiness;
+pub mod readiness_totals;
 pub mod run;
 pub mod scenario;
 pub mod silence;

@@ -136,6 +136,7 @@ pub fn start_pipeline(args: &RunArgs) -> anyhow::Result<(SharedView, ReaderHandl
     let ledger_capacity = args.flow_table_size.saturating_add(args.max_retained_flows as u32).saturating_add(4096);
     let store = LedgerStore::open(&loader.pin_path(), ledger_capacity).context("opening the pinned flow ledger")?;
     let ledger = FlowLedger::restore(args.max_retained_flows, store.load());
+    view.write().unwrap_or_else(|e| e.into_inner()).readiness_totals = ledger.readiness_totals().clone();
     let reader = MapReader { pipeline, follower, ledger, store, view: view.clone(), interval: args.poll_interval };
     let thread_stop = stop.clone();
     let join = thread::Builder::new()
@@ -211,6 +212,8 @@ impl MapReader {
         };
         match MapSnapshot::read(maps) {
             Ok(mut snapshot) => {
+                let readiness_totals = self.view.read().unwrap_or_else(|e| e.into_inner()).readiness_totals.clone();
+                self.ledger.set_readiness_totals(&readiness_totals);
                 self.ledger.update(&snapshot);
                 snapshot.flows = Vec::new();
                 let (changed, removed) = self.ledger.take_changes();
@@ -257,7 +260,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         view: view.clone(),
         enrichment: enrichment.clone(),
         report: report.clone(),
-        engine: ReadinessEngine::new(readiness_config),
+        engine: {
+            let mut engine = ReadinessEngine::new(readiness_config);
+            engine.restore_totals(&view.read().unwrap_or_else(|e| e.into_inner()).readiness_totals);
+            engine
+        },
         observation: Observation::since_start(observed_since),
         cilium_version: args.cilium_version.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
         host_endpoint: args.host_endpoint,
@@ -379,6 +386,7 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         input.node = l.node.clone();
         input.lost_evidence = &lost_evidence;
         let report = l.engine.evaluate(&input);
+        l.view.write().unwrap_or_else(|e| e.into_inner()).readiness_totals = l.engine.totals();
         l.alarms.process(&report, now).await;
         silence_log.update(&report);
         *l.report.write().unwrap_or_else(|e| e.into_inner()) = Some(report);

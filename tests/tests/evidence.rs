@@ -145,14 +145,45 @@ fn a_scan_between_two_reads_never_leaves_the_host_reported_clear() {
         assert!(!lockout["evidence_lost"].as_array().is_none_or(|v| v.is_empty()), "{lockout}");
     }
     drop(p);
+    // The scan is noise, and the engine's counters have counted it.
+    let noise = |s: &Scrape| s.sum("verdict_agent_scan_noise_notifications_total", &[&format!("endpoint=\"{HOST}\"")]);
+    let before = agent.scrape_until(Duration::from_secs(20), |s| noise(s) > 0.0).unwrap();
+    assert!(noise(&before) > 0.0, "the scan is counted as noise");
+    // Let the map reader persist what the engine published.
+    std::thread::sleep(Duration::from_secs(5));
+    let before = agent.scrape().unwrap();
     assert!(agent.stop().unwrap(), "clean exit on SIGTERM");
 
-    // A restarted agent neither forgets the loss nor dates it anew.
+    // A restarted agent neither forgets the loss nor dates it anew, and no
+    // counter goes down.
     let agent = AgentProcess::start(addr, &args, &log).unwrap();
-    let again = agent.scrape_until(Duration::from_secs(20), |s| lost(s) > 0.0).unwrap();
+    let again = agent.scrape_until(Duration::from_secs(20), |s| lost(s) > 0.0 && noise(s) >= noise(&before)).unwrap();
     assert_eq!(lost(&again), lost(&s), "the unattributed total survives the restart unchanged");
     assert_books_balance(&again, "audited");
+    // Two more evaluations: the first after a restore is a baseline.
+    std::thread::sleep(Duration::from_secs(5));
+    let later = agent.scrape().unwrap();
+    for next in [&again, &later] {
+        assert_monotonic(&before, next);
+    }
+    assert_eq!(noise(&later), noise(&before), "no new noise, and the old is not counted twice");
     assert!(agent.stop().unwrap());
+}
+
+/// Counters of the agent process itself, which restart with it (the
+/// enrichment errors are `enrich/`'s, not this test's subject).
+const PROCESS_SCOPED: &[&str] = &["verdict_agent_map_reads_total", "verdict_agent_enrichment_errors_total"];
+
+/// Every `_total` series of `old` is at least as large in `new`.
+fn assert_monotonic(old: &Scrape, new: &Scrape) {
+    for (series, v) in &old.series {
+        let name = series.split('{').next().unwrap_or("");
+        if !name.ends_with("_total") || PROCESS_SCOPED.contains(&name) {
+            continue;
+        }
+        let now = new.series.get(series).copied().unwrap_or(0.0);
+        assert!(now >= *v, "{series} went down from {v} to {now} across a restart");
+    }
 }
 
 fn agent_readiness(addr: SocketAddr) -> serde_json::Value {

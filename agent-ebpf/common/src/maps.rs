@@ -205,6 +205,10 @@ pub const LEDGER_AGGREGATE_MARK: u8 = 0xff;
 /// count, `last_seen_unix_ns` when it last grew.
 pub const LEDGER_UNATTRIBUTED_MARK: u8 = 0xfe;
 
+/// `FlowKey::_pad` value marking a ledger record that holds one of the
+/// readiness engine's `_total` counters (`agent/src/readiness_totals.rs`).
+pub const LEDGER_READINESS_MARK: u8 = 0xfd;
+
 /// One flow's ledger state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
