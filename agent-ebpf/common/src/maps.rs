@@ -19,6 +19,11 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 16384;
 /// Largest notification the tap copies out of the datapath's stack.
 pub const MAX_NOTIFICATION_SIZE: usize = 64;
 
+/// Benchmark only: the map ID `bench_tap` presents as its `map` argument
+/// (through the same `bpf_probe_read_kernel` as the tap); the benchmark
+/// writes it into [`TapConfig::events_map_id`] so the tap's filter passes.
+pub const BENCH_FAKE_MAP_ID: u32 = 0x7ffe_0001;
+
 /// `Array<TapConfig>` with one entry, written by userspace.
 pub const TAP_CONFIG: &str = "TAP_CONFIG";
 /// `PerCpuArray<EndpointCounters>`, indexed by endpoint ID. Pinned.

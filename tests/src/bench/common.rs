@@ -83,6 +83,10 @@ pub struct Bench {
 pub const REPLAY: &str = "replay";
 pub const EMPTY: &str = "bench_empty";
 pub const REPLAY_AND_EMIT: &str = "bench_replay_and_emit";
+/// The tap's whole path (both `bpf_probe_read_kernel` calls included).
+pub const TAP: &str = "bench_tap";
+/// Cilium's own notify: a perf output into a ring nobody reads.
+pub const NOTIFY: &str = "bench_notify";
 
 impl Bench {
     pub fn load(pins: &Path, flow_table_size: u32, extra: &[&str]) -> Result<Bench> {
