@@ -10,6 +10,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
+pub mod owner_baseline;
 pub mod preflight;
 pub mod readiness;
 pub mod readiness_totals;

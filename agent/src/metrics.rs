@@ -18,6 +18,7 @@ use verdict_common::{
 use crate::{
     cilium::monitor::api::{drop_reason_text, match_type_name},
     model::{Direction, EndpointDirectory, proto_name},
+    owner_baseline::{Owner, OwnerBaselines},
     state::SharedView,
 };
 
@@ -69,6 +70,8 @@ pub struct VerdictCollector {
     /// Some(limit): export per-flow series, at most `limit` of them.
     flow_metrics: Option<usize>,
     flow_series: std::sync::Mutex<FlowSeries>,
+    /// Endpoint IDs reused by a new pod start from zero for it.
+    owners: std::sync::Mutex<OwnerBaselines>,
 }
 
 /// Which flows have their own series. Membership is decided once, when the
@@ -84,7 +87,7 @@ type FlowIdent = (u16, crate::model::Direction, u32, u8, u16, crate::model::Verd
 
 impl VerdictCollector {
     pub fn new(view: SharedView, directory: Arc<dyn EndpointDirectory>, flow_metrics: Option<usize>) -> Self {
-        VerdictCollector { view, directory, flow_metrics, flow_series: Default::default() }
+        VerdictCollector { view, directory, flow_metrics, flow_series: Default::default(), owners: Default::default() }
     }
 }
 
@@ -104,9 +107,12 @@ impl Collector for VerdictCollector {
         let directions = [Direction::Ingress, Direction::Egress];
 
         if let Some(snap) = &view.snapshot {
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
             let mut rows = Vec::new();
             let mut drops = Vec::new();
             for ep in &snap.endpoints {
+                owners.observe(ep, Owner::of(dir.endpoint(ep.id).as_ref()), &view.aggregates);
+                let ep = &owners.endpoint(ep);
                 let base = endpoint_labels(dir, ep.id);
                 for (d, direction) in directions.iter().enumerate() {
                     for class in VerdictClass::ALL {
@@ -132,16 +138,17 @@ impl Collector for VerdictCollector {
                 let Some(direction) = Direction::from_cilium(k.direction) else { continue };
                 let mut l = endpoint_labels(dir, k.endpoint_id);
                 l.push(("direction", direction.as_str().into()));
+                let notifications = owners.aggregate(k, t.notifications);
                 if k.notify_type == notify_type::DROP {
                     l.push(("reason", drop_reason_text(k.reason).map_or_else(|| k.reason.to_string(), str::to_owned)));
-                    drops.push((l, counter(t.notifications)));
+                    drops.push((l, counter(notifications)));
                     continue;
                 }
                 let Some(class) = VerdictClass::from_u8(k.class) else { continue };
                 l.push(("verdict", class.as_str().into()));
                 l.push(("match", match_type_name(k.match_type).into()));
                 l.push(("proto", proto_name(k.proto)));
-                rows.push((l, counter(t.notifications)));
+                rows.push((l, counter(notifications)));
             }
             family(
                 &mut encoder,
