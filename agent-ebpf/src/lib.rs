@@ -15,3 +15,5 @@
 pub mod account;
 #[cfg(target_arch = "bpf")]
 pub mod maps;
+#[cfg(target_arch = "bpf")]
+pub mod tap;

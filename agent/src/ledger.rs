@@ -7,7 +7,8 @@
 //! last count read is added to the flow's *base*, and the exported value is
 //! base + current count, so it never decreases. Notifications that arrived
 //! between the last read and the eviction are not in the flow (they are in
-//! the endpoint totals, which never evict). Dead flows are kept up to a
+//! the endpoint totals, which never evict): the ledger counts them as lost
+//! evidence per endpoint, direction and class (`crate::unattributed`). Dead flows are kept up to a
 //! bound, then folded into per-label-set aggregates, which is all that
 //! `verdict_agent_policy_verdicts_total` needs.
 
@@ -21,6 +22,8 @@ use verdict_common::maps::{FlowKey, LEDGER_AGGREGATE_MARK, LedgerRecord, Verdict
 use crate::{
     bpf::snapshot::{FlowTotals, MapSnapshot},
     model::{Direction, FlowRecord, NotifySource, Verdict},
+    readiness_totals::{self, ReadinessTotals},
+    unattributed::{ClassKey, LostEvidence, Unattributed},
 };
 
 /// The label set of `verdict_agent_policy_verdicts_total`: a flow without
@@ -97,6 +100,11 @@ pub struct FlowLedger {
     max_dead: usize,
     dead: usize,
     evictions_observed: u64,
+    /// Verdicts of the endpoint totals that no flow read carries.
+    unattributed: Unattributed,
+    /// The readiness engine's counters, stored here so they survive a restart.
+    readiness_totals: ReadinessTotals,
+    readiness_changed: Vec<(crate::readiness_totals::ReadinessCounter, u64)>,
 }
 
 impl FlowLedger {
@@ -110,6 +118,9 @@ impl FlowLedger {
             max_dead,
             dead: 0,
             evictions_observed: 0,
+            unattributed: Unattributed::default(),
+            readiness_totals: ReadinessTotals::new(),
+            readiness_changed: Vec::new(),
         }
     }
 
@@ -119,6 +130,13 @@ impl FlowLedger {
     pub fn restore(max_dead: usize, records: impl IntoIterator<Item = (FlowKey, LedgerRecord)>) -> FlowLedger {
         let mut ledger = FlowLedger::new(max_dead);
         for (key, r) in records {
+            if ledger.unattributed.restore(&key, &r) {
+                continue;
+            }
+            if let Some((counter, value)) = readiness_totals::from_record(&key, &r) {
+                ledger.readiness_totals.insert(counter, value);
+                continue;
+            }
             if key._pad == LEDGER_AGGREGATE_MARK {
                 let totals = Totals { notifications: r.base_notifications, bytes: r.base_bytes };
                 ledger.retired.insert(AggregateKey::from(&key), totals);
@@ -159,6 +177,8 @@ impl FlowLedger {
                 ));
             }
         }
+        out.extend(self.unattributed.take_changes());
+        out.extend(self.readiness_changed.drain(..).map(|(c, v)| readiness_totals::to_record(c, v)));
         // The first read marks every flow changed: do not keep a 100 k-slot
         // set around for the handful that change per read afterwards.
         self.changed.shrink_to(out.len().min(4096));
@@ -220,6 +240,43 @@ impl FlowLedger {
             }
         }
         self.fold_oldest_dead();
+        let attributed = self.attributed();
+        self.unattributed.update(&snapshot.endpoints, &attributed, snapshot.clock.taken_at());
+    }
+
+    /// Notifications attributed to flows (live, evicted or folded) per
+    /// endpoint, direction and verdict class.
+    pub fn attributed(&self) -> HashMap<ClassKey, u64> {
+        let mut out: HashMap<ClassKey, u64> = HashMap::new();
+        for (agg, t) in &self.retired {
+            *out.entry((agg.endpoint_id, agg.direction, agg.class)).or_default() += t.notifications;
+        }
+        for (key, e) in &self.entries {
+            *out.entry((key.endpoint_id, key.direction, key.class)).or_default() += e.totals().notifications;
+        }
+        out
+    }
+
+    /// Verdicts counted in the endpoint totals that no flow read carries.
+    pub fn lost_evidence(&self) -> Vec<LostEvidence> {
+        self.unattributed.lost()
+    }
+
+    /// The readiness counters restored from the pinned ledger.
+    pub fn readiness_totals(&self) -> &ReadinessTotals {
+        &self.readiness_totals
+    }
+
+    /// Takes the readiness engine's latest counters; only grown ones are
+    /// written (a counter never goes down, so a smaller value is ignored).
+    pub fn set_readiness_totals(&mut self, totals: &ReadinessTotals) {
+        for (&counter, &value) in totals {
+            let known = self.readiness_totals.entry(counter).or_default();
+            if value > *known {
+                *known = value;
+                self.readiness_changed.push((counter, value));
+            }
+        }
     }
 
     fn fold_oldest_dead(&mut self) {

@@ -18,6 +18,7 @@ use verdict_common::{
 use crate::{
     cilium::monitor::api::{drop_reason_text, match_type_name},
     model::{Direction, EndpointDirectory, proto_name},
+    owner_baseline::{Owner, OwnerBaselines},
     state::SharedView,
 };
 
@@ -72,6 +73,8 @@ pub struct VerdictCollector {
     /// Endpoints the directory reports deleted leave every per-endpoint
     /// family once their counters stopped moving (see enrich::retire).
     retirement: std::sync::Mutex<crate::enrich::SeriesRetirement>,
+    /// Endpoint IDs reused by a new pod start from zero for it.
+    owners: std::sync::Mutex<OwnerBaselines>,
 }
 
 /// Which flows have their own series. Membership is decided once, when the
@@ -93,6 +96,7 @@ impl VerdictCollector {
             flow_metrics,
             flow_series: Default::default(),
             retirement: Default::default(),
+            owners: Default::default(),
         }
     }
 
@@ -128,9 +132,12 @@ impl Collector for VerdictCollector {
                 totals,
                 |id| dir.endpoint_gone(id),
             );
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
             let mut rows = Vec::new();
             let mut drops = Vec::new();
             for ep in snap.endpoints.iter().filter(|ep| !retired.contains(&ep.id)) {
+                owners.observe(ep, Owner::of(dir.endpoint(ep.id).as_ref()), &view.aggregates);
+                let ep = &owners.endpoint(ep);
                 let base = endpoint_labels(dir, ep.id);
                 for (d, direction) in directions.iter().enumerate() {
                     for class in VerdictClass::ALL {
@@ -156,16 +163,17 @@ impl Collector for VerdictCollector {
                 let Some(direction) = Direction::from_cilium(k.direction) else { continue };
                 let mut l = endpoint_labels(dir, k.endpoint_id);
                 l.push(("direction", direction.as_str().into()));
+                let notifications = owners.aggregate(k, t.notifications);
                 if k.notify_type == notify_type::DROP {
                     l.push(("reason", drop_reason_text(k.reason).map_or_else(|| k.reason.to_string(), str::to_owned)));
-                    drops.push((l, counter(t.notifications)));
+                    drops.push((l, counter(notifications)));
                     continue;
                 }
                 let Some(class) = VerdictClass::from_u8(k.class) else { continue };
                 l.push(("verdict", class.as_str().into()));
                 l.push(("match", match_type_name(k.match_type).into()));
                 l.push(("proto", proto_name(k.proto)));
-                rows.push((l, counter(t.notifications)));
+                rows.push((l, counter(notifications)));
             }
             family(
                 &mut encoder,
@@ -246,6 +254,21 @@ impl Collector for VerdictCollector {
                 "Flows that could not be created; their notifications are in the endpoint totals only.",
                 MetricType::Counter,
                 [(vec![], counter(snap.stat(Stat::FlowUpdateFailed)))],
+            )?;
+            let lost = view.lost_evidence.iter().map(|l| {
+                let mut labels = endpoint_labels(dir, l.endpoint_id);
+                labels.push(("direction", l.direction.as_str().into()));
+                labels.push(("verdict", l.verdict.as_str().into()));
+                (labels, counter(l.verdicts))
+            });
+            family(
+                &mut encoder,
+                "verdict_agent_unattributed_verdicts",
+                "Verdicts in the exact endpoint totals that no flow the agent read carries (evicted from the \
+                 flow table before a read, or never created): lost evidence. While an endpoint's audited ones \
+                 grow within the evidence window its readiness is no_evidence (evidence_lost).",
+                MetricType::Counter,
+                lost.collect::<Vec<_>>(),
             )?;
             family(
                 &mut encoder,

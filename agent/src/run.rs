@@ -144,6 +144,7 @@ pub fn start_pipeline(args: &RunArgs, cadence: ReadCadence) -> anyhow::Result<(S
     let ledger_capacity = args.flow_table_size.saturating_add(args.max_retained_flows as u32).saturating_add(4096);
     let store = LedgerStore::open(&loader.pin_path(), ledger_capacity).context("opening the pinned flow ledger")?;
     let ledger = FlowLedger::restore(args.max_retained_flows, store.load());
+    view.write().unwrap_or_else(|e| e.into_inner()).readiness_totals = ledger.readiness_totals().clone();
     let pins = PinWatch::new(loader.pin_path());
     let reader = MapReader {
         pipeline,
@@ -270,13 +271,17 @@ impl MapReader {
         };
         match MapSnapshot::read(maps) {
             Ok(mut snapshot) => {
+                let readiness_totals = self.view.read().unwrap_or_else(|e| e.into_inner()).readiness_totals.clone();
+                self.ledger.set_readiness_totals(&readiness_totals);
                 self.ledger.update(&snapshot);
                 snapshot.flows = Vec::new();
                 let (changed, removed) = self.ledger.take_changes();
                 self.store.write(&changed, &removed);
                 let aggregates = self.ledger.aggregates();
                 let flows = self.ledger.records();
+                let lost_evidence = self.ledger.lost_evidence();
                 let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+                view.lost_evidence = lost_evidence.into();
                 view.snapshot = Some(snapshot);
                 view.aggregates = aggregates;
                 view.flows = flows.into();
@@ -328,7 +333,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         view: view.clone(),
         enrichment: enrichment.clone(),
         report: report.clone(),
-        engine: ReadinessEngine::new(readiness_config),
+        engine: {
+            let mut engine = ReadinessEngine::new(readiness_config);
+            engine.restore_totals(&view.read().unwrap_or_else(|e| e.into_inner()).readiness_totals);
+            engine
+        },
         observation: Observation::since_start(observed_since),
         cilium_version: args.cilium_version.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
         host_endpoint: args.host_endpoint,
@@ -447,7 +456,10 @@ async fn readiness_loop(mut l: ReadinessLoop) {
     let mut silence_log = crate::silence::SilenceLog::default();
     loop {
         tick.tick().await;
-        let flows = l.view.read().unwrap_or_else(|e| e.into_inner()).flows.clone();
+        let (flows, lost_evidence) = {
+            let view = l.view.read().unwrap_or_else(|e| e.into_inner());
+            (view.flows.clone(), view.lost_evidence.clone())
+        };
         let now = std::time::SystemTime::now();
         let facts = l.enrichment.daemon_facts();
         let environment = EvidenceEnvironment {
@@ -464,7 +476,9 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         input.environment = environment;
         input.host_endpoint = l.host_endpoint;
         input.node = l.node.clone();
+        input.lost_evidence = &lost_evidence;
         let report = l.engine.evaluate(&input);
+        l.view.write().unwrap_or_else(|e| e.into_inner()).readiness_totals = l.engine.totals();
         l.alarms.process(&report, now).await;
         silence_log.update(&report);
         *l.report.write().unwrap_or_else(|e| e.into_inner()) = Some(report);

@@ -12,6 +12,8 @@ use crate::{
     bpf::{events_map::EventsMapState, loader::TapKind, snapshot::MapSnapshot},
     ledger::{AggregateKey, Totals},
     model::FlowRecord,
+    readiness_totals::ReadinessTotals,
+    unattributed::LostEvidence,
 };
 
 #[derive(Debug)]
@@ -27,6 +29,12 @@ pub struct AgentView {
     /// Every flow known individually, with monotonic totals. Shared, so
     /// readers take a reference instead of a copy of 100 k records.
     pub flows: Arc<[FlowRecord]>,
+    /// Verdicts in the endpoint totals that no flow read carries.
+    pub lost_evidence: Arc<[LostEvidence]>,
+    /// The readiness engine's `_total` counters: restored from the pinned
+    /// ledger at start, then published by the engine after each evaluation
+    /// for the map reader to persist.
+    pub readiness_totals: ReadinessTotals,
     pub map_reads: u64,
     pub last_read: Option<Instant>,
     pub map_read_errors: u64,
@@ -44,6 +52,8 @@ impl AgentView {
             snapshot: None,
             aggregates: HashMap::new(),
             flows: Arc::from([]),
+            lost_evidence: Arc::from([]),
+            readiness_totals: ReadinessTotals::new(),
             map_reads: 0,
             last_read: None,
             map_read_errors: 0,

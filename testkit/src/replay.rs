@@ -16,7 +16,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use thiserror::Error;
-use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, LAYOUT_VERSION, STATS};
+use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, LAYOUT_VERSION, STATS, TAP_CONFIG, TapConfig};
 
 use crate::objects::REPLAY_OBJECT;
 
@@ -25,6 +25,10 @@ use crate::objects::REPLAY_OBJECT;
 pub const REPLAY: &str = "replay";
 pub const BENCH_EMPTY: &str = "bench_empty";
 pub const BENCH_REPLAY_AND_EMIT: &str = "bench_replay_and_emit";
+/// The shipped tap's whole path after the hook (`try_tap`), on stand-ins.
+pub const BENCH_TAP: &str = "bench_tap";
+/// Cilium's own notify: a perf output into a ring nobody reads.
+pub const BENCH_NOTIFY: &str = "bench_notify";
 
 #[derive(Debug, Error)]
 pub enum ReplayError {
@@ -39,6 +43,11 @@ pub enum ReplayError {
         path: String,
         #[source]
         source: Box<aya::EbpfError>,
+    },
+    #[error("the replay object's {TAP_CONFIG} map (rebuild verdict-testkit)")]
+    TapConfig {
+        #[source]
+        source: Box<aya::maps::MapError>,
     },
     #[error("replay object program {program} (rebuild verdict-testkit)")]
     Program {
@@ -86,6 +95,18 @@ impl Replayer {
     /// Accounts `notification` once, exactly as the tap would.
     pub fn replay(&self, notification: &[u8]) -> Result<(), ReplayError> {
         replay_with(&self.ebpf, notification, 1)
+    }
+
+    /// Writes this object's own (unpinned) `TAP_CONFIG`, which `bench_tap`
+    /// reads exactly as the shipped tap reads the agent's.
+    pub fn set_tap_config(&mut self, events_map_id: u32, map_id_offset: u32) -> Result<(), ReplayError> {
+        let missing = || ReplayError::TapConfig { source: Box::new(aya::maps::MapError::InvalidName { name: TAP_CONFIG.into() }) };
+        let map = self.ebpf.map_mut(TAP_CONFIG).ok_or_else(missing)?;
+        let mut config: aya::maps::Array<_, TapConfig> =
+            aya::maps::Array::try_from(map).map_err(|source| ReplayError::TapConfig { source: Box::new(source) })?;
+        config
+            .set(0, TapConfig { events_map_id, map_id_offset }, 0)
+            .map_err(|source| ReplayError::TapConfig { source: Box::new(source) })
     }
 
     /// Where the counting maps are pinned (`<pin dir>/<layout version>`).

@@ -101,6 +101,13 @@ pub mod drop_notify {
     pub const SIZE_V1_17: usize = 40;
     /// D4: v1.19+, version 3.
     pub const SIZE_V1_19: usize = 48;
+
+    /// `flags` bits (`datapath_drop.go@v1.18.3`; v1.17 has only the first
+    /// two, as C bitfields `ipv6:1, l3_dev:1`).
+    pub const FLAG_IPV6: u8 = 1 << 0;
+    pub const FLAG_L3_DEVICE: u8 = 1 << 1;
+    pub const FLAG_VXLAN: u8 = 1 << 2;
+    pub const FLAG_GENEVE: u8 = 1 << 3;
 }
 
 /// Policy verdict directions (`POLICY_INGRESS`, `POLICY_EGRESS`).

@@ -1,8 +1,11 @@
 //! Types shared by the eBPF programs and the userspace agent.
 //!
-//! Two kinds of things live here, and nothing else:
+//! Three kinds of things live here, and nothing else:
 //! * [`cilium`]: Cilium's wire format (offsets, sizes, enum values) for the
 //!   notifications Cilium's datapath writes into `cilium_events`;
+//! * [`classify`]: the one decision over those bytes (policy verdict or
+//!   policy drop, which layout, which flow key), run by the kernel and by
+//!   userspace alike;
 //! * [`maps`]: the names, keys and values of the agent's own BPF maps.
 //!
 //! Everything is `#[repr(C)]` and `no_std` so the very same definitions are
@@ -10,4 +13,5 @@
 #![no_std]
 
 pub mod cilium;
+pub mod classify;
 pub mod maps;

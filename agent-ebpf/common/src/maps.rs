@@ -19,6 +19,11 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 16384;
 /// Largest notification the tap copies out of the datapath's stack.
 pub const MAX_NOTIFICATION_SIZE: usize = 64;
 
+/// Benchmark only: the map ID `bench_tap` presents as its `map` argument
+/// (through the same `bpf_probe_read_kernel` as the tap); the benchmark
+/// writes it into [`TapConfig::events_map_id`] so the tap's filter passes.
+pub const BENCH_FAKE_MAP_ID: u32 = 0x7ffe_0001;
+
 /// `Array<TapConfig>` with one entry, written by userspace.
 pub const TAP_CONFIG: &str = "TAP_CONFIG";
 /// `PerCpuArray<EndpointCounters>`, indexed by endpoint ID. Pinned.
@@ -198,6 +203,16 @@ pub const FLOW_LEDGER: &str = "FLOW_LEDGER";
 /// `FlowKey::_pad` value marking a ledger record that holds the folded
 /// totals of evicted flows for one aggregate label set (remote and port 0).
 pub const LEDGER_AGGREGATE_MARK: u8 = 0xff;
+
+/// `FlowKey::_pad` value marking a ledger record that holds the verdicts of
+/// one endpoint, direction and class that no flow read carries (lost
+/// evidence, `agent/src/unattributed.rs`): `base_notifications` is the
+/// count, `last_seen_unix_ns` when it last grew.
+pub const LEDGER_UNATTRIBUTED_MARK: u8 = 0xfe;
+
+/// `FlowKey::_pad` value marking a ledger record that holds one of the
+/// readiness engine's `_total` counters (`agent/src/readiness_totals.rs`).
+pub const LEDGER_READINESS_MARK: u8 = 0xfd;
 
 /// One flow's ledger state.
 #[repr(C)]

@@ -297,7 +297,7 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
             }
         }
         let observed_since = ctx.input.observation.since(id, dir);
-        let dgates = direction_gates(ctx, is_host, dir, &fx, observed_since, &recent);
+        let dgates = direction_gates(ctx, id, is_host, dir, &fx, observed_since, &recent);
         let refs: Vec<&Gate> = endpoint_gates.iter().chain(dgates.iter()).collect();
         let (state, reason) = decide_direction(is_host, dir, fx.enabled, fx.audit, wd, &refs);
         directions.push(DirectionReadiness {
@@ -346,8 +346,41 @@ pub(super) fn evaluate_endpoint(ctx: &Ctx<'_>, id: u16) -> EndpointReadiness {
     ep
 }
 
+/// Whether every audited verdict the kernel counted for the endpoint in
+/// this direction is in a flow the agent read: one that is not could be
+/// the flow that breaks, so its absence is no evidence of safety.
+fn evidence_complete(ctx: &Ctx<'_>, id: u16, dir: Direction) -> Gate {
+    let gate = GateCheck::new("evidence_complete", Some(dir)).because(Reason::EvidenceLost);
+    let lost = ctx
+        .input
+        .lost_evidence
+        .iter()
+        .find(|l| l.endpoint_id == id && l.direction == dir && l.verdict == Verdict::Audited);
+    match lost {
+        Some(l) if l.last_grew >= ctx.window_start => gate.failed(
+            None,
+            format!(
+                "{} audited verdicts in {} were counted by the kernel but are in no flow the agent read (the flow                  table evicted them before a read, last at {}): the flow that would break is unknown; raise                  --flow-table-size or lower --poll-interval, and wait until the evidence period no longer                  contains a loss",
+                l.verdicts,
+                dir.as_str(),
+                format_rfc3339(l.last_grew)
+            ),
+        ),
+        Some(l) => gate.passed(
+            None,
+            format!(
+                "{} audited verdicts were lost before the evidence period (last at {}); none since",
+                l.verdicts,
+                format_rfc3339(l.last_grew)
+            ),
+        ),
+        None => gate.passed(None, "every audited verdict the kernel counted is in a flow the agent read"),
+    }
+}
+
 fn direction_gates(
     ctx: &Ctx<'_>,
+    id: u16,
     is_host: bool,
     dir: Direction,
     fx: &Facts,
@@ -391,6 +424,7 @@ fn direction_gates(
     if fx.enabled == Some(false) && !host_ingress {
         return gates;
     }
+    gates.push(evidence_complete(ctx, id, dir));
     let observation = GateCheck::new("observation_period", d).because(Reason::WindowTooShort);
     let short = match observed_since {
         Some(since) => {

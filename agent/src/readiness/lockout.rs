@@ -10,7 +10,10 @@ use std::{
 use super::{
     Ctx,
     remote::RemoteSide,
-    report::{EnforcementSwitch, LockoutEntry, LockoutReport, SuspectedReplyDrop, SwitchSource, UnattributedDrop},
+    report::{
+        EnforcementSwitch, LockoutEntry, LockoutReport, LockoutState, LostVerdicts, SuspectedReplyDrop, SwitchSource,
+        UnattributedDrop,
+    },
 };
 use crate::model::{Direction, FlowRecord, NotifySource, Verdict, proto_name};
 
@@ -28,6 +31,26 @@ remote side uses; a capture with ports (hubble observe -o json) confirms the sou
 const DROPS_NOTE: &str = "Policy drop notifications carry no port or protocol: a drop with no matching \
 denied verdict is listed under unattributed_drops. Before Cilium 1.16 the host firewall reports denials \
 only this way.";
+
+const LOST_NOTE: &str = "Some audited or denied verdicts of the host in the window are in no flow the \
+agent read (the flow table evicted them before a read): any of them could be a critical flow, so the \
+lockout state is unknown, not clear. Raise --flow-table-size or lower --poll-interval.";
+
+/// The host's audited and denied verdicts lost within the window.
+fn lost_in_window(ctx: &Ctx<'_>, host: u16) -> Vec<LostVerdicts> {
+    ctx.input
+        .lost_evidence
+        .iter()
+        .filter(|l| l.endpoint_id == host && matches!(l.verdict, Verdict::Audited | Verdict::Denied))
+        .filter(|l| l.last_grew >= ctx.window_start)
+        .map(|l| LostVerdicts {
+            direction: l.direction,
+            verdict: l.verdict,
+            verdicts: l.verdicts,
+            last_grew: l.last_grew,
+        })
+        .collect()
+}
 
 /// Tracks the host endpoint across evaluations: the audit-mode switch.
 #[derive(Debug, Default)]
@@ -47,6 +70,7 @@ impl HostLockoutDetector {
     pub(super) fn detect(&mut self, ctx: &Ctx<'_>, noise: &HashSet<usize>, scanned: &BTreeSet<u16>) -> LockoutReport {
         let mut report = LockoutReport {
             host_endpoint_id: ctx.host,
+            state: LockoutState::Unknown,
             notes: vec![REPLY_NOTE.into(), DROPS_NOTE.into()],
             ..LockoutReport::default()
         };
@@ -131,6 +155,17 @@ impl HostLockoutDetector {
 
         report.risk = merge(std::mem::take(&mut report.risk));
         report.in_progress = merge(std::mem::take(&mut report.in_progress));
+        report.evidence_lost = lost_in_window(ctx, host);
+        report.state = if !report.in_progress.is_empty() {
+            LockoutState::InProgress
+        } else if !report.risk.is_empty() {
+            LockoutState::Risk
+        } else if !report.evidence_lost.is_empty() {
+            report.notes.insert(0, LOST_NOTE.into());
+            LockoutState::Unknown
+        } else {
+            LockoutState::Clear
+        };
         self.last_eval = Some(ctx.input.now);
         report
     }

@@ -18,6 +18,8 @@ pub mod remote;
 pub mod report;
 
 #[cfg(test)]
+mod evidence_tests;
+#[cfg(test)]
 pub(crate) mod testkit;
 #[cfg(test)]
 mod tests;
@@ -36,8 +38,10 @@ pub use noise::NoiseConfig;
 pub use remote::RemoteSide;
 pub use report::*;
 
-use crate::model::{
-    Direction, EndpointDirectory, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict,
+use crate::{
+    model::{Direction, EndpointDirectory, EndpointInfo, EndpointKind, FactSource, FlowRecord, NotifySource, Verdict},
+    readiness_totals::{ReadinessCounter, ReadinessTotals},
+    unattributed::LostEvidence,
 };
 
 /// Tunables of the readiness engine.
@@ -192,6 +196,10 @@ pub struct ReadinessInput<'a> {
     /// This node's name (for the report, alarms and suggested nodeSelectors).
     pub node: Option<String>,
     pub source_ports: Option<&'a SourcePorts>,
+    /// Verdicts the kernel counted per endpoint that no flow carries
+    /// (`crate::unattributed`); empty for captures, which lose nothing in
+    /// the agent.
+    pub lost_evidence: &'a [LostEvidence],
 }
 
 impl<'a> ReadinessInput<'a> {
@@ -210,6 +218,7 @@ impl<'a> ReadinessInput<'a> {
             host_endpoint: None,
             node: None,
             source_ports: None,
+            lost_evidence: &[],
         }
     }
 }
@@ -320,6 +329,8 @@ pub struct ReadinessEngine {
     would_deny_totals: BTreeMap<(u16, Direction), u64>,
     noise_totals: BTreeMap<u16, u64>,
     lockout: HostLockoutDetector,
+    /// Restored totals: the next evaluation sets baselines, adds nothing.
+    baseline_next: bool,
 }
 
 impl ReadinessEngine {
@@ -330,11 +341,37 @@ impl ReadinessEngine {
             would_deny_totals: BTreeMap::new(),
             noise_totals: BTreeMap::new(),
             lockout: HostLockoutDetector::new(),
+            baseline_next: false,
         }
     }
 
     pub fn config(&self) -> &ReadinessConfig {
         &self.config
+    }
+
+    /// Continues the `_total` counters of a previous agent (from the pinned
+    /// ledger). The next evaluation only takes each flow's count as its
+    /// baseline, so nothing counted before the restart is added twice.
+    pub fn restore_totals(&mut self, totals: &ReadinessTotals) {
+        for (&counter, &value) in totals {
+            match counter {
+                ReadinessCounter::WouldDeny(ep, dir) => {
+                    self.would_deny_totals.insert((ep, dir), value);
+                }
+                ReadinessCounter::ScanNoise(ep) => {
+                    self.noise_totals.insert(ep, value);
+                }
+            }
+        }
+        self.baseline_next = !totals.is_empty();
+    }
+
+    /// The `_total` counters, to persist.
+    pub fn totals(&self) -> ReadinessTotals {
+        let would_deny =
+            self.would_deny_totals.iter().map(|(&(ep, dir), &v)| (ReadinessCounter::WouldDeny(ep, dir), v));
+        let noise = self.noise_totals.iter().map(|(&ep, &v)| (ReadinessCounter::ScanNoise(ep), v));
+        would_deny.chain(noise).collect()
     }
 
     pub fn evaluate(&mut self, input: &ReadinessInput<'_>) -> ReadinessReport {
@@ -382,7 +419,15 @@ impl ReadinessEngine {
         ctx.noise = over_lookback.noise.union(&over_window.noise).copied().collect();
         let scanned: BTreeSet<u16> = over_window.summaries.iter().map(|s| s.endpoint_id).collect();
 
-        accumulate(&mut self.history, &mut self.would_deny_totals, &mut self.noise_totals, input.flows, &ctx.noise);
+        if self.baseline_next {
+            // Until the first read of the maps the flow list is empty: the
+            // baseline is the first evaluation that has flows.
+            let (mut wd, mut noise) = (BTreeMap::new(), BTreeMap::new());
+            accumulate(&mut self.history, &mut wd, &mut noise, input.flows, &ctx.noise);
+            self.baseline_next = input.flows.is_empty();
+        } else {
+            accumulate(&mut self.history, &mut self.would_deny_totals, &mut self.noise_totals, input.flows, &ctx.noise);
+        }
         ctx.would_deny_totals = self.would_deny_totals.clone();
         ctx.noise_totals = self.noise_totals.clone();
 

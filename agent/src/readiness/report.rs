@@ -69,6 +69,9 @@ pub enum Reason {
     /// A silent host direction in audit mode on Cilium 1.16+: bpf_host emits
     /// nothing for traffic a catch-all deny audited (match type `all`).
     HostMatchAllSuppressed,
+    /// The kernel counted audited verdicts of the endpoint that no flow the
+    /// agent read carries (flows evicted unread, or never created).
+    EvidenceLost,
     /// Observed for less than the minimum evidence time (or unknown).
     WindowTooShort,
     /// Policy applies, notifications flow, nothing was seen.
@@ -90,6 +93,7 @@ impl Reason {
             Reason::HostProgramPre116 => "host_program_pre_1_16",
             Reason::RateLimited => "rate_limited",
             Reason::HostMatchAllSuppressed => "host_match_all_suppressed",
+            Reason::EvidenceLost => "evidence_lost",
             Reason::WindowTooShort => "window_too_short",
             Reason::NoTraffic => "no_traffic",
         }
@@ -399,9 +403,46 @@ pub struct EnforcementSwitch {
     pub watch_until: SystemTime,
 }
 
+/// The host lockout answer in one word.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockoutState {
+    /// The agent saw every verdict of the host in the window, and none of
+    /// them puts a critical flow at risk.
+    #[default]
+    Clear,
+    /// Audited critical flows: enforcement would cut them.
+    Risk,
+    /// Denied critical flows: the node is losing them now.
+    InProgress,
+    /// The agent cannot tell: the host endpoint is unknown, or some of its
+    /// audited or denied verdicts in the window are in no flow it read.
+    Unknown,
+}
+
+/// Verdicts of one direction and class the kernel counted for an endpoint
+/// that no flow the agent read carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostVerdicts {
+    pub direction: Direction,
+    pub verdict: Verdict,
+    /// Since the counters began (monotonic).
+    pub verdicts: u64,
+    /// When the agent last saw the count grow.
+    #[serde(with = "rfc3339")]
+    pub last_grew: SystemTime,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockoutReport {
     pub host_endpoint_id: Option<u16>,
+    /// `unknown` whenever the lists below cannot be complete.
+    #[serde(default)]
+    pub state: LockoutState,
+    /// The host's audited and denied verdicts lost within the window: any of
+    /// them could be a critical flow, so the state is `unknown`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence_lost: Vec<LostVerdicts>,
     /// Audited critical flows in the window: enforcement would cut them.
     pub risk: Vec<LockoutEntry>,
     /// Denied critical flows in the window: the node is losing them now.

@@ -83,6 +83,10 @@ pub struct Bench {
 pub const REPLAY: &str = replay::REPLAY;
 pub const EMPTY: &str = replay::BENCH_EMPTY;
 pub const REPLAY_AND_EMIT: &str = replay::BENCH_REPLAY_AND_EMIT;
+/// The tap's whole path (both `bpf_probe_read_kernel` calls included).
+pub const TAP: &str = replay::BENCH_TAP;
+/// Cilium's own notify: a perf output into a ring nobody reads.
+pub const NOTIFY: &str = replay::BENCH_NOTIFY;
 
 impl Bench {
     pub fn load(pins: &Path, flow_table_size: u32, extra: &[&str]) -> Result<Bench> {

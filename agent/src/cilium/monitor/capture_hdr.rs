@@ -2,7 +2,12 @@
 //! `bpf/lib/notify.h@main`): the 16 bytes in front of every drop, trace and
 //! policy-verdict notification.
 
-use super::{DecodeError, ne_u16, ne_u32, prefix};
+use verdict_common::{
+    cilium::capture_hdr as off,
+    classify::{self, u16_at, u32_at},
+};
+
+use super::DecodeError;
 
 /// The capture header, C field order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,26 +36,29 @@ pub struct NotifyCaptureHdr {
 }
 
 impl NotifyCaptureHdr {
-    pub const SIZE: usize = 16;
+    pub const SIZE: usize = off::SIZE;
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let b = prefix::<{ Self::SIZE }>(bytes, "notification header")?;
+        if bytes.len() < Self::SIZE {
+            return Err(DecodeError::Truncated { what: "notification header", need: Self::SIZE, got: bytes.len() });
+        }
+        let b = classify::copy_prefix(bytes);
         Ok(NotifyCaptureHdr {
-            notify_type: b[0],
-            subtype: b[1],
-            source: ne_u16([b[2], b[3]]),
-            hash: ne_u32([b[4], b[5], b[6], b[7]]),
-            len_orig: ne_u32([b[8], b[9], b[10], b[11]]),
-            len_cap: ne_u16([b[12], b[13]]),
-            version: b[14],
-            ext_version: b[15],
+            notify_type: b[off::TYPE],
+            subtype: b[off::SUBTYPE],
+            source: u16_at(&b, off::SOURCE),
+            hash: u32_at(&b, off::HASH),
+            len_orig: u32_at(&b, off::LEN_ORIG),
+            len_cap: u16_at(&b, off::LEN_CAP),
+            version: b[off::VERSION],
+            ext_version: b[off::EXT_VERSION],
         })
     }
 
     /// Bytes 14–15 read as the u16 `version` of v1.12–v1.18, in host order
     /// as the classifier reads it.
     pub fn version_u16(&self) -> u16 {
-        ne_u16([self.version, self.ext_version])
+        u16::from_ne_bytes([self.version, self.ext_version])
     }
 }
 

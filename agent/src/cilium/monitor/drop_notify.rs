@@ -13,34 +13,20 @@
 //! against `pkg/monitor/datapath_drop.go` at the same tags. D1 and D2 both
 //! say version 1; only the size tells them apart.
 
+pub use verdict_common::{
+    cilium::drop_notify::{FLAG_GENEVE, FLAG_IPV6, FLAG_L3_DEVICE, FLAG_VXLAN},
+    classify::DropLayout,
+};
 use verdict_common::{
-    cilium::{drop_reason, notify_type},
-    maps::{FLOW_FLAG_IPV6, FlowKey, VerdictClass},
+    cilium::{direction, drop_notify as dn, drop_reason},
+    classify::{self, DropFacts, Reject, u16_at, u32_at, u64_at},
+    maps::FlowKey,
 };
 
-use super::{DecodeError, NotifyCaptureHdr, ne_u16, ne_u32, policy_verdict::direction_code, prefix};
-use crate::{cilium::identity, model::Direction};
+use super::{DecodeError, NotifyCaptureHdr};
+use crate::model::Direction;
 
 const WHAT: &str = "drop notification";
-pub const D1_SIZE: usize = 32;
-pub const D2_SIZE: usize = 36;
-pub const D3_SIZE: usize = 40;
-pub const D4_SIZE: usize = 48;
-
-/// `flags` bits (`datapath_drop.go@v1.18.3`; v1.17 has only the first two,
-/// as C bitfields `ipv6:1, l3_dev:1`).
-pub const FLAG_IPV6: u8 = 1 << 0;
-pub const FLAG_L3_DEVICE: u8 = 1 << 1;
-pub const FLAG_VXLAN: u8 = 1 << 2;
-pub const FLAG_GENEVE: u8 = 1 << 3;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DropLayout {
-    D1,
-    D2,
-    D3,
-    D4,
-}
 
 /// A decoded drop notification, C field order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,48 +61,44 @@ pub struct DropNotify {
 impl DropNotify {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let hdr = NotifyCaptureHdr::decode(bytes)?;
-        let b = prefix::<D1_SIZE>(bytes, WHAT)?;
+        let b = classify::copy_prefix(bytes);
         let size = bytes.len();
-        let v16 = hdr.version_u16();
 
-        let layout = match size {
-            D1_SIZE if v16 == 1 => DropLayout::D1,
-            D2_SIZE if v16 == 1 => DropLayout::D2,
-            D3_SIZE if v16 == 2 => DropLayout::D3,
-            s if s >= D4_SIZE && hdr.version == 3 => DropLayout::D4,
+        // Which layout is the shared classifier's decision.
+        let layout = classify::drop_layout(&b, size).map_err(|reject| match reject {
+            Reject::Truncated => DecodeError::Truncated { what: WHAT, need: dn::SIZE_V1_12, got: size },
             _ => {
-                let version = if size >= D4_SIZE { u16::from(hdr.version) } else { v16 };
-                return Err(DecodeError::UnknownVersion { what: WHAT, size, version });
+                let version = if size >= dn::SIZE_V1_19 { u16::from(hdr.version) } else { hdr.version_u16() };
+                DecodeError::UnknownVersion { what: WHAT, size, version }
             }
-        };
+        })?;
+        let facts = DropFacts::read(&b, layout);
 
-        let mut n = DropNotify {
+        Ok(DropNotify {
             hdr,
-            src_label: ne_u32([b[16], b[17], b[18], b[19]]),
-            dst_label: ne_u32([b[20], b[21], b[22], b[23]]),
-            dst_id: ne_u32([b[24], b[25], b[26], b[27]]),
-            line: ne_u16([b[28], b[29]]),
-            file: b[30],
-            ext_error: b[31] as i8,
-            ifindex: None,
-            flags: None,
-            ip_trace_id: None,
+            src_label: facts.src_label,
+            dst_label: facts.dst_label,
+            dst_id: facts.dst_id,
+            line: u16_at(&b, dn::LINE),
+            file: b[dn::FILE],
+            ext_error: b[dn::EXT_ERROR] as i8,
+            ifindex: (layout != DropLayout::D1).then(|| u32_at(&b, dn::IFINDEX)),
+            flags: layout.has_flags().then_some(b[dn::FLAGS]),
+            ip_trace_id: (layout == DropLayout::D4).then(|| u64_at(&b, dn::IP_TRACE_ID)),
             layout,
             size,
-        };
-        if layout != DropLayout::D1 {
-            let b = prefix::<D2_SIZE>(bytes, WHAT)?;
-            n.ifindex = Some(ne_u32([b[32], b[33], b[34], b[35]]));
+        })
+    }
+
+    fn facts(&self) -> DropFacts {
+        DropFacts {
+            endpoint_id: self.hdr.source,
+            reason: self.reason(),
+            src_label: self.src_label,
+            dst_label: self.dst_label,
+            dst_id: self.dst_id,
+            ipv6: self.ipv6(),
         }
-        if matches!(layout, DropLayout::D3 | DropLayout::D4) {
-            let b = prefix::<D3_SIZE>(bytes, WHAT)?;
-            n.flags = Some(b[36]);
-        }
-        if layout == DropLayout::D4 {
-            let b = prefix::<D4_SIZE>(bytes, WHAT)?;
-            n.ip_trace_id = Some(u64::from_ne_bytes([b[40], b[41], b[42], b[43], b[44], b[45], b[46], b[47]]));
-        }
-        Ok(n)
     }
 
     /// The drop reason (positive).
@@ -152,44 +134,19 @@ impl DropNotify {
         guess_direction(self.src_label, self.dst_label, self.dst_id)
     }
 
-    /// The key `account.rs` counts this drop under (meaningful only when
-    /// [`Self::is_policy`]).
+    /// The key the shared classifier counts this drop under (meaningful
+    /// only when [`Self::is_policy`]).
     pub fn flow_key(&self) -> FlowKey {
-        let (dir, remote) = self.direction();
-        FlowKey {
-            endpoint_id: self.hdr.source,
-            dst_port: 0,
-            remote_identity: remote,
-            proto: 0,
-            direction: direction_code(dir),
-            class: VerdictClass::Denied as u8,
-            match_type: 0,
-            notify_type: notify_type::DROP,
-            reason: self.reason(),
-            flags: if self.ipv6() { FLOW_FLAG_IPV6 } else { 0 },
-            _pad: 0,
-        }
+        self.facts().key()
     }
 }
 
-/// A drop carries no direction; this is the rule `account.rs` applies in
-/// the kernel, from Cilium's call sites:
-///
-/// * bpf_lxc (v1.14.4, v1.16.8, main): `send_drop_notify_ext(ctx, src,
-///   SECLABEL, LXC_ID, ...)` on ingress, `(ctx, SECLABEL, dst_sec_identity,
-///   0, ...)` on egress: a non-zero `dst_id` means ingress, remote = source;
-/// * the host firewall (bpf_host, `cil_host_policy`) reports through
-///   `send_drop_notify_error*` with `dst = 0, dst_id = 0`; `src` is the
-///   remote peer on ingress and `HOST_ID` (v1.16+) or 0
-///   (`cil_to_netdev@v1.14.4`) on egress, whose destination is not sent.
+/// A drop carries no direction: the shared classifier's rule
+/// ([`classify::drop_direction`], which cites Cilium's call sites), as a
+/// [`Direction`] and the remote identity.
 pub fn guess_direction(src_label: u32, dst_label: u32, dst_id: u32) -> (Direction, u32) {
-    if dst_id != 0 {
-        (Direction::Ingress, src_label)
-    } else if dst_label != 0 || src_label == 0 || src_label == identity::HOST {
-        (Direction::Egress, dst_label)
-    } else {
-        (Direction::Ingress, src_label)
-    }
+    let (dir, remote) = classify::drop_direction(src_label, dst_label, dst_id);
+    (if dir == direction::INGRESS { Direction::Ingress } else { Direction::Egress }, remote)
 }
 
 #[cfg(test)]

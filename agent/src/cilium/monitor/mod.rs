@@ -3,8 +3,11 @@
 //! message type, named after its C struct, fields in C order; printing
 //! lives apart in [`format`].
 //!
-//! The decoders accept exactly what the in-kernel classifier
-//! (`agent-ebpf/src/account.rs`) accepts, and reject with the same outcome:
+//! Which layout, which direction, which class and which flow key is decided
+//! once, by the shared classifier `verdict_common::classify` that the
+//! kernel's `account()` runs too; the decoders call it and add names and
+//! the fields the classifier does not need. So they accept exactly what the
+//! kernel accepts, and reject with the same outcome:
 //! a size shorter than the type's smallest layout is [`DecodeError::Truncated`],
 //! a size/version pair no release has emitted is [`DecodeError::UnknownVersion`],
 //! a direction other than ingress/egress is [`DecodeError::BadField`].
@@ -28,8 +31,9 @@ pub use drop_notify::{DropLayout, DropNotify};
 pub use policy_verdict::{PolicyVerdictLayout, PolicyVerdictNotify};
 
 use verdict_common::{
-    cilium::{drop_reason, notify_type},
-    maps::{FlowKey, MAX_NOTIFICATION_SIZE, Stat},
+    cilium::notify_type,
+    classify::{self, Reject},
+    maps::{FlowKey, Stat},
 };
 
 /// Why a notification could not be decoded. Each variant is one of the
@@ -46,6 +50,10 @@ pub enum DecodeError {
     /// `Stat::MalformedField`.
     #[error("{what}: {field} = {value} is not a value Cilium emits")]
     BadField { what: &'static str, field: &'static str, value: u32 },
+    /// The shared classifier rejected bytes the decoder accepts: a bug in
+    /// this crate, reported rather than hidden.
+    #[error("the classifier rejects this notification ({reject:?}) but the decoder accepts it; please report it")]
+    Disagreement { reject: Reject },
 }
 
 /// [`DecodeError`] without its details: what a golden vector expects and
@@ -63,18 +71,28 @@ impl DecodeError {
             DecodeError::Truncated { .. } => DecodeErrorKind::Truncated,
             DecodeError::UnknownVersion { .. } => DecodeErrorKind::UnknownVersion,
             DecodeError::BadField { .. } => DecodeErrorKind::BadField,
+            DecodeError::Disagreement { reject } => match reject {
+                Reject::Truncated => DecodeErrorKind::Truncated,
+                Reject::UnknownVersion => DecodeErrorKind::UnknownVersion,
+                Reject::BadField | Reject::Filtered => DecodeErrorKind::BadField,
+            },
         }
     }
 }
 
 impl DecodeErrorKind {
+    /// The shared classifier's outcome for this kind.
+    pub fn reject(self) -> Reject {
+        match self {
+            DecodeErrorKind::Truncated => Reject::Truncated,
+            DecodeErrorKind::UnknownVersion => Reject::UnknownVersion,
+            DecodeErrorKind::BadField => Reject::BadField,
+        }
+    }
+
     /// The `STATS` slot the in-kernel classifier bumps for this outcome.
     pub fn stat(self) -> Stat {
-        match self {
-            DecodeErrorKind::Truncated => Stat::MalformedTruncated,
-            DecodeErrorKind::UnknownVersion => Stat::MalformedVersion,
-            DecodeErrorKind::BadField => Stat::MalformedField,
-        }
+        self.reject().stat()
     }
 }
 
@@ -101,14 +119,7 @@ pub fn decode(bytes: &[u8]) -> Result<Notification, DecodeError> {
     }
 }
 
-/// What the in-kernel classifier does with one notification: the key it
-/// counts plus the bytes it adds to the flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Accounted {
-    pub key: FlowKey,
-    /// `len_orig`, summed into `FlowCounters::bytes`.
-    pub bytes: u64,
-}
+pub use verdict_common::classify::Accounted;
 
 /// The flow key `account.rs` creates for these bytes: `Ok(None)` where it
 /// counts `Filtered` (not a policy verdict, or a drop whose reason is not a
@@ -117,52 +128,26 @@ pub fn expected_flow_key(bytes: &[u8]) -> Result<Option<FlowKey>, DecodeError> {
     expected_accounting(bytes).map(|a| a.map(|a| a.key))
 }
 
-/// [`expected_flow_key`] plus the byte count.
+/// [`expected_flow_key`] plus the byte count: the shared classifier
+/// (`verdict_common::classify`) run on the bytes exactly as the tap copies
+/// them, with the decoders' detailed error where it rejects them.
 pub fn expected_accounting(bytes: &[u8]) -> Result<Option<Accounted>, DecodeError> {
-    // The tap copies only MAX_NOTIFICATION_SIZE bytes but validates against
-    // the full meta_size. Every field the classifier reads lies within the
-    // first 48 bytes, so the copy never changes the outcome; the assertion
-    // keeps that true if a layout grows.
-    const _: () = assert!(drop_notify::D4_SIZE <= MAX_NOTIFICATION_SIZE);
-    let hdr = NotifyCaptureHdr::decode(bytes)?;
-    match hdr.notify_type {
-        notify_type::POLICY_VERDICT => {
-            let n = PolicyVerdictNotify::decode(bytes)?;
-            Ok(Some(Accounted { key: n.flow_key(), bytes: u64::from(n.hdr.len_orig) }))
-        }
-        // The kernel filters on the reason before it looks at the size, so a
-        // short non-policy drop is Filtered, not Truncated.
-        notify_type::DROP if !drop_reason::is_policy(hdr.subtype) => Ok(None),
-        notify_type::DROP => {
-            let d = DropNotify::decode(bytes)?;
-            Ok(Some(Accounted { key: d.flow_key(), bytes: u64::from(d.hdr.len_orig) }))
-        }
-        _ => Ok(None),
+    match classify::classify_slice(bytes) {
+        Ok(accounted) => Ok(Some(accounted)),
+        Err(Reject::Filtered) => Ok(None),
+        // The classifier said no; the decoder says why, in words.
+        Err(reject) => match decode(bytes) {
+            Err(e) if e.kind().reject() == reject => Err(e),
+            _ => Err(DecodeError::Disagreement { reject }),
+        },
     }
-}
-
-/// Fixed-size view of the first `N` bytes, or `Truncated`. Decoders index
-/// the array with constant offsets, which the compiler bound-checks, so no
-/// input can make them panic.
-fn prefix<'a, const N: usize>(bytes: &'a [u8], what: &'static str) -> Result<&'a [u8; N], DecodeError> {
-    bytes.get(..N).and_then(|s| <&[u8; N]>::try_from(s).ok()).ok_or(DecodeError::Truncated {
-        what,
-        need: N,
-        got: bytes.len(),
-    })
-}
-
-fn ne_u16(b: [u8; 2]) -> u16 {
-    u16::from_ne_bytes(b)
-}
-
-fn ne_u32(b: [u8; 4]) -> u32 {
-    u32::from_ne_bytes(b)
 }
 
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+
+    use verdict_common::{cilium::drop_reason, maps::MAX_NOTIFICATION_SIZE};
 
     use super::*;
     use crate::cilium::golden::golden_notifications;

@@ -11,28 +11,17 @@
 //! which is a zero pad in P1: read as `auth_type` it says "disabled", which
 //! is what P1 meant, so both are decoded the same way.
 
+pub use verdict_common::classify::PolicyVerdictLayout;
 use verdict_common::{
-    cilium::{direction, notify_type, policy_verdict as pv},
-    maps::{FLOW_FLAG_IPV6, FlowKey, VerdictClass},
+    cilium::{direction, policy_verdict as pv},
+    classify::{self, Reject, VerdictFacts, u16_at, u32_at},
+    maps::{FlowKey, VerdictClass},
 };
 
-use super::{DecodeError, NotifyCaptureHdr, ne_u16, ne_u32, prefix};
+use super::{DecodeError, NotifyCaptureHdr};
 use crate::model::Direction;
 
 const WHAT: &str = "policy verdict notification";
-/// P1/P2.
-pub const LEGACY_SIZE: usize = 32;
-/// P3, before any downstream `POLICY_VERDICT_EXTENSION`.
-pub const COOKIE_SIZE: usize = 40;
-
-/// Which layout a notification was sent in. P1 and P2 cannot be told apart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PolicyVerdictLayout {
-    /// 32 bytes, u16 version 1: v1.12–v1.18.
-    P1OrP2,
-    /// 40 bytes or more, u8 version 1 plus `ext_version`: v1.19+.
-    P3,
-}
 
 /// A decoded policy verdict, C field order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,76 +60,86 @@ pub struct PolicyVerdictNotify {
 impl PolicyVerdictNotify {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let hdr = NotifyCaptureHdr::decode(bytes)?;
-        let b = prefix::<LEGACY_SIZE>(bytes, WHAT)?;
+        let b = classify::copy_prefix(bytes);
         let size = bytes.len();
 
-        let (layout, version_ok, version) = if size == LEGACY_SIZE {
-            let v = hdr.version_u16();
-            (PolicyVerdictLayout::P1OrP2, v == u16::from(pv::VERSION), v)
-        } else if size >= COOKIE_SIZE {
-            (PolicyVerdictLayout::P3, hdr.version == pv::VERSION, u16::from(hdr.version))
-        } else {
-            // 33..=39 bytes: no release sends that.
-            (PolicyVerdictLayout::P1OrP2, false, hdr.version_u16())
-        };
-        if !version_ok {
-            return Err(DecodeError::UnknownVersion { what: WHAT, size, version });
-        }
-
-        let flags = b[27];
-        let dir_bits = flags & pv::FLAG_DIR_MASK;
-        let dir = match dir_bits {
-            direction::INGRESS => Direction::Ingress,
-            direction::EGRESS => Direction::Egress,
-            other => return Err(DecodeError::BadField { what: WHAT, field: "dir", value: u32::from(other) }),
+        // Which layout, and whether the direction is one Cilium emits, is
+        // the shared classifier's decision; this decoder only adds names.
+        let layout = classify::policy_verdict_layout(&b, size).map_err(|reject| match reject {
+            Reject::Truncated => DecodeError::Truncated { what: WHAT, need: pv::SIZE_V1, got: size },
+            _ => {
+                let version = if size >= pv::SIZE_V2 { u16::from(hdr.version) } else { hdr.version_u16() };
+                DecodeError::UnknownVersion { what: WHAT, size, version }
+            }
+        })?;
+        let facts = VerdictFacts::read(&b);
+        let dir = match classify::verdict_direction(facts.flags) {
+            Ok(direction::INGRESS) => Direction::Ingress,
+            Ok(_) => Direction::Egress,
+            Err(_) => {
+                let value = u32::from(facts.flags & pv::FLAG_DIR_MASK);
+                return Err(DecodeError::BadField { what: WHAT, field: "dir", value });
+            }
         };
 
         let cookie = match layout {
-            PolicyVerdictLayout::P3 => {
-                let b = prefix::<COOKIE_SIZE>(bytes, WHAT)?;
-                Some(ne_u32([b[32], b[33], b[34], b[35]]))
-            }
+            PolicyVerdictLayout::P3 => Some(u32_at(&b, pv::COOKIE)),
             PolicyVerdictLayout::P1OrP2 => None,
         };
 
         Ok(PolicyVerdictNotify {
             hdr,
-            remote_label: ne_u32([b[16], b[17], b[18], b[19]]),
-            verdict: ne_u32([b[20], b[21], b[22], b[23]]) as i32,
-            dst_port: ne_u16([b[24], b[25]]),
-            proto: b[26],
+            remote_label: facts.remote_label,
+            verdict: facts.verdict,
+            dst_port: u16_at(&b, pv::DST_PORT),
+            proto: facts.proto,
             dir,
-            ipv6: flags & pv::FLAG_IPV6 != 0,
-            match_type: (flags & pv::FLAG_MATCH_TYPE_MASK) >> pv::FLAG_MATCH_TYPE_SHIFT,
-            audited: flags & pv::FLAG_AUDITED != 0,
-            l3: flags & pv::FLAG_L3 != 0,
-            auth_type: b[28],
+            ipv6: facts.ipv6(),
+            match_type: facts.match_type(),
+            audited: facts.audited(),
+            l3: facts.flags & pv::FLAG_L3 != 0,
+            auth_type: b[pv::AUTH_TYPE],
             cookie,
             layout,
             size,
         })
     }
 
-    /// The class the agent counts. `audited` wins over the sign, as in
-    /// `GetPolicyActionString` (`pkg/monitor/datapath_policy.go`); Hubble
-    /// checks the sign first, which differs only if a proxy redirect is
-    /// audited.
-    pub fn class(&self) -> VerdictClass {
-        if self.audited {
-            VerdictClass::Audited
-        } else if self.verdict < 0 {
-            VerdictClass::Denied
-        } else if self.verdict > 0 {
-            VerdictClass::Redirected
-        } else {
-            VerdictClass::Allowed
+    /// The fields the shared classifier keys this verdict by.
+    fn facts(&self) -> VerdictFacts {
+        let mut flags =
+            direction_code(self.dir) | ((self.match_type << pv::FLAG_MATCH_TYPE_SHIFT) & pv::FLAG_MATCH_TYPE_MASK);
+        if self.ipv6 {
+            flags |= pv::FLAG_IPV6;
         }
+        if self.audited {
+            flags |= pv::FLAG_AUDITED;
+        }
+        if self.l3 {
+            flags |= pv::FLAG_L3;
+        }
+        VerdictFacts {
+            endpoint_id: self.hdr.source,
+            remote_label: self.remote_label,
+            verdict: self.verdict,
+            dst_port: self.dst_port,
+            proto: self.proto,
+            flags,
+        }
+    }
+
+    /// The class the agent counts ([`classify::verdict_class`]): `audited`
+    /// wins over the sign, as in `GetPolicyActionString`
+    /// (`pkg/monitor/datapath_policy.go`); Hubble checks the sign first,
+    /// which differs only if a proxy redirect is audited.
+    pub fn class(&self) -> VerdictClass {
+        classify::verdict_class(self.audited, self.verdict)
     }
 
     /// The drop reason a negative verdict carries (133, 181, 189, 157,
     /// 170, ...), 0 otherwise or when it does not fit the u8 reason space.
     pub fn drop_reason(&self) -> u8 {
-        if (-255..0).contains(&self.verdict) { (-self.verdict) as u8 } else { 0 }
+        classify::verdict_reason(self.verdict)
     }
 
     /// `monitor`'s action word: audit, deny, redirect, allow.
@@ -153,22 +152,10 @@ impl PolicyVerdictNotify {
         }
     }
 
-    /// The key `account.rs` counts this verdict under. For ICMP and ICMPv6
-    /// the port is 0: Cilium puts the echo identifier there.
+    /// The key the shared classifier counts this verdict under. For ICMP
+    /// and ICMPv6 the port is 0: Cilium puts the echo identifier there.
     pub fn flow_key(&self) -> FlowKey {
-        FlowKey {
-            endpoint_id: self.hdr.source,
-            dst_port: if matches!(self.proto, 1 | 58) { 0 } else { self.dst_port },
-            remote_identity: self.remote_label,
-            proto: self.proto,
-            direction: direction_code(self.dir),
-            class: self.class() as u8,
-            match_type: self.match_type,
-            notify_type: notify_type::POLICY_VERDICT,
-            reason: self.drop_reason(),
-            flags: if self.ipv6 { FLOW_FLAG_IPV6 } else { 0 },
-            _pad: 0,
-        }
+        self.facts().key_in(direction_code(self.dir))
     }
 }
 

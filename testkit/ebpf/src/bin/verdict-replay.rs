@@ -18,8 +18,14 @@ use aya_ebpf::{
     maps::{PerCpuArray, PerfEventArray},
     programs::TcContext,
 };
-use verdict_agent_ebpf::account::{Notification, account};
-use verdict_common::{cilium::capture_hdr::LEN_CAP, maps::MAX_NOTIFICATION_SIZE};
+use verdict_agent_ebpf::{
+    account::{Notification, account},
+    tap::try_tap,
+};
+use verdict_common::{
+    cilium::capture_hdr::LEN_CAP,
+    maps::{BENCH_FAKE_MAP_ID, MAX_NOTIFICATION_SIZE},
+};
 use verdict_testkit_ebpf::packet::copy_packet;
 
 /// Benchmark only: the perf ring the benchmark's baseline reader (a
@@ -50,6 +56,52 @@ pub fn replay(ctx: TcContext) -> i32 {
 /// Does nothing: the benchmark's baseline for the cost of a test run.
 #[classifier]
 pub fn bench_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// Benchmark only: the tap's whole path, every helper call included: the
+/// `TAP_CONFIG` lookup, the `bpf_probe_read_kernel` of the map's ID (here
+/// from a stand-in `struct bpf_map` on this stack, whose ID is at offset 0:
+/// the benchmark sets `map_id_offset` 0 and `events_map_id`
+/// [`BENCH_FAKE_MAP_ID`]) and the `bpf_probe_read_kernel` of the
+/// notification (from a kernel stack buffer holding the packet, as Cilium's
+/// is on its program's stack), then `account`: the shipped `try_tap` itself.
+#[classifier]
+pub fn bench_tap(ctx: TcContext) -> i32 {
+    let fake_map: [u32; 2] = [BENCH_FAKE_MAP_ID, 0];
+    let mut meta: Notification = [0; MAX_NOTIFICATION_SIZE];
+    copy_packet(&ctx, &mut meta);
+    let meta_size = ctx.len() as u64;
+    // Keep the stand-ins in memory: the tap reads them through the helper.
+    let map = core::hint::black_box(fake_map.as_ptr()) as u64;
+    let meta_ptr = core::hint::black_box(meta.as_ptr()) as u64;
+    try_tap(map, meta_ptr, meta_size);
+    TC_ACT_OK
+}
+
+/// Benchmark only: Cilium's own cost of one notification, a
+/// `bpf_perf_event_output` (BPF_F_CURRENT_CPU) of the notification and
+/// `len_cap` packet bytes (at most 128, Cilium's default
+/// `--trace-payloadlen`) into `BENCH_EVENTS`, whose rings the benchmark
+/// opens and never reads.
+#[classifier]
+pub fn bench_notify(ctx: TcContext) -> i32 {
+    let mut record = BenchRecord { notification: [0; MAX_NOTIFICATION_SIZE], packet: [0; TRACE_PAYLOAD_LEN] };
+    let n = copy_packet(&ctx, &mut record.notification);
+    if n > 0 {
+        let cap = u16::from_ne_bytes([record.notification[LEN_CAP], record.notification[LEN_CAP + 1]]) as usize;
+        let size = n + cap.min(TRACE_PAYLOAD_LEN);
+        // SAFETY: `size` <= size of `record`; BENCH_EVENTS is a perf event array of this object.
+        unsafe {
+            bpf_perf_event_output(
+                ctx.as_ptr(),
+                (&BENCH_EVENTS as *const PerfEventArray<u32>).cast_mut().cast(),
+                BPF_F_CURRENT_CPU,
+                (&mut record as *mut BenchRecord).cast(),
+                size as u64,
+            )
+        };
+    }
     TC_ACT_OK
 }
 
