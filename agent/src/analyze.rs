@@ -646,7 +646,8 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The analysis as JSON; for a capture without timestamps the stand-in
-/// times readiness worked with are not shown: first/last seen are null.
+/// times readiness worked with (the analysis time as the capture's end) are
+/// not shown: first/last seen and observed-since are null.
 fn to_json(a: &Analysis) -> serde_json::Result<serde_json::Value> {
     let mut v = serde_json::to_value(a)?;
     if !a.capture.timestamps {
@@ -659,7 +660,7 @@ fn null_times(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, x) in m.iter_mut() {
-                if matches!(k.as_str(), "first_seen" | "last_seen" | "seen_at") {
+                if matches!(k.as_str(), "first_seen" | "last_seen" | "seen_at" | "observed_since") {
                     *x = serde_json::Value::Null;
                 } else {
                     null_times(x);
@@ -1104,6 +1105,7 @@ mod tests {
         assert!(
             v["would_deny"].as_array().unwrap().iter().all(|f| f["first_seen"].is_null() && f["last_seen"].is_null())
         );
+        assert!(v["endpoints"][0]["directions"][0]["observed_since"].is_null(), "{}", v["endpoints"][0]);
         assert_eq!(v["capture"]["duration_seconds"], 48 * 3600);
         assert_eq!(v["noise"][0]["remote"], "world");
 
