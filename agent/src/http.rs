@@ -87,6 +87,13 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// Serves `writer` (routes that change the node, such as enforcement
+/// trials) to loopback peers only, whatever `--api-access` says: reading
+/// topology may be opened to the pod network, switching policy never is.
+pub fn loopback_only(writer: Router) -> Router {
+    writer.route_layer(middleware::from_fn_with_state(ApiAccess::Local, api_guard))
+}
+
 /// `/api/v1/*` for loopback peers only, unless `--api-access any`. A request
 /// without a known peer (not from `server::serve`) is refused: fail closed.
 async fn api_guard(State(access): State<ApiAccess>, req: Request, next: Next) -> Response {

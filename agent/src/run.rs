@@ -346,9 +346,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         interval: args.poll_interval.max(Duration::from_secs(1)),
     }));
 
-    let mut collectors: Vec<Box<dyn Collector>> = vec![
     let http_stats = Arc::new(http::server::ServerStats::default());
-    let collectors: Vec<Box<dyn Collector>> = vec![
+    let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(VerdictCollector::new(
             view.clone(),
             directory.clone(),
@@ -368,16 +367,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stale_after: args.poll_interval.saturating_mul(3).saturating_add(Duration::from_secs(5)),
         api_access: args.api_access,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {} (is another agent running? use --listen)", args.listen))?;
-    info!(listen = %args.listen, "serving /metrics, /healthz, /readyz, /api/v1/flows, /api/v1/readiness");
     let app = http::router(state);
     let app = match &enforcement {
-        Some(e) => app.merge(e.router()),
+        Some(e) => app.merge(http::loopback_only(e.router())),
         None => app,
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")?;
     let listener = http::server::bind(args.listen).with_context(|| {
         format!("listening on {} (is another agent running? choose another with --listen)", args.listen)
     })?;
@@ -389,7 +383,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         ..http::server::Limits::default()
     };
-    http::server::serve(listener, http::router(state), limits, http_stats, shutdown_signal()).await;
+    http::server::serve(listener, app, limits, http_stats, shutdown_signal()).await;
     readiness_task.abort();
     drop(reader);
     info!("stopped");
