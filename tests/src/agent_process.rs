@@ -35,6 +35,12 @@ impl AgentProcess {
     /// Starts the agent with `args` (after `run`) listening on `addr`, and
     /// waits until /readyz answers 200.
     pub fn start(addr: SocketAddr, args: &[&str], log: &Path) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_on(&addr.to_string(), addr, args, log)
+    }
+
+    /// Like `start`, with `--listen listen` (e.g. `[::]:PORT`) and readiness
+    /// polled at `addr`.
+    pub fn start_on(listen: &str, addr: SocketAddr, args: &[&str], log: &Path) -> anyhow::Result<AgentProcess> {
         let bin = agent_binary();
         if !bin.exists() {
             bail!(
@@ -46,7 +52,7 @@ impl AgentProcess {
         let child = Command::new(&bin)
             .arg("run")
             .arg("--listen")
-            .arg(addr.to_string())
+            .arg(listen)
             .args(args)
             .stdout(Stdio::null())
             .stderr(logf)
