@@ -302,6 +302,12 @@ mod tests {
         assert_eq!(status(&app, "/readyz", Some("10.0.0.7:40000")).await, StatusCode::SERVICE_UNAVAILABLE);
     }
 
+    /// `preflight` and `suggest` dial the agent's default address.
+    #[test]
+    fn cli_clients_default_to_the_default_listen_address() {
+        assert_eq!(crate::preflight::DEFAULT_AGENT, format!("http://{DEFAULT_LISTEN}"));
+    }
+
     #[tokio::test]
     async fn api_access_any_opens_the_api() {
         let app = app(ApiAccess::Any);

@@ -88,10 +88,14 @@ fn main() -> ExitCode {
 }
 
 fn tokio_main<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(f)
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(f);
+    // Dropping a runtime waits for its blocking tasks without bound; after
+    // SIGTERM the exit must not wait on a stuck socket read.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }

@@ -38,12 +38,19 @@ impl AgentProcess {
     /// Starts the agent with `args` (after `run`) listening on `addr`, and
     /// waits until /readyz answers 200.
     pub fn start(addr: SocketAddr, args: &[&str], log: &Path) -> anyhow::Result<AgentProcess> {
-        AgentProcess::start_as(addr, args, log, None)
+        AgentProcess::start_as(&addr.to_string(), addr, args, log, None)
     }
 
-    /// Like [`AgentProcess::start`], with exactly `privileges` (a pod's
+    /// Like `start`, with `--listen listen` (e.g. `[::]:PORT`) and readiness
+    /// polled at `addr`.
+    pub fn start_on(listen: &str, addr: SocketAddr, args: &[&str], log: &Path) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_as(listen, addr, args, log, None)
+    }
+
+    /// Like [`AgentProcess::start_on`], with exactly `privileges` (a pod's
     /// securityContext) instead of this process's.
     pub fn start_as(
+        listen: &str,
         addr: SocketAddr,
         args: &[&str],
         log: &Path,
@@ -58,7 +65,7 @@ impl AgentProcess {
         }
         let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new(&bin);
-        command.arg("run").arg("--listen").arg(addr.to_string()).args(args).stdout(Stdio::null()).stderr(logf);
+        command.arg("run").arg("--listen").arg(listen).args(args).stdout(Stdio::null()).stderr(logf);
         if let Some(p) = privileges {
             p.apply(&mut command)?;
         }

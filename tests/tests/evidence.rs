@@ -12,8 +12,8 @@ use std::{
     time::Duration,
 };
 
-use verdict_agent::{
-    bpf::loader::{LoaderConfig, Pipeline, TapChoice, replay_with},
+use verdict_testkit::{
+    replay::{Replayer, replay_with},
     scenario::{Layout, PolicyVerdict},
 };
 use verdict_agent_tests::{
@@ -38,14 +38,8 @@ impl Drop for Pins {
     }
 }
 
-fn load(pins: &Path, flow_table_size: u32) -> Pipeline {
-    Pipeline::load(&LoaderConfig {
-        pin_dir: pins.to_path_buf(),
-        flow_table_size,
-        tap: TapChoice::Replay,
-        btf_path: "/sys/kernel/btf/vmlinux".into(),
-    })
-    .expect("loading the tap object in replay mode (root and bpffs needed)")
+fn load(pins: &Path, flow_table_size: u32) -> Replayer {
+    Replayer::load(pins, flow_table_size).expect("loading the replay object (root and bpffs needed)")
 }
 
 fn audited(endpoint: u16, remote_identity: u32, port: u16) -> Vec<u8> {
@@ -93,7 +87,7 @@ fn a_scan_between_two_reads_never_leaves_the_host_reported_clear() {
     let addr: SocketAddr = "127.0.0.1:19501".parse().unwrap();
     let args = [
         "--tap",
-        "replay",
+        "none",
         "--pin-dir",
         pins.0.to_str().unwrap(),
         "--flow-table-size",

@@ -19,7 +19,7 @@ fn run_agent(envs: &[(&str, &str)], global: &[&str]) -> Vec<String> {
     let pins = format!("/sys/fs/bpf/verdict-test-logs-{}-{port}", std::process::id());
     let mut child = Command::new(agent_binary())
         .args(global)
-        .args(["run", "--tap", "replay", "--no-kube", "--pin-dir", &pins, "--listen", &format!("127.0.0.1:{port}")])
+        .args(["run", "--tap", "none", "--no-kube", "--pin-dir", &pins, "--listen", &format!("127.0.0.1:{port}")])
         .envs(envs.iter().copied())
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())

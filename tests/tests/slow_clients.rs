@@ -189,7 +189,7 @@ fn probes_memory_and_shutdown_hold_under_2000_slow_clients() {
     let log = std::env::temp_dir().join(format!("verdict-test-slow-{}.log", std::process::id()));
     let agent = AgentProcess::start(
         addr,
-        &["--tap", "replay", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "500ms", "--no-kube"],
+        &["--tap", "none", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "500ms", "--no-kube"],
         &log,
     )
     .unwrap();

@@ -91,6 +91,7 @@ fn check_tap(tap: &str, port: u16, privileges: &PodPrivileges) -> anyhow::Result
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let log = format!("/tmp/agent-{tap}.log");
     let agent = AgentProcess::start_as(
+        &addr.to_string(),
         addr,
         &["--tap", tap, "--pin-dir", &pins, "--cilium-events-map", EVENTS, "--poll-interval", "500ms"],
         Path::new(&log),
