@@ -1448,7 +1448,8 @@ mod tests {
             node: Some("node-a".into()),
             node_selector: vec![],
             max_cidrs: 8,
-            output: None,
+            output: Default::default(),
+            output_file: None,
         };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();

@@ -17,8 +17,8 @@ use std::{
 
 use axum::{Json, Router, extract::Path as UrlPath, http::StatusCode, response::IntoResponse, routing::get};
 use serde_json::{Value, json};
-use verdict_agent::{
-    bpf::loader::{LoaderConfig, Pipeline, TapChoice, replay_with},
+use verdict_testkit::{
+    replay::{Replayer, replay_with},
     scenario::{self, DEMO_HOST_ENDPOINT, Layout, PolicyVerdict},
 };
 
@@ -162,7 +162,7 @@ fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_de
         "--listen",
         ADDR,
         "--tap",
-        "replay",
+        "none",
         "--pin-dir",
         pins.to_str().unwrap(),
         "--poll-interval",
@@ -179,13 +179,8 @@ fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_de
     .to_vec();
 
     let agent = start_agent(&args, &log);
-    let pipeline = Pipeline::load(&LoaderConfig {
-        pin_dir: pins.clone(),
-        flow_table_size: verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE,
-        tap: TapChoice::Replay,
-        btf_path: "/sys/kernel/btf/vmlinux".into(),
-    })
-    .expect("joining the agent's pinned maps");
+    let pipeline = Replayer::load(&pins, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE)
+        .expect("joining the agent's pinned maps with the testkit's replay object");
     // In audit mode the API server's connections to the host are audited.
     replay_with(pipeline.ebpf(), &host_verdict(0, true), 20).unwrap();
 

@@ -143,6 +143,8 @@ async fn start(agent: &Agent, args: &EnforceArgs, out: &mut dyn Write, err: &mut
         window: None,
         agent: args.agent.clone(),
         timeout: args.timeout,
+        output: preflight::OutputFormat::Table,
+        output_file: None,
     };
     let code = preflight::run_with(pre, out, err).await;
     if code == EXIT_ERROR {
