@@ -297,14 +297,15 @@ pub(super) fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
             let expected: BTreeSet<(String, String, String)> = if d.kind() == "ClusterRole" {
                 let mut s = BTreeSet::new();
                 for r in ["ciliumendpoints", "ciliumidentities", "ciliumclusterwidenetworkpolicies"] {
-                    for v in ["get", "list", "watch"] {
+                    for v in ["list", "watch"] {
                         s.insert(("cilium.io".into(), r.into(), v.into()));
                     }
                 }
-                for r in ["nodes", "pods"] {
-                    for v in ["get", "list", "watch"] {
-                        s.insert(("".into(), r.into(), v.into()));
-                    }
+                for v in ["get", "list", "watch"] {
+                    s.insert(("".into(), "nodes".into(), v.into()));
+                }
+                for v in ["list", "watch"] {
+                    s.insert(("".into(), "pods".into(), v.into()));
                 }
                 for g in ["", "events.k8s.io"] {
                     for v in ["create", "patch"] {
@@ -312,6 +313,14 @@ pub(super) fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                     }
                 }
                 s
+            } else if d.value["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-api-server")) {
+                if d.value["metadata"]["namespace"].as_str() != Some("default") {
+                    problems.push(format!("{id}: the API server's EndpointSlices live in namespace default"));
+                }
+                ["get", "list", "watch"]
+                    .iter()
+                    .map(|v| ("discovery.k8s.io".to_string(), "endpointslices".to_string(), v.to_string()))
+                    .collect()
             } else {
                 ["get", "list", "watch"]
                     .iter()
