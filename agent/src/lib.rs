@@ -5,8 +5,8 @@
 pub mod analyze;
 pub mod bpf;
 pub mod cilium;
-pub mod enforce;
 pub mod duration;
+pub mod enforce;
 pub mod enrich;
 pub mod http;
 pub mod ledger;

@@ -27,8 +27,8 @@ use crate::{
         snapshot::{CountingMaps, MapSnapshot},
     },
     cilium::endpoint_list::parse_endpoint_list,
-    enforce::{Enforcement, watch::ReadCadence},
     duration,
+    enforce::{Enforcement, watch::ReadCadence},
     enrich::{self, EnrichArgs, Enrichment},
     http::{self, HttpState},
     ledger::FlowLedger,
@@ -344,6 +344,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         node: args.enrich.node_name.clone(),
         alarms: AlarmManager::new(sink, AlarmLimits::default()),
         interval: args.poll_interval.max(Duration::from_secs(1)),
+        critical_flows: args.critical_flows.clone(),
     }));
 
     let http_stats = Arc::new(http::server::ServerStats::default());
@@ -391,15 +392,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn readiness_config(args: &RunArgs) -> anyhow::Result<ReadinessConfig> {
-    let catalogue = match &args.critical_flows {
-        Some(path) => CriticalCatalogue::load(path)?,
-        None => CriticalCatalogue::builtin(),
-    };
+    let catalogue = catalogue_for(args.critical_flows.as_deref(), &[])?;
     Ok(ReadinessConfig {
         window: args.window,
         min_evidence: args.min_evidence,
         catalogue,
         ..ReadinessConfig::default()
+    })
+}
+
+/// The critical-flow catalogue for the API server's TCP ports (`ports`
+/// empty: the catalogue's default, 6443), from `--critical-flows` or the
+/// built-in one.
+fn catalogue_for(path: Option<&std::path::Path>, ports: &[u16]) -> anyhow::Result<CriticalCatalogue> {
+    Ok(match path {
+        Some(path) => CriticalCatalogue::load_for(path, ports)?,
+        None => CriticalCatalogue::builtin_for(ports),
     })
 }
 
@@ -442,14 +450,42 @@ struct ReadinessLoop {
     node: Option<String>,
     alarms: AlarmManager,
     interval: Duration,
+    /// `--critical-flows`, rebuilt for the API server ports the
+    /// `kubernetes` Service's EndpointSlices name.
+    critical_flows: Option<PathBuf>,
 }
 
 /// Re-evaluates readiness after each map read and raises alarms.
 async fn readiness_loop(mut l: ReadinessLoop) {
     let mut tick = tokio::time::interval(l.interval);
     let mut silence_log = crate::silence::SilenceLog::default();
+    let mut api_server_ports: Vec<u16> = Vec::new();
     loop {
         tick.tick().await;
+        // The API server's port is learned, not assumed (6443 kubeadm,
+        // 8443 minikube, 443 managed): rebuild the catalogue when it moves.
+        let mut ports: Vec<u16> = l
+            .enrichment
+            .api_server_ports()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.protocol.eq_ignore_ascii_case("tcp"))
+            .map(|p| p.port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports != api_server_ports {
+            match catalogue_for(l.critical_flows.as_deref(), &ports) {
+                Ok(catalogue) => {
+                    info!(ports = ?ports, "critical flows now use the API server ports of the kubernetes Service");
+                    l.engine.set_catalogue(catalogue);
+                }
+                Err(e) => {
+                    warn!("keeping the critical-flow catalogue: rebuilding it for API server ports {ports:?}: {e:#}")
+                }
+            }
+            api_server_ports = ports;
+        }
         let (flows, lost_evidence) = {
             let view = l.view.read().unwrap_or_else(|e| e.into_inner());
             (view.flows.clone(), view.lost_evidence.clone())

@@ -33,7 +33,11 @@ pub struct Silence {
 fn is_silence(reason: Reason) -> bool {
     matches!(
         reason,
-        Reason::VerdictNotificationsOff | Reason::HostProgramPre116 | Reason::RateLimited | Reason::NoTraffic
+        Reason::VerdictNotificationsOff
+            | Reason::HostProgramPre116
+            | Reason::RateLimited
+            | Reason::HostMatchAllSuppressed
+            | Reason::NoTraffic
     )
 }
 

@@ -100,7 +100,9 @@ impl Replayer {
     /// Writes this object's own (unpinned) `TAP_CONFIG`, which `bench_tap`
     /// reads exactly as the shipped tap reads the agent's.
     pub fn set_tap_config(&mut self, events_map_id: u32, map_id_offset: u32) -> Result<(), ReplayError> {
-        let missing = || ReplayError::TapConfig { source: Box::new(aya::maps::MapError::InvalidName { name: TAP_CONFIG.into() }) };
+        let missing = || ReplayError::TapConfig {
+            source: Box::new(aya::maps::MapError::InvalidName { name: TAP_CONFIG.into() }),
+        };
         let map = self.ebpf.map_mut(TAP_CONFIG).ok_or_else(missing)?;
         let mut config: aya::maps::Array<_, TapConfig> =
             aya::maps::Array::try_from(map).map_err(|source| ReplayError::TapConfig { source: Box::new(source) })?;

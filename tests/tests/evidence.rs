@@ -12,13 +12,13 @@ use std::{
     time::Duration,
 };
 
-use verdict_testkit::{
-    replay::{Replayer, replay_with},
-    scenario::{Layout, PolicyVerdict},
-};
 use verdict_agent_tests::{
     agent_process::AgentProcess,
     scrape::{Scrape, http_get},
+};
+use verdict_testkit::{
+    replay::{Replayer, replay_with},
+    scenario::{Layout, PolicyVerdict},
 };
 
 /// A pin directory of its own, removed afterwards.

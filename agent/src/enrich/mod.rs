@@ -133,10 +133,10 @@ pub struct EnrichArgs {
     #[arg(long = "node-ip", env = "NODE_IP", value_delimiter = ',')]
     pub node_ips: Vec<String>,
     /// How often the Cilium agent API is read, e.g. 10s.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::duration::positive_arg)]
     pub enrich_refresh: Duration,
     /// Timeout of each Cilium agent API request.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::duration::positive_arg)]
     pub cilium_api_timeout: Duration,
 }
 
@@ -153,21 +153,6 @@ impl EnrichArgs {
             ..EnrichmentConfig::default()
         }
     }
-}
-
-/// "500ms", "10s", "2m", or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 /// What the Cilium API said at its latest successful answer.
@@ -630,6 +615,9 @@ mod config_tests {
         let c = cli.enrich.config();
         assert!(!c.kube);
         assert!(c.cilium_socket.is_none());
-        assert!(parse_duration("3h").is_err());
+        // One duration grammar everywhere (crate::duration).
+        let cli = Cli::try_parse_from(["x", "--enrich-refresh", "1h30m"]).unwrap();
+        assert_eq!(cli.enrich.config().refresh, Duration::from_secs(5400));
+        assert!(Cli::try_parse_from(["x", "--enrich-refresh", "-3s"]).is_err());
     }
 }

@@ -349,6 +349,12 @@ impl ReadinessEngine {
         &self.config
     }
 
+    /// Replaces the critical-flow catalogue (the API server's port was
+    /// learned or changed); flow histories and totals are kept.
+    pub fn set_catalogue(&mut self, catalogue: catalogue::CriticalCatalogue) {
+        self.config.catalogue = catalogue;
+    }
+
     /// Continues the `_total` counters of a previous agent (from the pinned
     /// ledger). The next evaluation only takes each flow's count as its
     /// baseline, so nothing counted before the restart is added twice.
