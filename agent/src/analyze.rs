@@ -70,8 +70,13 @@ pub struct AnalyzeArgs {
     /// Capture format; guessed from the first line when omitted.
     #[arg(long, value_enum)]
     pub format: Option<CaptureFormat>,
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    /// Output format: table (for people), json or yaml. The exit code is the same in every format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// The API server's port on the captured cluster (repeatable; 6443 kubeadm, 8443 minikube, 443
+    /// managed). Default: the ports the capture shows towards kube-apiserver, else 6443.
+    #[arg(long = "api-server-port")]
+    pub api_server_ports: Vec<u16>,
     /// The host endpoint's ID (the monitor text does not say which it is).
     #[arg(long)]
     pub host_endpoint: Option<u16>,
@@ -115,6 +120,8 @@ pub struct CaptureOptions {
     pub critical_flows: Option<PathBuf>,
     pub node: Option<String>,
     pub cilium_version: Option<CiliumVersion>,
+    /// `--api-server-port`; empty: learned from the capture.
+    pub api_server_ports: Vec<u16>,
 }
 
 impl From<&AnalyzeArgs> for CaptureOptions {
@@ -129,6 +136,7 @@ impl From<&AnalyzeArgs> for CaptureOptions {
             critical_flows: a.critical_flows.clone(),
             node: a.node.clone(),
             cilium_version: a.cilium_version,
+            api_server_ports: a.api_server_ports.clone(),
         }
     }
 }
@@ -370,9 +378,16 @@ pub fn analyze_file(path: &Path, opts: &CaptureOptions) -> Result<Analysis, Anal
         }
         None => Vec::new(),
     };
+    // The API server's port is learned, not assumed: the flag, else what
+    // the capture shows towards kube-apiserver, else 6443.
+    let api_server_ports = if opts.api_server_ports.is_empty() {
+        crate::readiness::catalogue::api_server_ports_in(&aggregate(&parsed.verdicts, SystemTime::now()).0)
+    } else {
+        opts.api_server_ports.clone()
+    };
     let catalogue = match &opts.critical_flows {
-        Some(p) => CriticalCatalogue::load(p)?,
-        None => CriticalCatalogue::builtin(),
+        Some(p) => CriticalCatalogue::load_for(p, &api_server_ports)?,
+        None => CriticalCatalogue::builtin_for(&api_server_ports),
     };
     if parsed.verdicts.is_empty() {
         let (cause, command) = no_evidence_cause(format, &parsed);
@@ -1074,6 +1089,7 @@ mod tests {
             input: fixture("lockout-monitor-v1.16.txt"),
             format: Some(CaptureFormat::Monitor),
             output: OutputFormat::Json,
+            api_server_ports: Vec::new(),
             host_endpoint: Some(227),
             endpoints: None,
             window: None,
@@ -1137,6 +1153,7 @@ mod tests {
             input,
             format: None,
             output: OutputFormat::Table,
+            api_server_ports: Vec::new(),
             host_endpoint: None,
             endpoints,
             window: None,
@@ -1197,6 +1214,7 @@ mod tests {
             input,
             format: None,
             output: OutputFormat::Table,
+            api_server_ports: Vec::new(),
             host_endpoint: None,
             endpoints: None,
             window: None,
