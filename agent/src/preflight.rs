@@ -777,4 +777,33 @@ mod tests {
         assert!(!out.contains("$(reboot)") || !out.contains("spec.nodeName=node-a$(reboot)"), "{out}");
         assert!(!out.contains("--endpoint shop/web"), "{out}");
     }
+
+    /// QUIET with allowed traffic only, but audited verdicts the kernel
+    /// counted that are in no flow the agent read (evicted before a read).
+    fn lost_evidence_json() -> String {
+        let sc = Scenario::lockout();
+        let flows: Vec<FlowRecord> =
+            vec![flow(QUIET, Direction::Ingress, FRONTEND_ID, 6, 80, Verdict::Allowed, 500, ago(40 * 3600), ago(30))];
+        let lost = [crate::unattributed::LostEvidence {
+            endpoint_id: QUIET,
+            direction: Direction::Ingress,
+            verdict: Verdict::Audited,
+            verdicts: 2,
+            last_grew: ago(120),
+        }];
+        let obs = Observation::since_start(sc.observed_since);
+        let mut input = ReadinessInput::new(&flows, &sc.directory, &obs, now());
+        input.environment = env();
+        input.lost_evidence = &lost;
+        serde_json::to_string(&readiness::evaluate(&input, &ReadinessConfig::default())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn exit_3_names_lost_evidence() {
+        let (url, _) = serve(200, lost_evidence_json()).await;
+        let (code, out, _) = run_capture(args(&url, Some("1003"), None)).await;
+        assert_eq!(code, EXIT_NO_EVIDENCE, "{out}");
+        assert!(out.contains("evidence_lost — gate evidence_complete (ingress)"), "{out}");
+        assert!(out.contains("[FAILED ] evidence_complete (ingress)"), "{out}");
+    }
 }

@@ -93,3 +93,40 @@ fn host_lockout_is_unknown_never_clear_while_host_evidence_is_lost() {
     let r = report(&sc, &flows, &[lost(WEB, Verdict::Audited, Duration::from_secs(30))]);
     assert_eq!(r.lockout.state, LockoutState::Clear);
 }
+
+/// A scanner sweeping 40 high ports from world once an hour for a day
+/// stays noise at every evaluation, however often it returns; a real
+/// service on a high port (world, 30 connections an hour) is never noise.
+#[test]
+fn a_scanner_repeated_every_hour_for_a_day_stays_noise() {
+    let sc = Scenario::lockout();
+    let hour = Duration::from_secs(3600);
+    let start = now() - 25 * hour;
+    let mut engine = ReadinessEngine::new(ReadinessConfig::default());
+    let scanned = 20_000u16..20_040;
+    let service = 30_000u16;
+    for h in 0..24u32 {
+        let at = start + h * hour + Duration::from_secs(60);
+        let mut flows: Vec<FlowRecord> = scanned
+            .clone()
+            .map(|port| {
+                let last = at - Duration::from_secs(30);
+                flow(WEB, Direction::Ingress, 2, 6, port, Verdict::Audited, u64::from(h) + 1, start, last)
+            })
+            .collect();
+        flows.push(flow(WEB, Direction::Ingress, 2, 6, service, Verdict::Audited, 30 * (u64::from(h) + 1), start, at));
+        let obs = Observation::since_start(start - hour);
+        let mut input = ReadinessInput::new(&flows, &sc.directory, &obs, at);
+        input.environment = env_ok();
+        let r = engine.evaluate(&input);
+        let web = endpoint(&r, WEB);
+        let would_deny: Vec<u16> = web.would_deny.iter().map(|f| f.port).collect();
+        assert!(
+            !would_deny.iter().any(|p| scanned.contains(p)),
+            "hour {h}: scanned ports became would-deny flows: {would_deny:?}"
+        );
+        assert!(would_deny.contains(&service), "hour {h}: the real service on {service} is not noise: {would_deny:?}");
+        let noise: usize = r.noise.iter().filter(|n| n.endpoint_id == WEB).map(|n| n.ports).sum();
+        assert_eq!(noise, scanned.len(), "hour {h}: every scanned port is summarised as noise");
+    }
+}
