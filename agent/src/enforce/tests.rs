@@ -523,7 +523,9 @@ async fn cli_status_and_abort_through_the_daemon_api() {
     let manager = Arc::new(tokio::sync::Mutex::new(rig.manager(enabled())));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:19811").await.unwrap();
     let router = api::router(ApiState { trials: manager.clone(), cadence: ReadCadence::default() });
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    });
     let t = manager.lock().await.start(safe(POD, 600), SystemTime::now()).await.unwrap();
 
     let args = |extra: &[&str]| {
@@ -606,7 +608,9 @@ async fn cli_refuses_unless_preflight_says_safe() {
     let router =
         readiness_route.merge(api::router(ApiState { trials: manager.clone(), cadence: ReadCadence::default() }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:19812").await.unwrap();
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    });
 
     let args = |extra: &[&str]| {
         use clap::Parser;
