@@ -310,7 +310,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(e) => app.merge(e.router()),
         None => app,
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server")?;
+    // Peer addresses: enforcement changes are accepted from loopback only.
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("HTTP server")?;
     readiness_task.abort();
     drop(reader);
     info!("stopped");
