@@ -453,6 +453,32 @@ async fn strict_reverts_on_any_new_denial_of_a_pod() {
     assert_eq!(rig.fake.audit(POD), Some(OptionValue::Enabled));
 }
 
+#[tokio::test]
+async fn a_port_scan_on_the_host_does_not_revert_but_a_lost_pod_flow_does() {
+    let rig = Rig::new();
+    let mut m = rig.manager(enabled());
+    // Before the switch: a world scanner probed 8080 (audited), and the pod
+    // served its frontend on 8080 (audited: readiness was wrong).
+    let scan = Traffic {
+        endpoint_id: HOST,
+        direction: Direction::Ingress,
+        remote_identity: 2,
+        proto: 6,
+        dst_port: 8080,
+        policy_denies: true,
+    };
+    let frontend = Traffic { endpoint_id: POD, remote_identity: 51234, ..scan };
+    let dp = Datapath::new(rig.fake.clone(), vec![scan, frontend]);
+    dp.flows();
+    let host = m.start(safe(HOST, 600), SystemTime::now()).await.unwrap();
+    let pod = m.start(safe(POD, 600), SystemTime::now()).await.unwrap();
+    m.tick(&dp.flows(), &NoDirectory, SystemTime::now()).await;
+    assert_eq!(m.get(&host.id).unwrap().phase, TrialPhase::Switched, "a scan is not a lockout");
+    let r = m.get(&pod.id).unwrap();
+    assert_eq!(r.phase, TrialPhase::Reverted);
+    assert!(r.outcome.as_deref().unwrap().contains("accepted_now_denied"), "{:?}", r.outcome);
+}
+
 /// The whole loop: watch every 100 ms over the datapath's counters; the
 /// forgotten API-server flow turns denied at the switch; the revert PATCH
 /// reaches Cilium within a second of the first denied verdict.
