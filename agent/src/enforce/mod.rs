@@ -48,7 +48,7 @@ use crate::{
 use cilium_config::EndpointConfigClient;
 use metrics::EnforcementMetrics;
 use store::{StoreError, TrialStore};
-use trial::{TrialManager, TrialSettings};
+use trial::{ReadinessLookup, TrialManager, TrialSettings};
 use watch::{ReadCadence, TrialWatch};
 
 /// Default `--state-dir`.
@@ -119,6 +119,7 @@ impl Enforcement {
         flows: FlowSource,
         directory: Arc<dyn EndpointDirectory>,
         cadence: ReadCadence,
+        readiness_lookup: ReadinessLookup,
     ) -> Result<Enforcement, StoreError> {
         let metrics = Arc::new(EnforcementMetrics::default());
         let api = EndpointConfigClient::new(cilium_socket, Duration::from_secs(args.enforcement_api_timeout));
@@ -128,7 +129,8 @@ impl Enforcement {
             args.settings(),
             TrialWatch::new(readiness),
             metrics.clone(),
-        )?;
+        )?
+        .with_readiness(readiness_lookup);
         manager.resume(SystemTime::now()).await;
         info!(enabled = args.enable_enforcement, state_dir = %args.state_dir.display(),
               recorded = manager.trials().len(), active = manager.any_active(), "enforcement trials loaded");
@@ -148,9 +150,10 @@ impl Enforcement {
         view: SharedView,
         directory: Arc<dyn EndpointDirectory>,
         cadence: ReadCadence,
+        readiness_lookup: ReadinessLookup,
     ) -> anyhow::Result<Option<Enforcement>> {
         let flows: FlowSource = Arc::new(move || view.read().unwrap_or_else(|e| e.into_inner()).flows.clone());
-        match Enforcement::start(args, cilium_socket, readiness, flows, directory, cadence).await {
+        match Enforcement::start(args, cilium_socket, readiness, flows, directory, cadence, readiness_lookup).await {
             Ok(e) => Ok(Some(e)),
             Err(e) if args.enable_enforcement => Err(anyhow::Error::new(e).context("starting enforcement trials")),
             Err(e) => {

@@ -258,6 +258,22 @@ async fn refused_when_preflight_is_not_safe_or_enforcement_is_off() {
 }
 
 #[tokio::test]
+async fn the_daemon_checks_its_own_readiness_not_the_clients_word() {
+    use crate::readiness::ReadinessState;
+    let rig = Rig::new();
+    let lookup = |state: Option<ReadinessState>| -> super::trial::ReadinessLookup { Arc::new(move |_| state) };
+    for (state, code) in [(Some(ReadinessState::WouldBreak), 1), (Some(ReadinessState::NoEvidence), 3), (None, 3)] {
+        let mut m = rig.manager(enabled()).with_readiness(lookup(state));
+        // The client claims preflight said ready.
+        let e = m.start(safe(POD, 60), SystemTime::now()).await.unwrap_err();
+        assert!(matches!(e, TrialError::NotSafe { exit_code, .. } if exit_code == code), "{state:?}: {e}");
+    }
+    assert!(rig.fake.patches().is_empty());
+    let mut m = rig.manager(enabled()).with_readiness(lookup(Some(ReadinessState::Ready)));
+    m.start(safe(POD, 60), SystemTime::now()).await.unwrap();
+}
+
+#[tokio::test]
 async fn second_trial_on_the_same_endpoint_is_refused() {
     let rig = Rig::new();
     let mut m = rig.manager(enabled());

@@ -26,8 +26,14 @@ use super::{
 };
 use crate::{
     model::{EndpointDirectory, EndpointKind, FlowRecord},
+    readiness::ReadinessState,
     timefmt::{format_duration, format_rfc3339},
 };
+
+/// The daemon's own readiness verdict for an endpoint (None: no report
+/// names it yet). The CLI's preflight is what the operator saw; this is
+/// what the agent knows, so a client that skips preflight gains nothing.
+pub type ReadinessLookup = Arc<dyn Fn(u16) -> Option<ReadinessState> + Send + Sync>;
 
 /// Daemon-side settings (`verdict-agent run --enable-enforcement ...`).
 #[derive(Clone, Debug)]
@@ -155,6 +161,7 @@ pub struct TrialManager {
     trials: Vec<TrialRecord>,
     /// Signals already alarmed on after confirmation (trial id, description).
     alarmed: HashSet<(String, String)>,
+    readiness: Option<ReadinessLookup>,
 }
 
 impl TrialManager {
@@ -167,7 +174,13 @@ impl TrialManager {
         metrics: Arc<EnforcementMetrics>,
     ) -> Result<TrialManager, StoreError> {
         let trials = store.load()?;
-        Ok(TrialManager { api, store, settings, watch, metrics, trials, alarmed: HashSet::new() })
+        Ok(TrialManager { api, store, settings, watch, metrics, trials, alarmed: HashSet::new(), readiness: None })
+    }
+
+    /// Checks every unforced request against the agent's own readiness.
+    pub fn with_readiness(mut self, lookup: ReadinessLookup) -> TrialManager {
+        self.readiness = Some(lookup);
+        self
     }
 
     pub fn settings(&self) -> &TrialSettings {
@@ -229,6 +242,21 @@ impl TrialManager {
             return Err(TrialError::Disabled);
         }
         validate(&req, &self.settings)?;
+        if let (Some(lookup), false) = (&self.readiness, req.preflight.forced) {
+            let (state, exit_code) = match lookup(req.endpoint_id) {
+                Some(ReadinessState::Ready) => ("ready", 0),
+                Some(ReadinessState::WouldBreak) => ("would_break (the agent's own report)", 1),
+                Some(ReadinessState::NoEvidence) => ("no_evidence (the agent's own report)", 3),
+                None => ("unknown: the agent's readiness report does not name this endpoint yet", 3),
+            };
+            if exit_code != 0 {
+                return Err(TrialError::NotSafe {
+                    endpoint: req.endpoint_name.clone(),
+                    state: state.into(),
+                    exit_code,
+                });
+            }
+        }
         if let Some(t) = self.active_for(req.endpoint_id) {
             return Err(TrialError::AlreadyRunning {
                 endpoint: req.endpoint_name.clone(),
