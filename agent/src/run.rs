@@ -255,6 +255,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (enrichment, kube_client) = start_enrichment(&args).await?;
     let directory: Arc<dyn EndpointDirectory> = Arc::new(enrichment.clone());
+    let report: SharedReport = Arc::new(RwLock::new(None));
+    let lookup_report = report.clone();
     let enforcement = Enforcement::start_for_daemon(
         &args.enforcement,
         args.enrich.cilium_socket.clone(),
@@ -262,9 +264,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         view.clone(),
         directory.clone(),
         cadence,
+        Arc::new(move |id| {
+            let guard = lookup_report.read().unwrap_or_else(|e| e.into_inner());
+            guard.as_ref()?.endpoints.iter().find(|e| e.endpoint_id == id).map(|e| e.state)
+        }),
     )
     .await?;
-    let report: SharedReport = Arc::new(RwLock::new(None));
     let sink: Arc<dyn AlarmSink> = match kube_client.filter(|_| !args.no_events) {
         Some(client) => Arc::new(KubeEventSink::new(client, std::env::var("POD_NAME").ok())),
         // Alarms still go to the log; Events need a Kubernetes client.
