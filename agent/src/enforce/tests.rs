@@ -187,6 +187,31 @@ async fn expiry_without_confirm_reverts() {
     assert_eq!(recorded[0].phase, TrialPhase::Expired);
 }
 
+/// Every step goes to the Event sink too, with who asked and why.
+#[derive(Default)]
+struct Events(std::sync::Mutex<Vec<(String, String, String)>>);
+
+impl super::trial::TrialEvents for Events {
+    fn publish(&self, record: &super::record::TrialRecord, outcome: &'static str) {
+        let reason = super::events::reason(outcome).to_owned();
+        self.0.lock().unwrap().push((outcome.to_owned(), reason, super::events::note(record)));
+    }
+}
+
+#[tokio::test]
+async fn switches_and_reverts_are_published_as_events() {
+    let rig = Rig::new();
+    let events = Arc::new(Events::default());
+    let mut m = rig.manager(enabled()).with_events(events.clone());
+    let t = m.start(safe(POD, 1), SystemTime::now()).await.unwrap();
+    m.tick(&[], &NoDirectory, t.deadline.unwrap()).await;
+    let got = events.0.lock().unwrap().clone();
+    let reasons: Vec<&str> = got.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(reasons, ["EnforcementTrialStarted", "EnforcementTrialExpired"]);
+    assert!(got[0].2.contains("requested by alice@node-1 (leave audit mode)"), "{}", got[0].2);
+    assert!(got[1].2.contains("ended without confirmation"), "{}", got[1].2);
+}
+
 #[tokio::test]
 async fn confirm_keeps_enforcement_and_watch_only_alarms() {
     let rig = Rig::new();

@@ -162,6 +162,27 @@ pub struct TrialManager {
     /// Signals already alarmed on after confirmation (trial id, description).
     alarmed: HashSet<(String, String)>,
     readiness: Option<ReadinessLookup>,
+    events: Option<Arc<dyn TrialEvents>>,
+}
+
+/// Where switches, reverts and refusals are published besides the log and
+/// the metrics (Kubernetes Events in the daemon). Must not block: a revert
+/// is not delayed by the API server.
+pub trait TrialEvents: Send + Sync {
+    fn publish(&self, record: &TrialRecord, outcome: &'static str);
+}
+
+/// Counts the outcome and publishes it.
+fn announce(
+    metrics: &EnforcementMetrics,
+    events: Option<&dyn TrialEvents>,
+    record: &TrialRecord,
+    outcome: &'static str,
+) {
+    metrics.count(outcome);
+    if let Some(events) = events {
+        events.publish(record, outcome);
+    }
 }
 
 impl TrialManager {
@@ -174,7 +195,23 @@ impl TrialManager {
         metrics: Arc<EnforcementMetrics>,
     ) -> Result<TrialManager, StoreError> {
         let trials = store.load()?;
-        Ok(TrialManager { api, store, settings, watch, metrics, trials, alarmed: HashSet::new(), readiness: None })
+        Ok(TrialManager {
+            api,
+            store,
+            settings,
+            watch,
+            metrics,
+            trials,
+            alarmed: HashSet::new(),
+            readiness: None,
+            events: None,
+        })
+    }
+
+    /// Publishes every trial step to `events` too.
+    pub fn with_events(mut self, events: Arc<dyn TrialEvents>) -> TrialManager {
+        self.events = Some(events);
+        self
     }
 
     /// Checks every unforced request against the agent's own readiness.
@@ -297,7 +334,7 @@ impl TrialManager {
                       forced = t.preflight.forced, try_for = %format_duration(t.try_for()),
                       deadline = %format_rfc3339(switched + t.try_for()),
                       "enforcement trial: audit mode switched off");
-                self.metrics.count("switched");
+                announce(&self.metrics, self.events.as_deref(), &self.trials[idx], "switched");
                 self.save_logged();
                 Ok(self.trials[idx].clone())
             }
@@ -331,7 +368,7 @@ impl TrialManager {
             Ok(v) if v == before => {
                 let e = TrialError::SwitchUndone { endpoint, source };
                 self.trials[idx].end(now, TrialPhase::Refused, e.to_string());
-                self.metrics.count("refused");
+                announce(&self.metrics, self.events.as_deref(), &self.trials[idx], "refused");
                 warn!(trial = %self.trials[idx].id, error = %e, "enforcement trial refused");
                 e
             }
@@ -349,7 +386,7 @@ impl TrialManager {
                     why: "the switch failed part-way and was undone".to_owned(),
                 });
                 t.note(now, TrialPhase::RevertFailed, e.to_string());
-                self.metrics.count("revert_failed");
+                announce(&self.metrics, self.events.as_deref(), t, "revert_failed");
                 error!(trial = %t.id, error = %e, "enforcement trial: endpoint may be left enforcing");
                 e
             }
@@ -380,7 +417,7 @@ impl TrialManager {
         );
         info!(trial = %t.id, endpoint = %t.endpoint_name, who = %by.who, reason = by.reason.as_deref().unwrap_or(""),
               watch_until = %format_rfc3339(watch_until), "enforcement trial confirmed: enforcement stays");
-        self.metrics.count("confirmed");
+        announce(&self.metrics, self.events.as_deref(), t, "confirmed");
         let out = t.clone();
         self.save()?;
         Ok(out)
@@ -423,7 +460,7 @@ impl TrialManager {
                 t.end(now.max(patch_at), phase, format!("{why}; PolicyAuditMode {} (read back)", v.as_str()));
                 info!(trial = %t.id, endpoint = %t.endpoint_name, endpoint_id = t.endpoint_id, outcome,
                       why = %why, time_to_revert_seconds = latency, "enforcement trial: back in audit mode");
-                self.metrics.count(outcome);
+                announce(&self.metrics, self.events.as_deref(), t, outcome);
                 if let Some(l) = latency {
                     self.metrics.observe_time_to_revert(l);
                 }
@@ -441,7 +478,7 @@ impl TrialManager {
                 ));
                 if first_failure {
                     t.note(now, TrialPhase::RevertFailed, t.outcome.clone().unwrap_or_default());
-                    self.metrics.count("revert_failed");
+                    announce(&self.metrics, self.events.as_deref(), t, "revert_failed");
                 }
                 error!(trial = %t.id, endpoint = %t.endpoint_name, endpoint_id = id, error = %failure,
                        "enforcement trial: revert failed; the endpoint may still enforce");
@@ -504,7 +541,7 @@ impl TrialManager {
                               "enforcement confirmed but a critical flow is being dropped; not reverting \
                                (--enforcement-revert-after-confirm is off): put audit mode back with \
                                cilium-dbg endpoint config ID PolicyAuditMode=Enabled if the node is cut off");
-                        self.metrics.count("alarm");
+                        announce(&self.metrics, self.events.as_deref(), t, "alarm");
                         let t = &mut self.trials[idx];
                         t.history.push(TrialEvent {
                             at: now,
@@ -552,7 +589,7 @@ impl TrialManager {
                     match self.api.audit_mode(id).await {
                         Ok(v) if v == self.trials[idx].audit_mode_before => {
                             self.trials[idx].end(now, TrialPhase::Refused, format!("{why}; the endpoint is as it was"));
-                            self.metrics.count("refused");
+                            announce(&self.metrics, self.events.as_deref(), &self.trials[idx], "refused");
                             self.save_logged();
                         }
                         _ => self.revert(idx, TrialPhase::Reverted, "reverted", why, None, now).await,
@@ -584,7 +621,7 @@ impl TrialManager {
                                 TrialPhase::Reverted,
                                 "found back in audit mode after an agent restart (not by this agent)",
                             );
-                            self.metrics.count("reverted");
+                            announce(&self.metrics, self.events.as_deref(), t, "reverted");
                             self.save_logged();
                         }
                         Err(e) => {
