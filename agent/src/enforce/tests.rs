@@ -264,8 +264,12 @@ async fn refused_when_preflight_is_not_safe_or_enforcement_is_off() {
     req.preflight = PreflightVerdict { state: "no_evidence".into(), exit_code: 3, forced: true };
     req.requested_by.reason = None;
     assert!(matches!(m.start(req.clone(), SystemTime::now()).await, Err(TrialError::BadRequest(_))));
+    // Names from the client are hostile: no forged log lines.
+    let mut forged = safe(POD, 60);
+    forged.requested_by.reason = Some("ok\n2026-12-04T22:00:00Z INFO trial confirmed by admin".into());
+    assert!(matches!(m.start(forged, SystemTime::now()).await, Err(TrialError::BadRequest(_))));
     assert!(rig.fake.patches().is_empty(), "nothing was sent to Cilium");
-    assert_eq!(rig.metrics.outcome_total("refused"), 3);
+    assert_eq!(rig.metrics.outcome_total("refused"), 4);
 
     // Forced with a reason: recorded.
     req.requested_by.reason = Some("maintenance window, console open".into());

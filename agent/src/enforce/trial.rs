@@ -397,6 +397,7 @@ impl TrialManager {
 
     /// `--confirm`: enforcement stays; the lockout watch goes on.
     pub async fn confirm(&mut self, id: &str, by: Requester, now: SystemTime) -> Result<TrialRecord, TrialError> {
+        check_requester(&by)?;
         let idx = self.index(id)?;
         let t = &mut self.trials[idx];
         if t.phase != TrialPhase::Switched {
@@ -425,6 +426,7 @@ impl TrialManager {
 
     /// `--abort`: back to audit mode now.
     pub async fn abort(&mut self, id: &str, by: Requester, now: SystemTime) -> Result<TrialRecord, TrialError> {
+        check_requester(&by)?;
         let idx = self.index(id)?;
         let t = &self.trials[idx];
         if !t.is_active() || t.phase == TrialPhase::Requested {
@@ -646,6 +648,22 @@ fn outcome_name(s: &str) -> &'static str {
     super::metrics::OUTCOMES.into_iter().find(|o| *o == s).unwrap_or("reverted")
 }
 
+/// These strings reach log lines, Event notes and the record: no control
+/// characters (a newline would forge a log line), bounded length.
+fn check_text(what: &str, text: Option<&str>, max: usize) -> Result<(), TrialError> {
+    match text {
+        Some(t) if t.chars().any(char::is_control) || t.chars().count() > max => {
+            Err(TrialError::BadRequest(format!("{what} must be at most {max} characters without control characters")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_requester(by: &Requester) -> Result<(), TrialError> {
+    check_text("who", Some(&by.who), 256)?;
+    check_text("reason", by.reason.as_deref(), 512)
+}
+
 fn validate(req: &TrialRequest, settings: &TrialSettings) -> Result<(), TrialError> {
     if req.try_seconds == 0 || Duration::from_secs(req.try_seconds) > settings.max_try {
         return Err(TrialError::BadRequest(format!(
@@ -654,6 +672,8 @@ fn validate(req: &TrialRequest, settings: &TrialSettings) -> Result<(), TrialErr
             req.try_seconds
         )));
     }
+    check_text("endpoint_name", Some(&req.endpoint_name), 320)?;
+    check_requester(&req.requested_by)?;
     if req.requested_by.who.trim().is_empty() {
         return Err(TrialError::BadRequest("a trial needs requested_by.who (who asked)".into()));
     }
