@@ -28,7 +28,7 @@ use crate::{
     },
     cilium::endpoint_list::parse_endpoint_list,
     duration,
-    enforce::{Enforcement, watch::ReadCadence},
+    enforce::{DaemonContext, Enforcement, events::KubeTrialEvents, trial::TrialEvents, watch::ReadCadence},
     enrich::{self, EnrichArgs, Enrichment},
     http::{self, HttpState},
     ledger::FlowLedger,
@@ -314,16 +314,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (enrichment, kube_client) = start_enrichment(&args).await?;
     let directory: Arc<dyn EndpointDirectory> = Arc::new(enrichment.clone());
+    let report: SharedReport = Arc::new(RwLock::new(None));
+    let lookup_report = report.clone();
+    let trial_events = kube_client.clone().filter(|_| !args.no_events).map(|client| {
+        Arc::new(KubeTrialEvents::new(client, std::env::var("POD_NAME").ok(), args.enrich.node_name.clone()))
+            as Arc<dyn TrialEvents>
+    });
     let enforcement = Enforcement::start_for_daemon(
         &args.enforcement,
-        args.enrich.cilium_socket.clone(),
-        readiness_config.clone(),
+        DaemonContext {
+            cilium_socket: args.enrich.cilium_socket.clone(),
+            readiness: readiness_config.clone(),
+            directory: directory.clone(),
+            cadence,
+            readiness_lookup: Arc::new(move |id| {
+                let guard = lookup_report.read().unwrap_or_else(|e| e.into_inner());
+                guard.as_ref()?.endpoints.iter().find(|e| e.endpoint_id == id).map(|e| e.state)
+            }),
+            events: trial_events,
+        },
         view.clone(),
-        directory.clone(),
-        cadence,
     )
     .await?;
-    let report: SharedReport = Arc::new(RwLock::new(None));
     let sink: Arc<dyn AlarmSink> = match kube_client.filter(|_| !args.no_events) {
         Some(client) => Arc::new(KubeEventSink::new(client, std::env::var("POD_NAME").ok())),
         // Alarms still go to the log; Events need a Kubernetes client.

@@ -9,12 +9,22 @@
 //!
 //! Refusals answer `{"error": "...", "status": N}` with the status of
 //! [`TrialError::http_status`].
+//!
+//! The agent listens on all addresses in its pod (Prometheus scrapes it), so
+//! the routes that change a trial answer only requests from loopback: `kubectl
+//! exec` into the agent pod or `kubectl port-forward` to it, both of which
+//! connect from 127.0.0.1 inside the pod. The server must be started with
+//! `into_make_service_with_connect_info::<SocketAddr>()`; without the peer
+//! address every change is refused.
 
-use std::time::SystemTime;
+use std::{net::SocketAddr, time::SystemTime};
 
 use axum::{
     Json, Router,
-    extract::{Path, State, rejection::JsonRejection},
+    extract::{
+        ConnectInfo, Path, State,
+        rejection::{ExtensionRejection, JsonRejection},
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -75,6 +85,28 @@ fn bad_body(e: &JsonRejection) -> Response {
     error_response(400, format!("the request body is not what this agent expects: {}", e.body_text()))
 }
 
+type Peer = Result<ConnectInfo<SocketAddr>, ExtensionRejection>;
+
+/// Changes only from loopback; None when the request may go on.
+fn refuse_remote(peer: &Peer) -> Option<Response> {
+    match peer {
+        Ok(ConnectInfo(addr)) if addr.ip().is_loopback() => None,
+        Ok(ConnectInfo(addr)) => Some(error_response(
+            403,
+            format!(
+                "enforcement trials are changed only from loopback (kubectl exec into the agent pod, or kubectl \
+                 port-forward to it); this request came from {addr}"
+            ),
+        )),
+        Err(_) => Some(error_response(
+            403,
+            "this agent's HTTP server does not report peer addresses, so it cannot tell a loopback request from a \
+             remote one; trial changes are refused (serve with into_make_service_with_connect_info)"
+                .into(),
+        )),
+    }
+}
+
 async fn list(State(s): State<ApiState>) -> Response {
     let m = s.trials.lock().await;
     Json(TrialList { enabled: m.settings().enabled, trials: m.trials().to_vec() }).into_response()
@@ -87,7 +119,10 @@ async fn show(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn start(State(s): State<ApiState>, body: Result<Json<TrialRequest>, JsonRejection>) -> Response {
+async fn start(State(s): State<ApiState>, peer: Peer, body: Result<Json<TrialRequest>, JsonRejection>) -> Response {
+    if let Some(r) = refuse_remote(&peer) {
+        return r;
+    }
     let req = match body {
         Ok(Json(r)) => r,
         Err(e) => return bad_body(&e),
@@ -104,8 +139,12 @@ async fn start(State(s): State<ApiState>, body: Result<Json<TrialRequest>, JsonR
 async fn confirm(
     State(s): State<ApiState>,
     Path(id): Path<String>,
+    peer: Peer,
     body: Result<Json<Requester>, JsonRejection>,
 ) -> Response {
+    if let Some(r) = refuse_remote(&peer) {
+        return r;
+    }
     let by = match body {
         Ok(Json(r)) => r,
         Err(e) => return bad_body(&e),
@@ -119,8 +158,12 @@ async fn confirm(
 async fn abort(
     State(s): State<ApiState>,
     Path(id): Path<String>,
+    peer: Peer,
     body: Result<Json<Requester>, JsonRejection>,
 ) -> Response {
+    if let Some(r) = refuse_remote(&peer) {
+        return r;
+    }
     let by = match body {
         Ok(Json(r)) => r,
         Err(e) => return bad_body(&e),
@@ -128,5 +171,19 @@ async fn abort(
     match s.trials.lock().await.abort(&id, by, SystemTime::now()).await {
         Ok(t) => Json(t).into_response(),
         Err(e) => refusal(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_change_trials() {
+        let peer = |a: &str| -> Peer { Ok(ConnectInfo(a.parse().unwrap())) };
+        assert!(refuse_remote(&peer("127.0.0.1:40000")).is_none());
+        assert!(refuse_remote(&peer("[::1]:40000")).is_none());
+        let remote = refuse_remote(&peer("10.0.0.7:40000")).unwrap();
+        assert_eq!(remote.status(), StatusCode::FORBIDDEN);
     }
 }

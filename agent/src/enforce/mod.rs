@@ -20,6 +20,7 @@
 pub mod api;
 pub mod cilium_config;
 pub mod cli;
+pub mod events;
 pub mod metrics;
 pub mod record;
 pub mod store;
@@ -48,7 +49,7 @@ use crate::{
 use cilium_config::EndpointConfigClient;
 use metrics::EnforcementMetrics;
 use store::{StoreError, TrialStore};
-use trial::{TrialManager, TrialSettings};
+use trial::{ReadinessLookup, TrialEvents, TrialManager, TrialSettings};
 use watch::{ReadCadence, TrialWatch};
 
 /// Default `--state-dir`.
@@ -108,33 +109,49 @@ pub struct Enforcement {
     pub task: JoinHandle<()>,
 }
 
+/// What the daemon hands the feature besides its flags.
+pub struct DaemonContext {
+    pub cilium_socket: PathBuf,
+    /// The agent's readiness settings (catalogue, window), for the watch.
+    pub readiness: ReadinessConfig,
+    pub directory: Arc<dyn EndpointDirectory>,
+    /// Shared with the map reader.
+    pub cadence: ReadCadence,
+    /// The agent's own readiness per endpoint.
+    pub readiness_lookup: ReadinessLookup,
+    /// Kubernetes Events, when the agent has a client.
+    pub events: Option<Arc<dyn TrialEvents>>,
+}
+
 impl Enforcement {
     /// Loads the recorded trials, continues or reverts them, and starts the
     /// watch loop. Fails only when the record cannot be read: the agent
     /// must not forget a trial it may owe a revert.
     pub async fn start(
         args: &EnforcementArgs,
-        cilium_socket: PathBuf,
-        readiness: ReadinessConfig,
+        ctx: DaemonContext,
         flows: FlowSource,
-        directory: Arc<dyn EndpointDirectory>,
-        cadence: ReadCadence,
     ) -> Result<Enforcement, StoreError> {
         let metrics = Arc::new(EnforcementMetrics::default());
-        let api = EndpointConfigClient::new(cilium_socket, Duration::from_secs(args.enforcement_api_timeout));
+        let api = EndpointConfigClient::new(ctx.cilium_socket, Duration::from_secs(args.enforcement_api_timeout));
         let mut manager = TrialManager::open(
             api,
             TrialStore::new(&args.state_dir),
             args.settings(),
-            TrialWatch::new(readiness),
+            TrialWatch::new(ctx.readiness),
             metrics.clone(),
-        )?;
+        )?
+        .with_readiness(ctx.readiness_lookup);
+        if let Some(events) = ctx.events {
+            manager = manager.with_events(events);
+        }
         manager.resume(SystemTime::now()).await;
         info!(enabled = args.enable_enforcement, state_dir = %args.state_dir.display(),
               recorded = manager.trials().len(), active = manager.any_active(), "enforcement trials loaded");
+        let cadence = ctx.cadence;
         cadence.set_fast(manager.any_active());
         let trials = Arc::new(Mutex::new(manager));
-        let task = tokio::spawn(watch_loop(trials.clone(), flows, directory, cadence.clone()));
+        let task = tokio::spawn(watch_loop(trials.clone(), flows, ctx.directory, cadence.clone()));
         Ok(Enforcement { trials, metrics, cadence, task })
     }
 
@@ -143,14 +160,11 @@ impl Enforcement {
     /// enabled (it may owe a revert); otherwise the feature stays off.
     pub async fn start_for_daemon(
         args: &EnforcementArgs,
-        cilium_socket: PathBuf,
-        readiness: ReadinessConfig,
+        ctx: DaemonContext,
         view: SharedView,
-        directory: Arc<dyn EndpointDirectory>,
-        cadence: ReadCadence,
     ) -> anyhow::Result<Option<Enforcement>> {
         let flows: FlowSource = Arc::new(move || view.read().unwrap_or_else(|e| e.into_inner()).flows.clone());
-        match Enforcement::start(args, cilium_socket, readiness, flows, directory, cadence).await {
+        match Enforcement::start(args, ctx, flows).await {
             Ok(e) => Ok(Some(e)),
             Err(e) if args.enable_enforcement => Err(anyhow::Error::new(e).context("starting enforcement trials")),
             Err(e) => {

@@ -187,6 +187,31 @@ async fn expiry_without_confirm_reverts() {
     assert_eq!(recorded[0].phase, TrialPhase::Expired);
 }
 
+/// Every step goes to the Event sink too, with who asked and why.
+#[derive(Default)]
+struct Events(std::sync::Mutex<Vec<(String, String, String)>>);
+
+impl super::trial::TrialEvents for Events {
+    fn publish(&self, record: &super::record::TrialRecord, outcome: &'static str) {
+        let reason = super::events::reason(outcome).to_owned();
+        self.0.lock().unwrap().push((outcome.to_owned(), reason, super::events::note(record)));
+    }
+}
+
+#[tokio::test]
+async fn switches_and_reverts_are_published_as_events() {
+    let rig = Rig::new();
+    let events = Arc::new(Events::default());
+    let mut m = rig.manager(enabled()).with_events(events.clone());
+    let t = m.start(safe(POD, 1), SystemTime::now()).await.unwrap();
+    m.tick(&[], &NoDirectory, t.deadline.unwrap()).await;
+    let got = events.0.lock().unwrap().clone();
+    let reasons: Vec<&str> = got.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(reasons, ["EnforcementTrialStarted", "EnforcementTrialExpired"]);
+    assert!(got[0].2.contains("requested by alice@node-1 (leave audit mode)"), "{}", got[0].2);
+    assert!(got[1].2.contains("ended without confirmation"), "{}", got[1].2);
+}
+
 #[tokio::test]
 async fn confirm_keeps_enforcement_and_watch_only_alarms() {
     let rig = Rig::new();
@@ -239,8 +264,12 @@ async fn refused_when_preflight_is_not_safe_or_enforcement_is_off() {
     req.preflight = PreflightVerdict { state: "no_evidence".into(), exit_code: 3, forced: true };
     req.requested_by.reason = None;
     assert!(matches!(m.start(req.clone(), SystemTime::now()).await, Err(TrialError::BadRequest(_))));
+    // Names from the client are hostile: no forged log lines.
+    let mut forged = safe(POD, 60);
+    forged.requested_by.reason = Some("ok\n2026-12-04T22:00:00Z INFO trial confirmed by admin".into());
+    assert!(matches!(m.start(forged, SystemTime::now()).await, Err(TrialError::BadRequest(_))));
     assert!(rig.fake.patches().is_empty(), "nothing was sent to Cilium");
-    assert_eq!(rig.metrics.outcome_total("refused"), 3);
+    assert_eq!(rig.metrics.outcome_total("refused"), 4);
 
     // Forced with a reason: recorded.
     req.requested_by.reason = Some("maintenance window, console open".into());
@@ -255,6 +284,22 @@ async fn refused_when_preflight_is_not_safe_or_enforcement_is_off() {
     assert!(matches!(e, TrialError::Disabled));
     assert!(e.to_string().contains("--enable-enforcement"));
     assert!(rig.fake.patches().is_empty());
+}
+
+#[tokio::test]
+async fn the_daemon_checks_its_own_readiness_not_the_clients_word() {
+    use crate::readiness::ReadinessState;
+    let rig = Rig::new();
+    let lookup = |state: Option<ReadinessState>| -> super::trial::ReadinessLookup { Arc::new(move |_| state) };
+    for (state, code) in [(Some(ReadinessState::WouldBreak), 1), (Some(ReadinessState::NoEvidence), 3), (None, 3)] {
+        let mut m = rig.manager(enabled()).with_readiness(lookup(state));
+        // The client claims preflight said ready.
+        let e = m.start(safe(POD, 60), SystemTime::now()).await.unwrap_err();
+        assert!(matches!(e, TrialError::NotSafe { exit_code, .. } if exit_code == code), "{state:?}: {e}");
+    }
+    assert!(rig.fake.patches().is_empty());
+    let mut m = rig.manager(enabled()).with_readiness(lookup(Some(ReadinessState::Ready)));
+    m.start(safe(POD, 60), SystemTime::now()).await.unwrap();
 }
 
 #[tokio::test]
@@ -453,6 +498,32 @@ async fn strict_reverts_on_any_new_denial_of_a_pod() {
     assert_eq!(rig.fake.audit(POD), Some(OptionValue::Enabled));
 }
 
+#[tokio::test]
+async fn a_port_scan_on_the_host_does_not_revert_but_a_lost_pod_flow_does() {
+    let rig = Rig::new();
+    let mut m = rig.manager(enabled());
+    // Before the switch: a world scanner probed 8080 (audited), and the pod
+    // served its frontend on 8080 (audited: readiness was wrong).
+    let scan = Traffic {
+        endpoint_id: HOST,
+        direction: Direction::Ingress,
+        remote_identity: 2,
+        proto: 6,
+        dst_port: 8080,
+        policy_denies: true,
+    };
+    let frontend = Traffic { endpoint_id: POD, remote_identity: 51234, ..scan };
+    let dp = Datapath::new(rig.fake.clone(), vec![scan, frontend]);
+    dp.flows();
+    let host = m.start(safe(HOST, 600), SystemTime::now()).await.unwrap();
+    let pod = m.start(safe(POD, 600), SystemTime::now()).await.unwrap();
+    m.tick(&dp.flows(), &NoDirectory, SystemTime::now()).await;
+    assert_eq!(m.get(&host.id).unwrap().phase, TrialPhase::Switched, "a scan is not a lockout");
+    let r = m.get(&pod.id).unwrap();
+    assert_eq!(r.phase, TrialPhase::Reverted);
+    assert!(r.outcome.as_deref().unwrap().contains("accepted_now_denied"), "{:?}", r.outcome);
+}
+
 /// The whole loop: watch every 100 ms over the datapath's counters; the
 /// forgotten API-server flow turns denied at the switch; the revert PATCH
 /// reaches Cilium within a second of the first denied verdict.
@@ -523,7 +594,9 @@ async fn cli_status_and_abort_through_the_daemon_api() {
     let manager = Arc::new(tokio::sync::Mutex::new(rig.manager(enabled())));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:19811").await.unwrap();
     let router = api::router(ApiState { trials: manager.clone(), cadence: ReadCadence::default() });
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    });
     let t = manager.lock().await.start(safe(POD, 600), SystemTime::now()).await.unwrap();
 
     let args = |extra: &[&str]| {
@@ -606,7 +679,9 @@ async fn cli_refuses_unless_preflight_says_safe() {
     let router =
         readiness_route.merge(api::router(ApiState { trials: manager.clone(), cadence: ReadCadence::default() }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:19812").await.unwrap();
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    });
 
     let args = |extra: &[&str]| {
         use clap::Parser;

@@ -26,8 +26,14 @@ use super::{
 };
 use crate::{
     model::{EndpointDirectory, EndpointKind, FlowRecord},
+    readiness::ReadinessState,
     timefmt::{format_duration, format_rfc3339},
 };
+
+/// The daemon's own readiness verdict for an endpoint (None: no report
+/// names it yet). The CLI's preflight is what the operator saw; this is
+/// what the agent knows, so a client that skips preflight gains nothing.
+pub type ReadinessLookup = Arc<dyn Fn(u16) -> Option<ReadinessState> + Send + Sync>;
 
 /// Daemon-side settings (`verdict-agent run --enable-enforcement ...`).
 #[derive(Clone, Debug)]
@@ -155,6 +161,28 @@ pub struct TrialManager {
     trials: Vec<TrialRecord>,
     /// Signals already alarmed on after confirmation (trial id, description).
     alarmed: HashSet<(String, String)>,
+    readiness: Option<ReadinessLookup>,
+    events: Option<Arc<dyn TrialEvents>>,
+}
+
+/// Where switches, reverts and refusals are published besides the log and
+/// the metrics (Kubernetes Events in the daemon). Must not block: a revert
+/// is not delayed by the API server.
+pub trait TrialEvents: Send + Sync {
+    fn publish(&self, record: &TrialRecord, outcome: &'static str);
+}
+
+/// Counts the outcome and publishes it.
+fn announce(
+    metrics: &EnforcementMetrics,
+    events: Option<&dyn TrialEvents>,
+    record: &TrialRecord,
+    outcome: &'static str,
+) {
+    metrics.count(outcome);
+    if let Some(events) = events {
+        events.publish(record, outcome);
+    }
 }
 
 impl TrialManager {
@@ -167,7 +195,29 @@ impl TrialManager {
         metrics: Arc<EnforcementMetrics>,
     ) -> Result<TrialManager, StoreError> {
         let trials = store.load()?;
-        Ok(TrialManager { api, store, settings, watch, metrics, trials, alarmed: HashSet::new() })
+        Ok(TrialManager {
+            api,
+            store,
+            settings,
+            watch,
+            metrics,
+            trials,
+            alarmed: HashSet::new(),
+            readiness: None,
+            events: None,
+        })
+    }
+
+    /// Publishes every trial step to `events` too.
+    pub fn with_events(mut self, events: Arc<dyn TrialEvents>) -> TrialManager {
+        self.events = Some(events);
+        self
+    }
+
+    /// Checks every unforced request against the agent's own readiness.
+    pub fn with_readiness(mut self, lookup: ReadinessLookup) -> TrialManager {
+        self.readiness = Some(lookup);
+        self
     }
 
     pub fn settings(&self) -> &TrialSettings {
@@ -229,6 +279,21 @@ impl TrialManager {
             return Err(TrialError::Disabled);
         }
         validate(&req, &self.settings)?;
+        if let (Some(lookup), false) = (&self.readiness, req.preflight.forced) {
+            let (state, exit_code) = match lookup(req.endpoint_id) {
+                Some(ReadinessState::Ready) => ("ready", 0),
+                Some(ReadinessState::WouldBreak) => ("would_break (the agent's own report)", 1),
+                Some(ReadinessState::NoEvidence) => ("no_evidence (the agent's own report)", 3),
+                None => ("unknown: the agent's readiness report does not name this endpoint yet", 3),
+            };
+            if exit_code != 0 {
+                return Err(TrialError::NotSafe {
+                    endpoint: req.endpoint_name.clone(),
+                    state: state.into(),
+                    exit_code,
+                });
+            }
+        }
         if let Some(t) = self.active_for(req.endpoint_id) {
             return Err(TrialError::AlreadyRunning {
                 endpoint: req.endpoint_name.clone(),
@@ -269,7 +334,7 @@ impl TrialManager {
                       forced = t.preflight.forced, try_for = %format_duration(t.try_for()),
                       deadline = %format_rfc3339(switched + t.try_for()),
                       "enforcement trial: audit mode switched off");
-                self.metrics.count("switched");
+                announce(&self.metrics, self.events.as_deref(), &self.trials[idx], "switched");
                 self.save_logged();
                 Ok(self.trials[idx].clone())
             }
@@ -303,7 +368,7 @@ impl TrialManager {
             Ok(v) if v == before => {
                 let e = TrialError::SwitchUndone { endpoint, source };
                 self.trials[idx].end(now, TrialPhase::Refused, e.to_string());
-                self.metrics.count("refused");
+                announce(&self.metrics, self.events.as_deref(), &self.trials[idx], "refused");
                 warn!(trial = %self.trials[idx].id, error = %e, "enforcement trial refused");
                 e
             }
@@ -321,7 +386,7 @@ impl TrialManager {
                     why: "the switch failed part-way and was undone".to_owned(),
                 });
                 t.note(now, TrialPhase::RevertFailed, e.to_string());
-                self.metrics.count("revert_failed");
+                announce(&self.metrics, self.events.as_deref(), t, "revert_failed");
                 error!(trial = %t.id, error = %e, "enforcement trial: endpoint may be left enforcing");
                 e
             }
@@ -332,6 +397,7 @@ impl TrialManager {
 
     /// `--confirm`: enforcement stays; the lockout watch goes on.
     pub async fn confirm(&mut self, id: &str, by: Requester, now: SystemTime) -> Result<TrialRecord, TrialError> {
+        check_requester(&by)?;
         let idx = self.index(id)?;
         let t = &mut self.trials[idx];
         if t.phase != TrialPhase::Switched {
@@ -352,7 +418,7 @@ impl TrialManager {
         );
         info!(trial = %t.id, endpoint = %t.endpoint_name, who = %by.who, reason = by.reason.as_deref().unwrap_or(""),
               watch_until = %format_rfc3339(watch_until), "enforcement trial confirmed: enforcement stays");
-        self.metrics.count("confirmed");
+        announce(&self.metrics, self.events.as_deref(), t, "confirmed");
         let out = t.clone();
         self.save()?;
         Ok(out)
@@ -360,6 +426,7 @@ impl TrialManager {
 
     /// `--abort`: back to audit mode now.
     pub async fn abort(&mut self, id: &str, by: Requester, now: SystemTime) -> Result<TrialRecord, TrialError> {
+        check_requester(&by)?;
         let idx = self.index(id)?;
         let t = &self.trials[idx];
         if !t.is_active() || t.phase == TrialPhase::Requested {
@@ -395,7 +462,7 @@ impl TrialManager {
                 t.end(now.max(patch_at), phase, format!("{why}; PolicyAuditMode {} (read back)", v.as_str()));
                 info!(trial = %t.id, endpoint = %t.endpoint_name, endpoint_id = t.endpoint_id, outcome,
                       why = %why, time_to_revert_seconds = latency, "enforcement trial: back in audit mode");
-                self.metrics.count(outcome);
+                announce(&self.metrics, self.events.as_deref(), t, outcome);
                 if let Some(l) = latency {
                     self.metrics.observe_time_to_revert(l);
                 }
@@ -413,7 +480,7 @@ impl TrialManager {
                 ));
                 if first_failure {
                     t.note(now, TrialPhase::RevertFailed, t.outcome.clone().unwrap_or_default());
-                    self.metrics.count("revert_failed");
+                    announce(&self.metrics, self.events.as_deref(), t, "revert_failed");
                 }
                 error!(trial = %t.id, endpoint = %t.endpoint_name, endpoint_id = id, error = %failure,
                        "enforcement trial: revert failed; the endpoint may still enforce");
@@ -476,7 +543,7 @@ impl TrialManager {
                               "enforcement confirmed but a critical flow is being dropped; not reverting \
                                (--enforcement-revert-after-confirm is off): put audit mode back with \
                                cilium-dbg endpoint config ID PolicyAuditMode=Enabled if the node is cut off");
-                        self.metrics.count("alarm");
+                        announce(&self.metrics, self.events.as_deref(), t, "alarm");
                         let t = &mut self.trials[idx];
                         t.history.push(TrialEvent {
                             at: now,
@@ -524,7 +591,7 @@ impl TrialManager {
                     match self.api.audit_mode(id).await {
                         Ok(v) if v == self.trials[idx].audit_mode_before => {
                             self.trials[idx].end(now, TrialPhase::Refused, format!("{why}; the endpoint is as it was"));
-                            self.metrics.count("refused");
+                            announce(&self.metrics, self.events.as_deref(), &self.trials[idx], "refused");
                             self.save_logged();
                         }
                         _ => self.revert(idx, TrialPhase::Reverted, "reverted", why, None, now).await,
@@ -556,7 +623,7 @@ impl TrialManager {
                                 TrialPhase::Reverted,
                                 "found back in audit mode after an agent restart (not by this agent)",
                             );
-                            self.metrics.count("reverted");
+                            announce(&self.metrics, self.events.as_deref(), t, "reverted");
                             self.save_logged();
                         }
                         Err(e) => {
@@ -581,6 +648,22 @@ fn outcome_name(s: &str) -> &'static str {
     super::metrics::OUTCOMES.into_iter().find(|o| *o == s).unwrap_or("reverted")
 }
 
+/// These strings reach log lines, Event notes and the record: no control
+/// characters (a newline would forge a log line), bounded length.
+fn check_text(what: &str, text: Option<&str>, max: usize) -> Result<(), TrialError> {
+    match text {
+        Some(t) if t.chars().any(char::is_control) || t.chars().count() > max => {
+            Err(TrialError::BadRequest(format!("{what} must be at most {max} characters without control characters")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_requester(by: &Requester) -> Result<(), TrialError> {
+    check_text("who", Some(&by.who), 256)?;
+    check_text("reason", by.reason.as_deref(), 512)
+}
+
 fn validate(req: &TrialRequest, settings: &TrialSettings) -> Result<(), TrialError> {
     if req.try_seconds == 0 || Duration::from_secs(req.try_seconds) > settings.max_try {
         return Err(TrialError::BadRequest(format!(
@@ -589,6 +672,8 @@ fn validate(req: &TrialRequest, settings: &TrialSettings) -> Result<(), TrialErr
             req.try_seconds
         )));
     }
+    check_text("endpoint_name", Some(&req.endpoint_name), 320)?;
+    check_requester(&req.requested_by)?;
     if req.requested_by.who.trim().is_empty() {
         return Err(TrialError::BadRequest("a trial needs requested_by.who (who asked)".into()));
     }

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::{
     model::{Direction, EndpointDirectory, FlowRecord, Verdict, proto_name},
-    readiness::{self, Observation, ReadinessConfig, ReadinessInput},
+    readiness::{self, Observation, ReadinessConfig, ReadinessInput, RemoteSide},
     timefmt::rfc3339,
 };
 
@@ -184,7 +184,10 @@ impl TrialWatch {
 }
 
 /// Denials of the endpoint since the switch: critical when the same
-/// (direction, remote identity, protocol, port) was accepted before.
+/// (direction, remote identity, protocol, port) was accepted before. On the
+/// host, flows from `world` are left to the lockout detector, which tells a
+/// port scan (audited before, denied now, and meant to be) from sustained
+/// traffic on a critical port.
 fn denial_signals(own: &[FlowRecord], w: &WatchedEndpoint, out: &mut Vec<CriticalSignal>) {
     let accepted: HashSet<(Direction, u32, u8, u16)> = own
         .iter()
@@ -193,7 +196,8 @@ fn denial_signals(own: &[FlowRecord], w: &WatchedEndpoint, out: &mut Vec<Critica
         .collect();
     for f in own.iter().filter(|f| f.verdict == Verdict::Denied && f.last_seen >= w.since) {
         let key = (f.direction, f.remote_identity, f.proto, f.dst_port);
-        let kind = if accepted.contains(&key) {
+        let from_world = RemoteSide::of_identity(f.remote_identity) == RemoteSide::World;
+        let kind = if accepted.contains(&key) && !(w.is_host && from_world) {
             SignalKind::AcceptedNowDenied
         } else if w.strict {
             SignalKind::NewDenied

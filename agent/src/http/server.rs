@@ -358,6 +358,8 @@ async fn serve_connection(
         service_fn(move |mut req: hyper::Request<Incoming>| {
             let guard = BusyGuard::new(conn.clone(), registry.clone());
             req.extensions_mut().insert(PeerAddr(peer));
+            // axum's own extractor for handlers that ask for the peer.
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             let mut router = router.clone();
             async move {
                 let response = router.call(req).await;
