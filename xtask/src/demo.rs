@@ -95,10 +95,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     std::thread::sleep(Duration::from_millis(2500));
 
     let metrics = get(&args.listen, "/metrics")?;
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("verdict_agent_tap_info{") || l.starts_with("verdict_agent_tap_attached"))
-    {
+    for line in metrics.lines().filter(|l| l.starts_with("verdict_agent_tap_attached")) {
         println!("{line}");
     }
     print_table(&metrics);
