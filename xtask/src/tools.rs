@@ -326,7 +326,10 @@ pub fn ensure_bpf_linker() -> Result<()> {
         .with_context(|| format!("cannot read the LLVM major version from {lib_name}"))?
         .to_string();
 
-    let prefix = target_dir().join("tools/llvm");
+    // Beside the installed binary, not in this checkout's target/: the
+    // binary keeps this path as its library search path, and a checkout
+    // (or its target/) may be deleted while the binary stays installed.
+    let prefix = cargo_install_bin_dir().parent().unwrap_or(Path::new("/")).join("verdict-agent-bpf-linker-llvm");
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib).with_context(|| format!("cannot create {}", prefix_lib.display()))?;
     // The build script links `libLLVM.so`; the built binary asks for the
