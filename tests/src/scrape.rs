@@ -102,3 +102,16 @@ pub fn scrape(addr: SocketAddr) -> anyhow::Result<Scrape> {
     }
     Scrape::parse(&body)
 }
+
+/// Counters of the agent process itself, which start over with it like any
+/// Prometheus counter (`rate()` handles the reset): the map reads, the
+/// enrichment errors and the HTTP connections. Every counter derived from
+/// the kernel's maps or from readiness continues across restarts.
+pub const PROCESS_SCOPED: &[&str] = &[
+    "verdict_agent_map_reads_total",
+    "verdict_agent_enrichment_errors_total",
+    "verdict_agent_http_connections_accepted_total",
+    "verdict_agent_http_connections_evicted_total",
+    "verdict_agent_http_connections_refused_total",
+    "verdict_agent_http_connections_idle_closed_total",
+];

@@ -164,9 +164,7 @@ fn a_scan_between_two_reads_never_leaves_the_host_reported_clear() {
     assert!(agent.stop().unwrap());
 }
 
-/// Counters of the agent process itself, which restart with it (the
-/// enrichment errors are `enrich/`'s, not this test's subject).
-const PROCESS_SCOPED: &[&str] = &["verdict_agent_map_reads_total", "verdict_agent_enrichment_errors_total"];
+use verdict_agent_tests::scrape::PROCESS_SCOPED;
 
 /// Every `_total` series of `old` is at least as large in `new`.
 fn assert_monotonic(old: &Scrape, new: &Scrape) {

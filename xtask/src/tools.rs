@@ -76,6 +76,7 @@ pub const EXTERNAL_PROGRAMS: &[ExternalProgram] = &[
     apt("tar", "tar", &["--version"]),
     apt("chroot", "coreutils", &["--version"]),
     apt("mknod", "coreutils", &["--version"]),
+    apt("sleep", "coreutils", &["--version"]),
     // The arm64 cross build: linker and C compiler for aarch64 (ring), and
     // the agent run under user-mode emulation as a smoke test.
     apt("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", &["--version"]),

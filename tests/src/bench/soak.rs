@@ -27,8 +27,7 @@ const FLOW_TABLE: u32 = 1024;
 /// Distinct flows in the stream: four times the table, so it evicts.
 const FLOWS: u32 = 4096;
 const RATE_PER_S: f64 = 20_000.0;
-/// Counters of the agent process itself: they start over with it.
-const PROCESS_SCOPED: &[&str] = &["verdict_agent_map_reads_total"];
+use crate::scrape::PROCESS_SCOPED;
 /// Which flows get their own series is decided per agent process.
 const FLOW_FAMILY: &str = "verdict_agent_flow_verdicts_total";
 const AGENT_ARGS: &[&str] = &["--poll-interval", "200ms", "--flow-metrics", "--flow-metrics-limit", "500"];
