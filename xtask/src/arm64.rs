@@ -51,7 +51,7 @@ pub fn vm_test(kernel: &Kernel) -> Result<()> {
     let driver = stripped(cross::build_static(TARGET, "verdict-agent-tests", "vm-driver")?)?;
     let payload = VmPayload {
         files: vec![(agent, "/bin/verdict-agent".into()), (driver, "/bin/vm-driver".into())],
-        command: "VERDICT_AGENT_BIN=/bin/verdict-agent RUST_LOG=info /bin/vm-driver".into(),
+        command: crate::test::vm_driver_command(kernel)?,
         modules: Vec::new(),
         timeout: Duration::from_secs(1200),
     };

@@ -229,9 +229,10 @@ fn chart_values_for(kernel: &kernels::Kernel) -> Vec<&'static str> {
     if version < (5, 11) { vec!["memlockCapability=true"] } else { Vec::new() }
 }
 
-fn vm_test(kernel: &kernels::Kernel) -> Result<()> {
-    // The agent runs with exactly the DaemonSet's privileges, as the chart
-    // renders them (defaults, plus what this kernel needs).
+/// The VM driver's command line: the agent runs with exactly the
+/// DaemonSet's privileges, as the chart renders them (defaults, plus what
+/// this kernel needs), on x86-64 and arm64 alike.
+pub fn vm_driver_command(kernel: &kernels::Kernel) -> Result<String> {
     let values = chart_values_for(kernel);
     let needed = crate::deploy::agent_privileges(&values).context("rendering the chart's agent privileges")?;
     let mut command = format!(
@@ -253,6 +254,11 @@ fn vm_test(kernel: &kernels::Kernel) -> Result<()> {
         "  agent privileges from the chart ({}): {command}",
         if values.is_empty() { "defaults".to_string() } else { values.join(" ") }
     );
+    Ok(command)
+}
+
+fn vm_test(kernel: &kernels::Kernel) -> Result<()> {
+    let command = vm_driver_command(kernel)?;
     let payload = VmPayload {
         files: vec![
             (stripped("verdict-agent")?, "/bin/verdict-agent".into()),
