@@ -37,7 +37,7 @@ use crate::{
     readiness::{
         self, CiliumVersion, CriticalCatalogue, EvidenceEnvironment, Observation, RateLimit, ReadinessConfig,
         ReadinessEngine, ReadinessInput, ReadinessReport,
-        alarms::{AlarmLimits, AlarmManager, AlarmSink, KubeEventSink, MemorySink},
+        alarms::{AlarmLimits, AlarmManager, AlarmSink, AlarmTarget, KubeEventSink, MemorySink},
     },
     state::{AgentView, SharedView},
 };
@@ -337,7 +337,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
     let sink: Arc<dyn AlarmSink> = match kube_client.filter(|_| !args.no_events) {
-        Some(client) => Arc::new(KubeEventSink::new(client, std::env::var("POD_NAME").ok())),
+        Some(client) => {
+            let known = enrichment.clone();
+            let lookup: crate::readiness::alarms::UidLookup = Arc::new(move |target| match target {
+                AlarmTarget::Pod { namespace, name } => known.pod_uid(namespace, name),
+                AlarmTarget::Node { .. } => known.node_uid(),
+            });
+            Arc::new(KubeEventSink::new(client, std::env::var("POD_NAME").ok()).with_uid_lookup(lookup))
+        }
         // Alarms still go to the log; Events need a Kubernetes client.
         None => Arc::new(MemorySink::default()),
     };

@@ -116,7 +116,13 @@ pub struct KubeEventSink {
     client: kube::Client,
     recorder: kube::runtime::events::Recorder,
     uids: Mutex<HashMap<AlarmTarget, String>>,
+    /// UIDs the agent already knows (its pod metadata and node watches):
+    /// the chart's RBAC grants no `get` on pods.
+    known_uid: Option<UidLookup>,
 }
+
+/// Finds a target's UID without asking the API server.
+pub type UidLookup = Arc<dyn Fn(&AlarmTarget) -> Option<String> + Send + Sync>;
 
 impl KubeEventSink {
     /// `instance` names this agent (usually its pod name).
@@ -126,7 +132,14 @@ impl KubeEventSink {
             recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
             client,
             uids: Mutex::new(HashMap::new()),
+            known_uid: None,
         }
+    }
+
+    /// Takes UIDs from `lookup` first (see [`UidLookup`]).
+    pub fn with_uid_lookup(mut self, lookup: UidLookup) -> KubeEventSink {
+        self.known_uid = Some(lookup);
+        self
     }
 
     /// `kubectl describe` matches events by UID too, so look it up once;
@@ -135,17 +148,17 @@ impl KubeEventSink {
         if let Some(uid) = self.uids.lock().unwrap_or_else(|e| e.into_inner()).get(target) {
             return Some(uid.clone());
         }
-        use k8s_openapi::api::core::v1::{Node, Pod};
-        let uid = match target {
-            AlarmTarget::Node { name } => {
-                kube::Api::<Node>::all(self.client.clone()).get(name).await.ok().and_then(|n| n.metadata.uid)
+        use k8s_openapi::api::core::v1::Node;
+        let known = self.known_uid.as_ref().and_then(|lookup| lookup(target));
+        let uid = match (known, target) {
+            (Some(uid), _) => uid,
+            (None, AlarmTarget::Node { name }) => {
+                kube::Api::<Node>::all(self.client.clone()).get(name).await.ok().and_then(|n| n.metadata.uid)?
             }
-            AlarmTarget::Pod { namespace, name } => kube::Api::<Pod>::namespaced(self.client.clone(), namespace)
-                .get(name)
-                .await
-                .ok()
-                .and_then(|p| p.metadata.uid),
-        }?;
+            // No `get` on pods (RBAC): a pod the watch has not seen yet
+            // gets its Event without a UID, and the next one may have it.
+            (None, AlarmTarget::Pod { .. }) => return None,
+        };
         self.uids.lock().unwrap_or_else(|e| e.into_inner()).insert(target.clone(), uid.clone());
         Some(uid)
     }
