@@ -238,7 +238,7 @@ fn attach(ebpf: &mut Ebpf, choice: TapChoice, btf_path: &Path) -> Result<TapKind
     }
     let refused = if failures.len() > 1 { "this kernel refused every hook" } else { "the kernel refused the hook" };
     Err(LoadError::Attach(format!(
-        "{refused} ({}). fentry needs BPF trampolines (x86-64 kernel >= 5.5, arm64 >= 6.4: Debian's arm64 5.10 and 6.1 refuse the attach with errno 524; CONFIG_DEBUG_INFO_BTF, not blocked by lockdown); \
+        "{refused} ({}). fentry needs BPF trampolines (x86-64 kernel >= 5.5, on arm64 Debian's 6.12 attaches it and 5.10 and 6.1 refuse the attach with errno 524; CONFIG_DEBUG_INFO_BTF, not blocked by lockdown); \
          kprobe needs CONFIG_KPROBES and the kprobe PMU. `--tap none` starts without a hook (nothing is counted then).",
         failures.join("; ")
     )))
