@@ -326,7 +326,11 @@ async fn kubernetes_forbidden_resource_is_counted() {
 
     wait_for("endpoints", || e.endpoint(311).is_some_and(|i| i.workload.is_some())).await;
     assert_eq!(e.endpoints().iter().map(|i| i.id).collect::<Vec<_>>(), vec![311, 412]);
-    wait_for("a counted 403", || status_of(&e, "kubernetes").errors >= 2).await;
+    wait_for("a counted 403 and the other watches listed", || {
+        let st = status_of(&e, "kubernetes");
+        st.errors >= 2 && st.failing == ["node", "nodes"]
+    })
+    .await;
     let st = status_of(&e, "kubernetes");
     assert!(!st.up);
     assert_eq!(st.failing, vec!["node", "nodes"]);
@@ -547,6 +551,13 @@ impl std::io::Write for CapturedLogs {
 
 impl CapturedLogs {
     fn install(&self) -> tracing::subscriber::DefaultGuard {
+        // tracing-core computes callsite interest from the calling thread's
+        // default while only one dispatcher is registered: another test's
+        // thread (no subscriber) would then disable the callsites for this
+        // one. A second dispatcher, alive for the whole process, makes it
+        // combine every registered dispatcher instead.
+        static KEEP_TWO: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        KEEP_TWO.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let writer = self.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::INFO)
@@ -804,4 +815,37 @@ async fn series_of_deleted_endpoints_leave_the_scrape() {
     let owner = e.endpoint_owner(412).unwrap();
     assert_eq!((owner.generation, owner.pod.as_deref()), (2, Some("api-5c8b6-new01")));
     assert_eq!(crate::model::EndpointDirectory::endpoint_generation(&e, 412), Some(2));
+}
+
+/// The Cilium agent goes away for 2 s: one WARN, one INFO with the
+/// outage's duration, and the refresh backs off meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn cilium_api_outage_logs_once() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake_cilium(&dir);
+    fake.start();
+    let e = start_with_kube_client(api_config(&dir), None);
+    wait_for("the Cilium API", || status_of(&e, "cilium_api").up).await;
+
+    CapturedLogs::refresh_interest();
+    fake.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = status_of(&e, "cilium_api");
+    assert!(!st.up);
+    // Refreshing every 100 ms would fail ~20 times; backoff from 200 ms
+    // to 800 ms fails at most 5 times (0.2+0.4+0.8+0.8 s minimum).
+    assert!(st.errors >= 2 && st.errors <= 6, "{st:?}");
+    let warns = logs.lines("WARN");
+    assert_eq!(warns.len(), 1, "{}", warns.join("\n"));
+    assert!(warns[0].contains("cilium_api is down") && warns[0].contains("cannot connect"), "{}", warns[0]);
+
+    CapturedLogs::refresh_interest();
+    fake.start();
+    wait_for("the Cilium API again", || status_of(&e, "cilium_api").up).await;
+    let infos: Vec<String> = logs.lines("INFO").into_iter().filter(|l| l.contains("answers again")).collect();
+    assert_eq!(infos.len(), 1, "{}", infos.join("\n"));
+    assert!(infos[0].contains("cilium_api answers again after"), "{}", infos[0]);
+    assert_eq!(logs.lines("WARN").len(), 1);
 }
