@@ -277,13 +277,8 @@ impl AlarmManager {
                 .get(&a.key)
                 .is_none_or(|&t| now.duration_since(t).unwrap_or_default() >= self.limits.repeat_after);
             if !self.active.contains(&a.key) {
-                tracing::warn!(
-                    key = %neutralize(&a.key, MAX_MESSAGE_CHARS),
-                    kind = a.kind.reason(),
-                    target = ?a.target.as_ref().map(|t| escape(&t.to_string())),
-                    "{}",
-                    neutralize(&a.message, MAX_MESSAGE_CHARS)
-                );
+                let (key, target, message) = logged(a);
+                tracing::warn!(key = %key, kind = a.kind.reason(), target = ?target, "{message}");
                 outcome.new.push(a.key.clone());
             }
             if due && a.target.is_some() {
@@ -344,6 +339,17 @@ impl AlarmManager {
         }
         self.last_refill = Some(now);
     }
+}
+
+/// The key, target and message of an alarm as the WARN line shows them:
+/// names in them came from the cluster and are escaped, so no name can end
+/// the line or forge another (`text::neutralize`).
+pub(crate) fn logged(a: &Alarm) -> (String, Option<String>, String) {
+    (
+        neutralize(&a.key, MAX_MESSAGE_CHARS),
+        a.target.as_ref().map(|t| escape(&t.to_string())),
+        neutralize(&a.message, MAX_MESSAGE_CHARS),
+    )
 }
 
 /// Joins messages into an Event note of at most 1 kB.

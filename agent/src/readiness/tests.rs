@@ -759,3 +759,33 @@ fn denials_are_described_whatever_the_state() {
     assert!(e.reason == Reason::Enforcing || e.detail.contains("denied now"), "{:?}: {}", e.reason, e.detail);
     assert!(e.detail.contains("denied"), "{}", e.detail);
 }
+
+#[test]
+fn hostile_names_cannot_forge_alarm_log_lines() {
+    let hostile = "web\nWARN host lockout cleared\r\u{202e}\0\x1b[2J";
+    let sc = Scenario::lockout();
+    let flows = sc.flows(&sc.policies, false);
+    let obs = Observation::since_start(sc.observed_since);
+    let mut input = ReadinessInput::new(&flows, &sc.directory, &obs, now());
+    input.node = Some(format!("node-a{hostile}"));
+    let mut r = evaluate(&input, &ReadinessConfig::default());
+    for e in &mut r.endpoints {
+        if e.pod.is_some() {
+            e.pod = Some(hostile.into());
+        }
+        for f in &mut e.would_deny {
+            f.remote_name = hostile.into();
+        }
+    }
+    for l in r.lockout.risk.iter_mut().chain(r.lockout.in_progress.iter_mut()) {
+        l.remote = hostile.into();
+    }
+    let alarms = crate::readiness::alarms::alarms_from(&r);
+    assert!(!alarms.is_empty());
+    for a in &alarms {
+        let (key, target, message) = crate::readiness::alarms::logged(a);
+        for text in [key, target.unwrap_or_default(), message] {
+            assert!(!text.chars().any(crate::text::is_hazardous), "{text:?}");
+        }
+    }
+}
