@@ -3,8 +3,8 @@
 //! and the legacy bare-`Flow` lines (`HUBBLE_COMPAT=legacy-json-output`)
 //! into [`CapturedVerdict`]s.
 //!
-//! Field names are protojson's proto names from `flow.proto` (copy in
-//! `/work/shared/cilium-api/`): `event_type`, `traffic_direction`,
+//! Field names are protojson's proto names from Cilium's
+//! `api/v1/flow/flow.proto`: `event_type`, `traffic_direction`,
 //! `policy_match_type`, `IP`, `l4`, `source_port`, ... Enums are strings,
 //! but numbers are accepted too.
 //!

@@ -16,7 +16,7 @@
 //!
 //! Sizes are the helper's `meta_size`, i.e. the length of the slice handed
 //! in: the perf record's own length is padded and says nothing about which
-//! layout was sent (`kernel/events/core.c`, see `/work/shared/CILIUM.md` a).
+//! layout was sent (Linux pads raw samples, `kernel/events/core.c`).
 //! Multi-byte fields are host byte order, and the flag bitfields are read as
 //! clang lays them out on little-endian targets, which is where Cilium runs.
 
