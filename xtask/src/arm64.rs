@@ -55,16 +55,7 @@ pub fn vm_test(kernel: &Kernel) -> Result<()> {
         modules: Vec::new(),
         timeout: Duration::from_secs(1200),
     };
-    let mut boots = 0;
-    let outcome = loop {
-        boots += 1;
-        match vm::run_in_vm(kernel, &payload) {
-            Err(e) if e.downcast_ref::<vm::KernelPanicked>().is_some() && boots < MAX_BOOTS => {
-                println!("  RETRY: the {} kernel panicked under emulation (boot {boots}): {e:#}", kernel.version);
-            }
-            other => break other?,
-        }
-    };
+    let outcome = vm::run_retrying_kernel_panics(kernel, &payload, MAX_BOOTS)?;
     let lines: Vec<&str> = outcome.console.lines().filter(|l| l.contains("VMTEST")).collect();
     for line in &lines {
         println!("  {line}");

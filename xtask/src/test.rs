@@ -268,21 +268,7 @@ fn vm_test(kernel: &kernels::Kernel) -> Result<()> {
         modules: Vec::new(),
         timeout: Duration::from_secs(600),
     };
-    // Debian's 6.12 kernel sometimes faults under QEMU 7.2's TCG (a double
-    // fault in __kmalloc, a fault in down_write), during boot as often as
-    // under our payload (see vm.rs): a guest kernel panic is booted again,
-    // up to five boots in all, each retry printed. A payload that fails is
-    // never retried.
-    let mut boots = 0;
-    let outcome = loop {
-        boots += 1;
-        match vm::run_in_vm(kernel, &payload) {
-            Err(e) if e.downcast_ref::<vm::KernelPanicked>().is_some() && boots < MAX_BOOTS => {
-                println!("  RETRY: the {} kernel panicked under emulation (boot {boots}): {e:#}", kernel.version);
-            }
-            other => break other?,
-        }
-    };
+    let outcome = vm::run_retrying_kernel_panics(kernel, &payload, MAX_BOOTS)?;
     for line in outcome.console.lines().filter(|l| l.contains("VMTEST")) {
         println!("  {line}");
     }

@@ -153,6 +153,24 @@ pub fn run_cli(args: VmArgs) -> Result<()> {
 /// A VM that does not boot, times out, or cannot set itself up is an error.
 /// Set `VERDICT_VM_ECHO=1` to see the console live.
 #[allow(dead_code, reason = "entry point for the VM test commands")]
+/// [`run_in_vm`], booting again (up to `max_boots` boots in all, each retry
+/// printed) when the guest kernel itself panics: Debian's kernels sometimes
+/// fault under QEMU 7.2's TCG (a double fault in __kmalloc, a fault in
+/// down_write), during boot as often as under our payload. A payload that
+/// fails is never retried.
+pub fn run_retrying_kernel_panics(kernel: &Kernel, payload: &VmPayload, max_boots: u32) -> Result<VmOutcome> {
+    let mut boots = 0;
+    loop {
+        boots += 1;
+        match run_in_vm(kernel, payload) {
+            Err(e) if e.downcast_ref::<KernelPanicked>().is_some() && boots < max_boots => {
+                println!("  RETRY: the {} kernel panicked under emulation (boot {boots}): {e:#}", kernel.version);
+            }
+            other => return other,
+        }
+    }
+}
+
 pub fn run_in_vm(kernel: &Kernel, payload: &VmPayload) -> Result<VmOutcome> {
     let echo = std::env::var_os("VERDICT_VM_ECHO").is_some_and(|v| v != "0" && !v.is_empty());
     run(kernel, payload, echo)
