@@ -6,14 +6,11 @@
 //! and its lockout state anything but `clear`. Needs root and bpffs; `cargo
 //! xtask test` provides both.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use verdict_agent_tests::{
     agent_process::AgentProcess,
+    pin_dir::PinDir,
     scrape::{Scrape, http_get},
 };
 use verdict_testkit::{
@@ -21,21 +18,9 @@ use verdict_testkit::{
     scenario::{Layout, PolicyVerdict},
 };
 
-/// A pin directory of its own, removed afterwards.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new(name: &str) -> Pins {
-        let p = PathBuf::from(format!("/sys/fs/bpf/verdict-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Pins(p)
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A pin directory of its own per test, removed afterwards.
+fn pins(name: &str) -> PinDir {
+    PinDir::new(&format!("test-{name}"))
 }
 
 fn load(pins: &Path, flow_table_size: u32) -> Replayer {
@@ -80,7 +65,7 @@ fn assert_books_balance(s: &Scrape, verdict: &str) {
 
 #[test]
 fn a_scan_between_two_reads_never_leaves_the_host_reported_clear() {
-    let pins = Pins::new("evidence");
+    let pins = pins("evidence");
     let log = std::env::temp_dir().join("verdict-test-evidence.log");
     let host = HOST.to_string();
     let table = TABLE.to_string();

@@ -13,33 +13,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use verdict_agent_tests::{agent_process::AgentProcess, privileges::PodPrivileges, scrape::http_get};
+use verdict_agent_tests::{agent_process::AgentProcess, pin_dir::PinDir, privileges::PodPrivileges, scrape::http_get};
 use verdict_common::maps::{LAYOUT_VERSION, STATS};
 use verdict_testkit::{
     replay::Replayer,
     scenario::{Layout, PolicyVerdict},
 };
 
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new(name: &str) -> Pins {
-        let p = PathBuf::from(format!("/sys/fs/bpf/verdict-test-pins-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Pins(p)
-    }
-    fn dir(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-    fn map(&self, name: &str) -> PathBuf {
-        self.0.join(LAYOUT_VERSION).join(name)
-    }
+/// One of the agent's pinned maps under `pins`.
+fn pinned_map(pins: &PinDir, name: &str) -> PathBuf {
+    pins.0.join(LAYOUT_VERSION).join(name)
 }
 
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A pin directory of its own per test, removed afterwards.
+fn pins(name: &str) -> PinDir {
+    PinDir::new(&format!("test-pins-{name}"))
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -50,8 +38,8 @@ fn log(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("verdict-test-pins-{name}-{}.log", std::process::id()))
 }
 
-fn args<'a>(pins: &'a Pins, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec!["--tap", "none", "--pin-dir", pins.dir(), "--poll-interval", "100ms"];
+fn args<'a>(pins: &'a PinDir, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["--tap", "none", "--pin-dir", pins.as_str(), "--poll-interval", "100ms"];
     a.extend_from_slice(&["--no-kube", "--no-cilium-api", "--no-events", "--cilium-events-map", "/nonexistent"]);
     a.extend_from_slice(extra);
     a
@@ -99,7 +87,7 @@ fn verdict() -> Vec<u8> {
 
 #[test]
 fn a_second_agent_on_the_same_pins_is_refused_and_names_the_first() {
-    let pins = Pins::new("lock");
+    let pins = pins("lock");
     let first = AgentProcess::start(addr(19100), &args(&pins, &[]), &log("lock")).unwrap();
     let listen = addr(19101).to_string();
     let (code, text) = AgentProcess::run_to_failure(
@@ -110,14 +98,14 @@ fn a_second_agent_on_the_same_pins_is_refused_and_names_the_first() {
     .unwrap();
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("another verdict-agent already uses the pin directory"), "{text}");
-    assert!(text.contains(pins.dir()), "names the directory: {text}");
+    assert!(text.contains(pins.as_str()), "names the directory: {text}");
     assert!(text.contains(&format!("held by pid {}", first.child.id())), "names the holder: {text}");
     assert!(first.stop().unwrap(), "the first agent is unharmed and exits cleanly");
 }
 
 #[test]
 fn an_unreadable_pin_is_an_error_and_its_counts_survive() {
-    let pins = Pins::new("eacces");
+    let pins = pins("eacces");
     let agent = AgentProcess::start(addr(19102), &args(&pins, &[]), &log("eacces")).unwrap();
     let replayer = Replayer::load(&pins.0, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE).unwrap();
     replayer.replay(&verdict()).unwrap();
@@ -126,7 +114,7 @@ fn an_unreadable_pin_is_an_error_and_its_counts_survive() {
     agent.scrape_until(Duration::from_secs(5), |s| s.counted() == 2.0).unwrap();
     assert!(agent.stop().unwrap());
 
-    let stats = pins.map(STATS);
+    let stats = pinned_map(&pins, STATS);
     std::fs::set_permissions(&stats, std::fs::Permissions::from_mode(0o000)).unwrap();
     let listen = addr(19103).to_string();
     let (code, text) = AgentProcess::run_to_failure(
@@ -149,7 +137,7 @@ fn an_unreadable_pin_is_an_error_and_its_counts_survive() {
 
 #[test]
 fn a_reshaped_pin_is_replaced_and_the_log_says_what_was_lost() {
-    let pins = Pins::new("reshape");
+    let pins = pins("reshape");
     let agent = AgentProcess::start(addr(19105), &args(&pins, &["--flow-table-size", "128"]), &log("reshape")).unwrap();
     let replayer = Replayer::load(&pins.0, 128).unwrap();
     for _ in 0..3 {
@@ -170,7 +158,7 @@ fn a_reshaped_pin_is_replaced_and_the_log_says_what_was_lost() {
 
 #[test]
 fn a_pin_directory_removed_under_the_agent_fails_healthz_and_is_logged_once() {
-    let pins = Pins::new("vanish");
+    let pins = pins("vanish");
     let agent = AgentProcess::start(addr(19107), &args(&pins, &[]), &log("vanish")).unwrap();
     assert_eq!(http_get(agent.addr, "/healthz").unwrap().0, 200);
     std::fs::remove_dir_all(&pins.0).unwrap();
@@ -187,5 +175,5 @@ fn a_pin_directory_removed_under_the_agent_fails_healthz_and_is_logged_once() {
     std::thread::sleep(Duration::from_secs(1));
     let text = plain(&agent.log_text());
     assert_eq!(text.matches("pinned maps were removed").count(), 1, "logged exactly once: {text}");
-    assert!(text.contains(&Path::new(pins.dir()).join(LAYOUT_VERSION).display().to_string()), "{text}");
+    assert!(text.contains(&Path::new(pins.as_str()).join(LAYOUT_VERSION).display().to_string()), "{text}");
 }

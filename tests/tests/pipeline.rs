@@ -2,14 +2,10 @@
 //! BPF_PROG_TEST_RUN (the testkit's replay entry feeds the same accounting core as the
 //! tap, on the maps a `--tap none` agent pins and reads). Needs root and bpffs; `cargo xtask test` provides both.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use verdict_agent::bpf::snapshot::{CountingMaps, MapSnapshot};
-use verdict_agent_tests::{agent_process::AgentProcess, scrape::Scrape};
+use verdict_agent_tests::{agent_process::AgentProcess, pin_dir::PinDir, scrape::Scrape};
 use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, FlowKey, STATS, Stat};
 use verdict_testkit::{
     replay::{Replayer, replay_with},
@@ -17,20 +13,8 @@ use verdict_testkit::{
 };
 
 /// A pin directory of its own per test, removed afterwards.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new(name: &str) -> Pins {
-        let p = PathBuf::from(format!("/sys/fs/bpf/verdict-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Pins(p)
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn pins(name: &str) -> PinDir {
+    PinDir::new(&format!("test-{name}"))
 }
 
 fn load(pins: &Path, flow_table_size: u32) -> Replayer {
@@ -84,7 +68,7 @@ fn drop_v1(size: usize, endpoint: u16, dst_id: u32) -> Vec<u8> {
 
 #[test]
 fn every_layout_is_counted_exactly() {
-    let pins = Pins::new("layouts");
+    let pins = pins("layouts");
     let p = load(&pins.0, 1024);
     let mut p3_ext = verdict(Layout::V1_19, 13, 443, 0, false).encode();
     p3_ext[15] = 1; // ext_version: a downstream extension follows
@@ -160,7 +144,7 @@ fn every_layout_is_counted_exactly() {
 
 #[test]
 fn malformed_and_foreign_input_is_counted_and_changes_no_flow() {
-    let pins = Pins::new("malformed");
+    let pins = pins("malformed");
     let p = load(&pins.0, 1024);
     replay_with(p.ebpf(), &verdict(Layout::V1_19, 30, 80, 0, false).encode(), 1).unwrap();
     let before = snapshot(&p);
@@ -222,7 +206,7 @@ fn assert_monotonic(old: &Scrape, new: &Scrape) {
 
 #[test]
 fn lru_eviction_never_makes_an_exported_counter_go_down() {
-    let pins = Pins::new("evict");
+    let pins = pins("evict");
     let log = std::env::temp_dir().join("verdict-test-evict.log");
     let agent = AgentProcess::start(
         addr(19981),
@@ -268,7 +252,7 @@ fn lru_eviction_never_makes_an_exported_counter_go_down() {
 
 #[test]
 fn restart_continues_the_counts() {
-    let pins = Pins::new("restart");
+    let pins = pins("restart");
     let args = ["--tap", "none", "--pin-dir", pins.0.to_str().unwrap(), "--poll-interval", "100ms"];
     let log = std::env::temp_dir().join("verdict-test-restart.log");
 
@@ -299,7 +283,7 @@ fn restart_continues_the_counts() {
 
 #[test]
 fn flows_api_matches_the_maps() {
-    let pins = Pins::new("api");
+    let pins = pins("api");
     let log = std::env::temp_dir().join("verdict-test-api.log");
     let agent = AgentProcess::start(
         addr(19983),

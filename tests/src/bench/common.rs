@@ -5,7 +5,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener},
-    path::{Path, PathBuf},
+    path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -52,26 +52,7 @@ impl Machine {
     }
 }
 
-/// A bpffs directory of this run, removed on drop.
-pub struct PinDir(pub PathBuf);
-
-impl PinDir {
-    pub fn new(part: &str) -> PinDir {
-        let p = PathBuf::from(format!("/sys/fs/bpf/verdict-bench-{part}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        PinDir(p)
-    }
-
-    pub fn as_str(&self) -> &str {
-        self.0.to_str().unwrap_or_default()
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use crate::pin_dir::PinDir;
 
 /// The testkit's replay object on the agent's counting maps (pinned,
 /// shared with a running `--tap none` agent using the same pin directory

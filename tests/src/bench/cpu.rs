@@ -29,7 +29,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let scrape_every = if quick { Duration::from_secs(1) } else { Duration::from_secs(5) };
     let poll = "1s";
 
-    let pins = PinDir::new("cpu");
+    let pins = PinDir::new("bench-cpu");
     let agent = start_agent(&pins, FLOW_TABLE, &["--poll-interval", poll], "cpu")?;
     let pid = agent.child.id();
     let bench = Bench::load(&pins.0, FLOW_TABLE, &[])?;

@@ -46,7 +46,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let distinct: u32 = if quick { 5_000 } else { 40_000 };
     progress!("kernel: hot flow, {rounds} rounds of {repeat} repetitions, interleaved with the empty program");
 
-    let pins = PinDir::new("kernel");
+    let pins = PinDir::new("bench-kernel");
     let mut bench = load_bench(&pins, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE)?;
     // Cilium's rings: open on every CPU, never read (they fill, then refuse).
     let events = bench.pipeline.ebpf_mut().take_map("BENCH_EVENTS").context("map BENCH_EVENTS missing")?;
@@ -79,7 +79,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     drop(pins);
 
     progress!("kernel: new flows into a full 1024-entry table");
-    let pins = PinDir::new("kernel-full");
+    let pins = PinDir::new("bench-kernel-full");
     let bench = load_bench(&pins, 1024)?;
     let (empty, replay, tap) = (bench.prog(EMPTY)?, bench.prog(REPLAY)?, bench.prog(TAP)?);
     for i in 0..4096 {

@@ -302,7 +302,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let step_time = if quick { Duration::from_secs(1) } else { Duration::from_secs(4) };
     let fair_step_time = if quick { Duration::from_secs(1) } else { Duration::from_secs(3) };
 
-    let pins = PinDir::new("race");
+    let pins = PinDir::new("bench-race");
     let agent = start_agent(&pins, FLOW_TABLE, &["--poll-interval", "250ms"], "race")?;
     let mut bench = Bench::load(&pins.0, FLOW_TABLE, &[REPLAY_AND_EMIT])?;
     let inputs: Vec<Vec<u8>> = (0..64).map(notification).collect();

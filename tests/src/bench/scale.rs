@@ -55,7 +55,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let flows: u32 = if quick { 10_000 } else { 100_000 };
     let scrapes = if quick { 5 } else { 20 };
     let idle = Duration::from_secs(if quick { 5 } else { 20 });
-    let pins = PinDir::new("scale");
+    let pins = PinDir::new("bench-scale");
     progress!("scale: creating {flows} flows through the replay entry");
     let bench = Bench::load(&pins.0, FLOW_TABLE, &[])?;
     let replay = bench.prog(REPLAY)?;

@@ -104,7 +104,7 @@ pub struct Outcome {
 }
 
 pub fn run(report: &mut Report, seconds: u64) -> Result<Outcome> {
-    let pins = PinDir::new("soak");
+    let pins = PinDir::new("bench-soak");
     progress!("soak: {seconds} s at {RATE_PER_S}/s, SIGKILL at {} s", seconds / 2);
     let mut agent = Some(start_agent(&pins, FLOW_TABLE, AGENT_ARGS, "soak")?);
     let bench = Bench::load(&pins.0, FLOW_TABLE, &[REPLAY_AND_EMIT])?;
