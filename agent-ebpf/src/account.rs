@@ -4,26 +4,29 @@
 //! classifier (`verdict_common::classify`, the same code the userspace
 //! decoders run) decides whether the bytes are a policy verdict or a policy
 //! drop in a layout some Cilium release has emitted, and this module adds
-//! them to the endpoint totals and the flow table. Anything else ends as exactly one [`Stat`] outcome, never as
-//! a flow. Every program (fentry, kprobe, replay) calls it the same way.
+//! them to the endpoint totals and to the flow table or, for world probes of
+//! the host on non-critical ports, the world-port table (layouts and the
+//! no-eviction-of-unread-counts rule: `verdict_common::flow_table`).
+//! Anything else ends as exactly one [`Stat`] outcome, never as a flow.
+//! Every program (fentry, kprobe, replay) calls it the same way.
 //!
 //! Counters are per-CPU and updated without atomics: the tap runs in the
 //! context of the tc program that emitted the notification, with bottom
 //! halves disabled, so nothing else on this CPU touches the same slot.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_get_smp_processor_id;
 pub use verdict_common::classify::Notification;
 use verdict_common::{
     cilium::{direction, notify_type},
     classify::{Accounted, classify},
-    maps::{EndpointCounters, FlowCounters, MAX_ENDPOINTS, Stat},
+    flow_table::{
+        BUCKET_WAYS, FlowConfig, bucket_of, is_critical_port, is_world_identity, key_tag, key_words, reused_word,
+        world_port_kind, world_port_proto_index,
+    },
+    maps::{EndpointCounters, MAX_ENDPOINTS, OVERFLOW_POLICY_DROP, Stat},
 };
 
-use crate::maps::{ENDPOINT_COUNTERS, FLOWS, STATS};
-
-/// `BPF_NOEXIST`: create the flow only if no other CPU just did.
-const BPF_NOEXIST: u64 = 1;
-const EEXIST: i32 = 17;
+use crate::maps::{ENDPOINT_COUNTERS, FLOW_CONFIG, FLOW_TABLE, STATS, WORLD_PORTS};
 
 /// Adds one to the outcome counter `stat`.
 #[inline(always)]
@@ -50,54 +53,157 @@ pub fn account(buf: &Notification, len: usize) {
 
 #[inline(always)]
 fn record(decision: &Accounted) {
-    // SAFETY: plain helper call, no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let key = &decision.key;
+    let config = FLOW_CONFIG.get(0);
+    let epoch = match config {
+        Some(c) => c.epoch as u64,
+        None => 0,
+    };
+    let drop = key.notify_type == notify_type::DROP;
+    let slot = if key.direction == direction::INGRESS { 0 } else { 1 };
+    let class = if drop { OVERFLOW_POLICY_DROP } else { (key.class & 3) as usize };
 
     let endpoint = key.endpoint_id as u32;
-    if endpoint < MAX_ENDPOINTS {
-        if let Some(totals) = ENDPOINT_COUNTERS.get_ptr_mut(endpoint) {
-            // SAFETY: this CPU's slot, see the module comment.
-            let totals: &mut EndpointCounters = unsafe { &mut *totals };
-            let slot = if key.direction == direction::INGRESS { 0 } else { 1 };
-            if key.notify_type == notify_type::DROP {
-                totals.policy_drops[slot] += 1;
-            } else {
-                totals.verdicts[slot][(key.class & 3) as usize] += 1;
-            }
-            if totals.first_seen_ns == 0 {
-                totals.first_seen_ns = now;
-            }
-            totals.last_seen_ns = now;
-        }
+    let totals: Option<&mut EndpointCounters> = if endpoint < MAX_ENDPOINTS {
+        // SAFETY: this CPU's slot, see the module comment.
+        ENDPOINT_COUNTERS.get_ptr_mut(endpoint).map(|t| unsafe { &mut *t })
     } else {
         count(Stat::EndpointOutOfRange);
-    }
-
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: this CPU's value of a live entry.
-        add(unsafe { &mut *flow }, decision.bytes, now);
+        None
+    };
+    let Some(totals) = totals else {
+        // No endpoint total to keep exact: the flow alone carries it.
+        if let Some(c) = config
+            && let Err(stat) = store_flow(c, decision, epoch)
+        {
+            count(stat);
+        }
         return;
+    };
+    if drop {
+        totals.policy_drops[slot] += 1;
+    } else {
+        totals.verdicts[slot][class & 3] += 1;
     }
-    let fresh = FlowCounters { notifications: 1, bytes: decision.bytes, first_seen_ns: now, last_seen_ns: now };
-    match FLOWS.insert(key, &fresh, BPF_NOEXIST) {
-        Ok(()) => count(Stat::FlowsCreated),
-        // Another CPU created it between our lookup and insert.
-        Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
-            // SAFETY: as above.
-            Some(flow) => add(unsafe { &mut *flow }, decision.bytes, now),
-            None => count(Stat::FlowUpdateFailed),
-        },
-        Err(_) => count(Stat::FlowUpdateFailed),
+    totals.notifications += 1;
+    if totals.first_seen_s == 0 {
+        totals.first_seen_s = epoch;
+    }
+    totals.last_seen_s = epoch;
+
+    let stored = match config {
+        Some(c) => store_flow(c, decision, epoch),
+        None => Err(Stat::FlowTableUnavailable),
+    };
+    if let Err(stat) = stored {
+        totals.overflow[slot][class] += 1;
+        count(stat);
     }
 }
 
+/// `*counter += value` as one BPF atomic add (`BPF_XADD`, every kernel the
+/// agent supports); core's atomics offer no read-modify-write on this target.
+///
+/// # Safety
+/// `counter` points to a live, 8-byte aligned u64 in a map value.
 #[inline(always)]
-fn add(flow: &mut FlowCounters, bytes: u64, now: u64) {
-    flow.notifications += 1;
-    flow.bytes += bytes;
-    if flow.first_seen_ns == 0 {
-        flow.first_seen_ns = now;
+unsafe fn atomic_add(counter: *mut u64, value: u64) {
+    // SAFETY: the caller's promise; the instruction only adds.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({counter} + 0) += {value}",
+            counter = in(reg) counter,
+            value = in(reg) value,
+            options(nostack, preserves_flags),
+        )
+    };
+}
+
+/// Counts the notification in the world-port table or the flow table.
+#[inline(always)]
+fn store_flow(config: &FlowConfig, decision: &Accounted, epoch: u64) -> Result<(), Stat> {
+    let key = &decision.key;
+    if key.direction == direction::INGRESS
+        && key.endpoint_id as u32 == config.host_endpoint_id
+        && is_world_identity(key.remote_identity)
+        && key.notify_type != notify_type::DROP
+        && let Some(proto) = world_port_proto_index(key.proto)
+        && !is_critical_port(config, proto, key.dst_port)
+        && let Some(kind) = world_port_kind(key.class, key.match_type)
+    {
+        let index = (proto as u32) << 16 | key.dst_port as u32;
+        if let Some(port) = WORLD_PORTS.get_ptr_mut(index) {
+            // SAFETY: a live array element; every CPU adds to it, so the
+            // count is added atomically; the epochs are plain stores (the
+            // latest writer wins, any of them is right to a second).
+            unsafe {
+                atomic_add(&raw mut (*port).counts[kind], 1);
+                if key.match_type != 0 {
+                    (*port).audited_match_type = key.match_type;
+                }
+                if (*port).first_epoch == 0 {
+                    (*port).first_epoch = epoch as u32;
+                }
+                (*port).last_epoch = epoch as u32;
+            }
+            count(Stat::WorldPort);
+            return Ok(());
+        }
     }
-    flow.last_seen_ns = now;
+
+    // SAFETY: plain helper call, no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if cpu >= config.cpu_shards || config.buckets_per_cpu == 0 {
+        return Err(Stat::FlowTableUnavailable);
+    }
+    let words = key_words(key);
+    let index = cpu * config.buckets_per_cpu + bucket_of(words, config.buckets_per_cpu);
+    let Some(bucket) = FLOW_TABLE.get_ptr_mut(index) else {
+        return Err(Stat::FlowTableUnavailable);
+    };
+    // SAFETY: a bucket of this CPU's shard: only this CPU's programs write
+    // it (userspace writes only `acks`, which this code only reads).
+    let bucket = unsafe { &mut *bucket };
+
+    let mut free = BUCKET_WAYS;
+    let mut free_epoch = u32::MAX;
+    for i in 0..BUCKET_WAYS {
+        if bucket.keys[i] == words {
+            let c = &mut bucket.counts[i];
+            c.tagged_notifications += 1;
+            c.bytes += decision.bytes;
+            c.last_epoch = epoch as u32;
+            return Ok(());
+        }
+        // Reusable: every count of the slot has been read. The oldest wins.
+        if bucket.counts[i].tagged_notifications == bucket.acks[i].tagged_notifications
+            && bucket.counts[i].last_epoch < free_epoch
+        {
+            free = i;
+            free_epoch = bucket.counts[i].last_epoch;
+        }
+    }
+    if free >= BUCKET_WAYS {
+        return Err(Stat::FlowTableFull);
+    }
+    let acked = bucket.acks[free].tagged_notifications;
+    let reused = bucket.keys[free] != [0, 0];
+    // The key before the counter word: a reader that sees the new count
+    // (it reads the word first) finds the key it belongs to, or a key whose
+    // tag does not match, which it skips.
+    // SAFETY: in-bounds places of this CPU's bucket.
+    unsafe {
+        core::ptr::write_volatile(&raw mut bucket.keys[free], words);
+        let c = &mut bucket.counts[free];
+        core::ptr::write_volatile(&raw mut c.tagged_notifications, reused_word(key_tag(words), acked));
+    }
+    let c = &mut bucket.counts[free];
+    c.bytes += decision.bytes;
+    c.first_epoch = epoch as u32;
+    c.last_epoch = epoch as u32;
+    count(Stat::FlowsCreated);
+    if reused {
+        count(Stat::FlowSlotsReused);
+    }
+    Ok(())
 }

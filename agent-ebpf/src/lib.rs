@@ -10,6 +10,10 @@
 //! On the host target this crate is empty: it exists there only so the
 //! userspace crate can depend on it from `build.rs`.
 #![no_std]
+// The one BPF atomic add (`account::atomic_add`) is inline assembly, still
+// unstable on this architecture; the inner BPF build runs with
+// RUSTC_BOOTSTRAP=1 already (see `agent/build.rs`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 pub mod account;

@@ -430,6 +430,7 @@ pub fn aggregate(verdicts: &[CapturedVerdict], fallback_time: SystemTime) -> (Ve
             first_seen: time,
             last_seen: time,
             remote_addrs: BTreeSet::new(),
+            port_aggregate: None,
         };
         let key = FlowKey::from(&rec);
         let f = flows.entry(key).or_insert(rec);

@@ -194,7 +194,7 @@ async fn flows(State(s): State<HttpState>, Query(q): Query<FlowQuery>) -> Respon
     }
     let (tap, read_at, all) = {
         let view = s.view.read().unwrap_or_else(|e| e.into_inner());
-        (view.tap.as_str().to_string(), view.snapshot.as_ref().map(|s| s.clock.taken_at()), view.flows.clone())
+        (view.tap.as_str().to_string(), view.snapshot.as_ref().map(|s| s.taken_at), view.flows.clone())
     };
     let mut matching: Vec<&FlowRecord> = all
         .iter()

@@ -1,28 +1,42 @@
-//! Keeping exported flow counters monotonic while the kernel's LRU flow
-//! table evicts and re-creates entries.
+//! Flow totals from the kernel's reads, kept across slot reuse, restarts
+//! and the world-port table.
 //!
-//! Each read of the flow table is compared with the previous one. A flow
-//! that disappeared was evicted; a flow whose first-seen time changed, or
-//! whose count went down, was evicted and created again. In both cases the
-//! last count read is added to the flow's *base*, and the exported value is
-//! base + current count, so it never decreases. Notifications that arrived
-//! between the last read and the eviction are not in the flow (they are in
-//! the endpoint totals, which never evict): the ledger counts them as lost
-//! evidence per endpoint, direction and class (`crate::unattributed`). Dead flows are kept up to a
-//! bound, then folded into per-label-set aggregates, which is all that
+//! The kernel's flow table never drops a count nobody has read
+//! (`verdict_common::flow_table`): each read hands over, per occupied slot,
+//! what the slot counted since the last acknowledged read, and the ledger
+//! adds it to the flow's totals, which therefore never decrease. A flow no
+//! slot holds any more is *dead*: its totals stay, up to a bound, then are
+//! folded into per-label-set aggregates, which is all that
 //! `verdict_agent_policy_verdicts_total` needs.
+//!
+//! World verdicts to the host on non-critical ports come from the
+//! world-port table as absolute counts per port and kind; the ledger keeps
+//! one record per port and kind (flag `FLOW_FLAG_WORLD_PORT`) and takes the
+//! growth. It also judges each such port by behaviour
+//! ([`crate::scan_behaviour`]): a port that only ever grew inside a burst of
+//! many ports from world is scan noise however often the scanner returns.
+//!
+//! Whatever the endpoint totals hold beyond what the ledger attributed is
+//! lost evidence per endpoint, direction and class (`crate::unattributed`).
 
 use std::{
     collections::{HashMap, HashSet},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use verdict_common::maps::{FlowKey, LEDGER_AGGREGATE_MARK, LedgerRecord, VerdictClass};
+use verdict_common::{
+    cilium::{direction, notify_type},
+    flow_table::world_port_kind_parts,
+    maps::{
+        FLOW_FLAG_WORLD_PORT, FlowKey, LEDGER_AGGREGATE_MARK, LEDGER_FLAG_SERVICE_LIKE, LedgerRecord, VerdictClass,
+    },
+};
 
 use crate::{
-    bpf::snapshot::{FlowTotals, MapSnapshot},
-    model::{Direction, FlowRecord, NotifySource, Verdict},
+    bpf::snapshot::{MapSnapshot, epoch_time},
+    model::{Direction, FlowRecord, NotifySource, PortAggregate, Verdict},
     readiness_totals::{self, ReadinessTotals},
+    scan_behaviour::ScanBehaviour,
     unattributed::{ClassKey, LostEvidence, Unattributed},
 };
 
@@ -69,21 +83,20 @@ impl Totals {
 
 #[derive(Clone, Debug, PartialEq)]
 struct Entry {
-    /// Counts of earlier incarnations of this flow.
-    base: Totals,
-    /// The kernel's counters at the latest read (zero while evicted).
-    observed: FlowTotals,
+    totals: Totals,
+    /// A kernel slot held the flow at the latest read.
     live: bool,
     first_seen: SystemTime,
     last_seen: SystemTime,
 }
 
 impl Entry {
+    fn new(at: SystemTime) -> Entry {
+        Entry { totals: Totals::default(), live: true, first_seen: at, last_seen: at }
+    }
+
     fn totals(&self) -> Totals {
-        Totals {
-            notifications: self.base.notifications + self.observed.notifications,
-            bytes: self.base.bytes + self.observed.bytes,
-        }
+        self.totals
     }
 }
 
@@ -105,6 +118,8 @@ pub struct FlowLedger {
     /// The readiness engine's counters, stored here so they survive a restart.
     readiness_totals: ReadinessTotals,
     readiness_changed: Vec<(crate::readiness_totals::ReadinessCounter, u64)>,
+    /// World ports judged by how they grew.
+    scan: ScanBehaviour,
 }
 
 impl FlowLedger {
@@ -121,6 +136,7 @@ impl FlowLedger {
             unattributed: Unattributed::default(),
             readiness_totals: ReadinessTotals::new(),
             readiness_changed: Vec::new(),
+            scan: ScanBehaviour::default(),
         }
     }
 
@@ -146,16 +162,13 @@ impl FlowLedger {
             if !live {
                 ledger.dead += 1;
             }
+            if key.flags & FLOW_FLAG_WORLD_PORT != 0 && r.flags & LEDGER_FLAG_SERVICE_LIKE != 0 {
+                ledger.scan.restore_service_like(key.proto, key.dst_port);
+            }
             ledger.entries.insert(
                 key,
                 Entry {
-                    base: Totals { notifications: r.base_notifications, bytes: r.base_bytes },
-                    observed: FlowTotals {
-                        notifications: r.observed_notifications,
-                        bytes: r.observed_bytes,
-                        first_seen_ns: r.incarnation_first_seen_ns,
-                        last_seen_ns: 0,
-                    },
+                    totals: Totals { notifications: r.base_notifications, bytes: r.base_bytes },
                     live,
                     first_seen: UNIX_EPOCH + Duration::from_nanos(r.first_seen_unix_ns),
                     last_seen: UNIX_EPOCH + Duration::from_nanos(r.last_seen_unix_ns),
@@ -167,8 +180,9 @@ impl FlowLedger {
 
     /// Records to persist and keys to delete since the last call.
     pub fn take_changes(&mut self) -> (Vec<(FlowKey, LedgerRecord)>, Vec<FlowKey>) {
+        let scan = &self.scan;
         let mut out: Vec<(FlowKey, LedgerRecord)> =
-            self.changed.drain().filter_map(|k| self.entries.get(&k).map(|e| (k, record_of(e)))).collect();
+            self.changed.drain().filter_map(|k| self.entries.get(&k).map(|e| (k, record_of(&k, e, scan)))).collect();
         for agg in self.changed_aggregates.drain() {
             if let Some(t) = self.retired.get(&agg) {
                 out.push((
@@ -186,53 +200,34 @@ impl FlowLedger {
         (out, std::mem::take(&mut self.removed))
     }
 
-    /// Takes one read of the flow table into account.
+    /// Takes one read of the counting maps into account.
     pub fn update(&mut self, snapshot: &MapSnapshot) {
-        let clock = snapshot.clock;
-        let mut seen: HashMap<FlowKey, ()> = HashMap::with_capacity(snapshot.flows.len());
-        for (key, cur) in &snapshot.flows {
-            seen.insert(*key, ());
-            let first = clock.to_wall(cur.first_seen_ns);
-            let last = clock.to_wall(cur.last_seen_ns);
-            match self.entries.get_mut(key) {
-                None => {
-                    self.changed.insert(*key);
-                    self.entries.insert(
-                        *key,
-                        Entry {
-                            base: Totals::default(),
-                            observed: *cur,
-                            live: true,
-                            first_seen: first,
-                            last_seen: last,
-                        },
-                    );
-                }
-                Some(e) => {
-                    let recreated = cur.first_seen_ns != e.observed.first_seen_ns
-                        || cur.notifications < e.observed.notifications
-                        || cur.bytes < e.observed.bytes;
-                    if e.live && recreated {
-                        e.base.add(e.observed.notifications, e.observed.bytes);
-                        self.evictions_observed += 1;
-                    }
-                    if !e.live {
-                        self.dead -= 1;
-                    }
-                    if !e.live || e.observed != *cur {
-                        self.changed.insert(*key);
-                    }
-                    e.observed = *cur;
-                    e.live = true;
-                    e.first_seen = e.first_seen.min(first);
-                    e.last_seen = e.last_seen.max(last);
-                }
+        let at = snapshot.taken_at;
+        let mut seen: HashSet<FlowKey> = HashSet::with_capacity(snapshot.flows.len());
+        for slot in &snapshot.flows {
+            let key = slot.key;
+            seen.insert(key);
+            let first = epoch_time(slot.first_seen_s as u64, at);
+            let last = epoch_time(slot.last_seen_s as u64, at);
+            let e = self.entries.entry(key).or_insert_with(|| {
+                self.changed.insert(key);
+                Entry::new(first)
+            });
+            if !e.live {
+                e.live = true;
+                self.dead -= 1;
+                self.changed.insert(key);
+            }
+            if slot.notifications > 0 || slot.bytes > 0 {
+                e.totals.add(slot.notifications, slot.bytes);
+                e.first_seen = e.first_seen.min(first);
+                e.last_seen = e.last_seen.max(last);
+                self.changed.insert(key);
             }
         }
+        self.update_world_ports(snapshot, &mut seen);
         for (key, e) in self.entries.iter_mut() {
-            if e.live && !seen.contains_key(key) {
-                e.base.add(e.observed.notifications, e.observed.bytes);
-                e.observed = FlowTotals::default();
+            if e.live && !seen.contains(key) {
                 e.live = false;
                 self.dead += 1;
                 self.evictions_observed += 1;
@@ -241,7 +236,52 @@ impl FlowLedger {
         }
         self.fold_oldest_dead();
         let attributed = self.attributed();
-        self.unattributed.update(&snapshot.endpoints, &attributed, snapshot.clock.taken_at());
+        self.unattributed.update(&snapshot.endpoints, &attributed, at);
+    }
+
+    /// The world-port table: one record per port and kind, on the host
+    /// endpoint it counts for, growing with the kernel's absolute count.
+    fn update_world_ports(&mut self, snapshot: &MapSnapshot, seen: &mut HashSet<FlowKey>) {
+        let Some(host) = snapshot.world_ports_endpoint else { return };
+        let at = snapshot.taken_at;
+        let mut grown: Vec<(u8, u16, u64)> = Vec::new();
+        for port in &snapshot.world_ports {
+            let mut port_growth = 0;
+            for (kind, &count) in port.counts.iter().enumerate() {
+                if count == 0 {
+                    continue;
+                }
+                let (class, match_none) = world_port_kind_parts(kind);
+                let match_type = if match_none { 0 } else { port.audited_match_type.max(1) };
+                let key = world_port_key(host, port.proto, port.port, class, match_type);
+                seen.insert(key);
+                let e = self.entries.entry(key).or_insert_with(|| {
+                    self.changed.insert(key);
+                    Entry::new(epoch_time(port.first_seen_s as u64, at))
+                });
+                if !e.live {
+                    e.live = true;
+                    self.dead -= 1;
+                    self.changed.insert(key);
+                }
+                let growth = count.saturating_sub(e.totals.notifications);
+                if growth > 0 {
+                    e.totals.add(growth, 0);
+                    e.last_seen = e.last_seen.max(epoch_time(port.last_seen_s as u64, at));
+                    self.changed.insert(key);
+                    port_growth += growth;
+                }
+            }
+            if port_growth > 0 {
+                grown.push((port.proto, port.port, port_growth));
+            }
+        }
+        for (proto, port) in self.scan.observe(&grown, at) {
+            // A port newly judged real use: persist the judgement.
+            for e in self.entries.keys().filter(|k| is_world_port_of(k, proto, port)) {
+                self.changed.insert(*e);
+            }
+        }
     }
 
     /// Notifications attributed to flows (live, evicted or folded) per
@@ -317,7 +357,7 @@ impl FlowLedger {
 
     /// Every flow still known individually, live or evicted.
     pub fn records(&self) -> Vec<FlowRecord> {
-        let mut out: Vec<FlowRecord> = self.entries.iter().filter_map(|(k, e)| to_record(k, e)).collect();
+        let mut out: Vec<FlowRecord> = self.entries.iter().filter_map(|(k, e)| to_record(k, e, &self.scan)).collect();
         out.sort_by(|a, b| {
             (a.endpoint_id, a.direction, a.remote_identity, a.proto, a.dst_port, a.verdict).cmp(&(
                 b.endpoint_id,
@@ -344,17 +384,38 @@ fn unix_ns(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-fn record_of(e: &Entry) -> LedgerRecord {
+fn record_of(key: &FlowKey, e: &Entry, scan: &ScanBehaviour) -> LedgerRecord {
+    let service_like = key.flags & FLOW_FLAG_WORLD_PORT != 0 && scan.service_like(key.proto, key.dst_port);
     LedgerRecord {
-        base_notifications: e.base.notifications,
-        base_bytes: e.base.bytes,
-        observed_notifications: e.observed.notifications,
-        observed_bytes: e.observed.bytes,
-        incarnation_first_seen_ns: e.observed.first_seen_ns,
+        base_notifications: e.totals.notifications,
+        base_bytes: e.totals.bytes,
+        flags: if service_like { LEDGER_FLAG_SERVICE_LIKE } else { 0 },
         first_seen_unix_ns: unix_ns(e.first_seen),
         last_seen_unix_ns: unix_ns(e.last_seen),
         live: e.live as u64,
+        ..Default::default()
     }
+}
+
+/// The ledger key of one port and kind of the world-port table.
+pub fn world_port_key(host: u16, proto: u8, port: u16, class: VerdictClass, match_type: u8) -> FlowKey {
+    FlowKey {
+        endpoint_id: host,
+        dst_port: port,
+        remote_identity: verdict_common::classify::WORLD_IDENTITY,
+        proto,
+        direction: direction::INGRESS,
+        class: class as u8,
+        match_type,
+        notify_type: notify_type::POLICY_VERDICT,
+        reason: 0,
+        flags: FLOW_FLAG_WORLD_PORT,
+        _pad: 0,
+    }
+}
+
+fn is_world_port_of(key: &FlowKey, proto: u8, port: u16) -> bool {
+    key.flags & FLOW_FLAG_WORLD_PORT != 0 && key.proto == proto && key.dst_port == port && key._pad == 0
 }
 
 /// The ledger key holding an aggregate's folded totals.
@@ -372,7 +433,7 @@ fn aggregate_key(a: &AggregateKey) -> FlowKey {
     }
 }
 
-fn to_record(key: &FlowKey, e: &Entry) -> Option<FlowRecord> {
+fn to_record(key: &FlowKey, e: &Entry, scan: &ScanBehaviour) -> Option<FlowRecord> {
     let t = e.totals();
     Some(FlowRecord {
         endpoint_id: key.endpoint_id,
@@ -382,7 +443,7 @@ fn to_record(key: &FlowKey, e: &Entry) -> Option<FlowRecord> {
         dst_port: key.dst_port,
         verdict: Verdict::from(VerdictClass::from_u8(key.class)?),
         match_type: key.match_type,
-        source: if key.notify_type == verdict_common::cilium::notify_type::DROP {
+        source: if key.notify_type == notify_type::DROP {
             NotifySource::PolicyDrop
         } else {
             NotifySource::PolicyVerdict
@@ -394,19 +455,21 @@ fn to_record(key: &FlowKey, e: &Entry) -> Option<FlowRecord> {
         first_seen: e.first_seen,
         last_seen: e.last_seen,
         remote_addrs: Default::default(),
+        port_aggregate: (key.flags & FLOW_FLAG_WORLD_PORT != 0)
+            .then(|| PortAggregate { scan_only: !scan.service_like(key.proto, key.dst_port) }),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bpf::snapshot::KernelClock;
+    use crate::bpf::flow_table::{FlowRead, WorldPortRead};
 
     fn key(port: u16) -> FlowKey {
         FlowKey {
             endpoint_id: 7,
             dst_port: port,
-            remote_identity: 2,
+            remote_identity: 6,
             proto: 6,
             direction: 1,
             class: 2,
@@ -415,54 +478,55 @@ mod tests {
         }
     }
 
-    fn snap(flows: &[(u16, u64, u64)]) -> MapSnapshot {
+    /// A read: (port, notifications since the last read) per occupied slot.
+    fn snap(slots: &[(u16, u64)]) -> MapSnapshot {
         MapSnapshot {
-            clock: KernelClock::now(),
-            endpoints: vec![],
-            live_flows: flows.len(),
-            flows: flows
+            live_flows: slots.len(),
+            flows: slots
                 .iter()
-                .map(|&(port, n, first)| {
-                    (
-                        key(port),
-                        FlowTotals { notifications: n, bytes: n * 60, first_seen_ns: first, last_seen_ns: first + n },
-                    )
+                .map(|&(port, n)| FlowRead {
+                    key: key(port),
+                    notifications: n,
+                    bytes: n * 60,
+                    first_seen_s: 1_800_000_000,
+                    last_seen_s: 1_800_000_000,
                 })
                 .collect(),
-            stats: Default::default(),
-            read_duration: Default::default(),
+            ..MapSnapshot::empty()
         }
     }
 
     fn total(l: &FlowLedger, port: u16) -> u64 {
-        l.records().iter().find(|r| r.dst_port == port).map(|r| r.notifications).unwrap_or(0)
+        l.records()
+            .iter()
+            .find(|r| r.dst_port == port && r.port_aggregate.is_none())
+            .map(|r| r.notifications)
+            .unwrap_or(0)
     }
 
     #[test]
-    fn eviction_keeps_the_count() {
+    fn counts_add_up_across_reads_and_slot_reuse() {
         let mut l = FlowLedger::new(100);
-        l.update(&snap(&[(22, 5, 100), (443, 3, 100)]));
-        l.update(&snap(&[(443, 4, 100)])); // 22 evicted
+        l.update(&snap(&[(22, 5), (443, 3)]));
+        l.update(&snap(&[(443, 1)])); // 22's slot reused after its counts were read
         assert_eq!(total(&l, 22), 5);
         assert_eq!(l.evictions_observed(), 1);
-        l.update(&snap(&[(22, 2, 900), (443, 4, 100)])); // 22 re-created
-        assert_eq!(total(&l, 22), 7);
-        assert_eq!(total(&l, 443), 4);
+        l.update(&snap(&[(22, 2), (443, 0)])); // 22 back, in another slot
+        assert_eq!((total(&l, 22), total(&l, 443)), (7, 4));
     }
 
     #[test]
-    fn recreation_between_reads_is_detected_by_first_seen() {
+    fn a_flow_on_two_cpus_sums_its_slots() {
         let mut l = FlowLedger::new(100);
-        l.update(&snap(&[(22, 5, 100)]));
-        // Evicted and re-created between two reads, already past the old count.
-        l.update(&snap(&[(22, 9, 500)]));
-        assert_eq!(total(&l, 22), 14);
+        l.update(&snap(&[(22, 5), (22, 2)]));
+        l.update(&snap(&[(22, 1)])); // one CPU's slot reused, the other grew
+        assert_eq!(total(&l, 22), 8);
     }
 
     #[test]
     fn folded_dead_flows_stay_in_the_aggregates() {
         let mut l = FlowLedger::new(1);
-        l.update(&snap(&[(1, 1, 10), (2, 2, 10), (3, 3, 10)]));
+        l.update(&snap(&[(1, 1), (2, 2), (3, 3)]));
         l.update(&snap(&[]));
         assert_eq!(l.len(), 1, "only one dead flow kept individually");
         let agg: u64 = l.aggregates().values().map(|t| t.notifications).sum();
@@ -470,17 +534,15 @@ mod tests {
     }
 
     #[test]
-    fn a_restored_ledger_continues_across_evictions_while_down() {
+    fn a_restored_ledger_continues() {
         let mut l = FlowLedger::new(1);
-        l.update(&snap(&[(22, 5, 100), (443, 3, 100), (80, 1, 100), (81, 1, 100)]));
-        l.update(&snap(&[(22, 6, 100), (443, 3, 100)])); // 80, 81 evicted; one folded
+        l.update(&snap(&[(22, 5), (443, 3), (80, 1), (81, 1)]));
+        l.update(&snap(&[(22, 1), (443, 0)])); // 80, 81 gone; one folded
         let (changes, removed) = l.take_changes();
         assert_eq!(removed.len(), 1);
-        // Restart: 22 was evicted and re-created while no agent ran, 443 evicted.
-        // The store holds each key once: the later write wins.
         let store: HashMap<FlowKey, LedgerRecord> = l_all(&l).into_iter().chain(changes).collect();
         let mut r = FlowLedger::restore(10, store);
-        r.update(&snap(&[(22, 2, 900)]));
+        r.update(&snap(&[(22, 2)]));
         assert_eq!(total(&r, 22), 8, "6 before the restart + 2 since");
         assert_eq!(total(&r, 443), 3);
         let agg: u64 = r.aggregates().values().map(|t| t.notifications).sum();
@@ -489,7 +551,7 @@ mod tests {
 
     /// Every record, as a pinned store would hold them after all writes.
     fn l_all(l: &FlowLedger) -> Vec<(FlowKey, LedgerRecord)> {
-        let mut v: Vec<_> = l.entries.iter().map(|(k, e)| (*k, record_of(e))).collect();
+        let mut v: Vec<_> = l.entries.iter().map(|(k, e)| (*k, record_of(k, e, &l.scan))).collect();
         v.extend(l.retired.iter().map(|(a, t)| {
             (
                 aggregate_key(a),
@@ -503,13 +565,58 @@ mod tests {
     fn totals_never_decrease() {
         let mut l = FlowLedger::new(2);
         let mut last = 0;
-        let reads: &[&[(u16, u64, u64)]] =
-            &[&[(1, 3, 10)], &[(1, 5, 10), (2, 1, 20)], &[(2, 4, 20)], &[(1, 1, 99)], &[], &[(3, 1, 5)], &[(1, 2, 99)]];
+        let reads: &[&[(u16, u64)]] = &[&[(1, 3)], &[(1, 2), (2, 1)], &[(2, 3)], &[(1, 1)], &[], &[(3, 1)], &[(1, 1)]];
         for r in reads {
             l.update(&snap(r));
             let sum: u64 = l.aggregates().values().map(|t| t.notifications).sum();
             assert!(sum >= last, "aggregate went down from {last} to {sum}");
             last = sum;
         }
+        assert_eq!(last, 12);
+    }
+
+    fn world(ports: &[(u16, u64)]) -> MapSnapshot {
+        let mut s = MapSnapshot::empty();
+        s.world_ports_endpoint = Some(7);
+        s.world_ports = ports
+            .iter()
+            .map(|&(port, audited)| WorldPortRead {
+                proto: 6,
+                port,
+                counts: [0, 0, 0, audited, 0],
+                audited_match_type: 0,
+                first_seen_s: 1_800_000_000,
+                last_seen_s: 1_800_000_000,
+            })
+            .collect();
+        s
+    }
+
+    #[test]
+    fn world_ports_become_port_records_and_a_scan_stays_noise() {
+        let mut l = FlowLedger::new(100);
+        let scan: Vec<(u16, u64)> = (1000..1100).map(|p| (p, 1)).collect();
+        l.update(&world(&scan));
+        let again: Vec<(u16, u64)> = (1000..1100).map(|p| (p, 2)).collect();
+        l.update(&world(&again)); // the scanner came back
+        let records = l.records();
+        assert_eq!(records.len(), 100);
+        assert!(
+            records.iter().all(|r| r.notifications == 2 && r.remote_identity == 2 && r.verdict == Verdict::Audited)
+        );
+        assert!(records.iter().all(|r| r.port_aggregate == Some(PortAggregate { scan_only: true })));
+        // A real service: busy, alone.
+        let mut busy = again.clone();
+        busy.push((8443, 40));
+        l.update(&world(&busy));
+        let r = l.records().into_iter().find(|r| r.dst_port == 8443).unwrap();
+        assert_eq!(r.port_aggregate, Some(PortAggregate { scan_only: false }));
+        // The judgement survives a restart.
+        let store: HashMap<FlowKey, LedgerRecord> = l_all(&l).into_iter().collect();
+        let r = FlowLedger::restore(100, store);
+        let recs = r.records();
+        let service = recs.iter().find(|r| r.dst_port == 8443).unwrap();
+        assert_eq!(service.port_aggregate, Some(PortAggregate { scan_only: false }));
+        assert_eq!(recs.iter().filter(|r| r.port_aggregate == Some(PortAggregate { scan_only: true })).count(), 100);
     }
 }

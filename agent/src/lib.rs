@@ -17,6 +17,7 @@ pub mod preflight;
 pub mod readiness;
 pub mod readiness_totals;
 pub mod run;
+pub mod scan_behaviour;
 pub mod silence;
 pub mod state;
 pub mod suggest;

@@ -54,6 +54,9 @@ fn gauge(v: i64) -> ConstGauge<i64> {
 }
 
 /// The per-endpoint label set: endpoint, kind, namespace, pod.
+/// `verdict` label of the overflow counters, by `EndpointCounters::overflow` index.
+const OVERFLOW_KINDS: [&str; 5] = ["allowed", "denied", "audited", "redirected", "policy_drop"];
+
 pub fn endpoint_labels(directory: &dyn EndpointDirectory, id: u16) -> Labels {
     crate::enrich::EndpointLabels::new(id, directory.endpoint(id).as_ref()).to_vec()
 }
@@ -237,23 +240,57 @@ impl Collector for VerdictCollector {
             family(
                 &mut encoder,
                 "verdict_agent_flow_table_entries",
-                "Live flows in the kernel flow table.",
+                "Occupied slots in the kernel flow table (a flow counted on several CPUs has a slot on each).",
                 MetricType::Gauge,
                 [(vec![], gauge(live as i64))],
             )?;
             family(
                 &mut encoder,
                 "verdict_agent_flow_table_evictions",
-                "Flows evicted from the kernel flow table (created minus live).",
+                "Flow slots taken over by another flow after every count of the previous one was read \
+                 (no count is lost: the kernel reuses only acknowledged slots).",
                 MetricType::Counter,
-                [(vec![], counter(snap.stat(Stat::FlowsCreated).saturating_sub(live)))],
+                [(vec![], counter(snap.stat(Stat::FlowSlotsReused)))],
             )?;
             family(
                 &mut encoder,
                 "verdict_agent_flow_table_insert_failures",
-                "Flows that could not be created; their notifications are in the endpoint totals only.",
+                "Verdicts no flow slot could take (their bucket held only unread counts, or the table was not \
+                 configured yet): in the endpoint totals and the overflow counters, in no flow.",
                 MetricType::Counter,
-                [(vec![], counter(snap.stat(Stat::FlowUpdateFailed)))],
+                [(vec![], counter(snap.stat(Stat::FlowTableFull) + snap.stat(Stat::FlowTableUnavailable)))],
+            )?;
+            let overflow = snap.endpoints.iter().flat_map(|ep| {
+                [(0usize, "ingress"), (1, "egress")].into_iter().flat_map(move |(slot, direction)| {
+                    OVERFLOW_KINDS.iter().enumerate().filter_map(move |(kind, verdict)| {
+                        let n = ep.overflow[slot][kind];
+                        (n > 0).then_some((ep.id, direction, *verdict, n))
+                    })
+                })
+            });
+            let overflow: Vec<_> = overflow
+                .map(|(id, direction, verdict, n)| {
+                    let mut labels = endpoint_labels(dir, id);
+                    labels.push(("direction", direction.into()));
+                    labels.push(("verdict", verdict.into()));
+                    (labels, counter(n))
+                })
+                .collect();
+            family(
+                &mut encoder,
+                "verdict_agent_flow_table_overflow_verdicts",
+                "Verdicts of an endpoint that no flow slot could take, by direction and verdict \
+                 (policy_drop: policy drop notifications): lost evidence for that endpoint.",
+                MetricType::Counter,
+                overflow,
+            )?;
+            family(
+                &mut encoder,
+                "verdict_agent_world_port_verdicts",
+                "World verdicts to the host on non-critical ports, counted per port in the world-port table \
+                 instead of per flow (so a port scan displaces no other flow).",
+                MetricType::Counter,
+                [(vec![], counter(snap.stat(Stat::WorldPort)))],
             )?;
             let lost = view.lost_evidence.iter().map(|l| {
                 let mut labels = endpoint_labels(dir, l.endpoint_id);
@@ -289,7 +326,7 @@ impl Collector for VerdictCollector {
         family(
             &mut encoder,
             "verdict_agent_flow_table_capacity",
-            "Size of the kernel flow table.",
+            "Slots of the kernel flow table, all CPU shards together.",
             MetricType::Gauge,
             [(vec![], gauge(view.flow_table_capacity as i64))],
         )?;

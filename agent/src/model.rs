@@ -130,6 +130,18 @@ pub struct FlowRecord {
     /// kernel notification does not).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub remote_addrs: BTreeSet<IpAddr>,
+    /// Set when the record is one port of the kernel's world-port table:
+    /// every world identity and both IP families to this port of the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_aggregate: Option<PortAggregate>,
+}
+
+/// A world-port record (`FlowRecord::port_aggregate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortAggregate {
+    /// Only scan bursts ever touched the port (`crate::scan_behaviour`):
+    /// noise, never suggested.
+    pub scan_only: bool,
 }
 
 /// What kind of endpoint an ID is, as far as the agent knows.

@@ -97,7 +97,7 @@ mod tests {
     use crate::ledger::Totals;
 
     fn totals(id: u16, audited: u64) -> EndpointTotals {
-        let mut t = EndpointTotals { id, last_seen_ns: 1, ..Default::default() };
+        let mut t = EndpointTotals { id, notifications: 1, ..Default::default() };
         t.verdicts[0][2] = audited;
         t
     }

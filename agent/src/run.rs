@@ -17,7 +17,9 @@ use std::{
 use anyhow::Context as _;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use tracing::{error, info, warn};
-use verdict_common::maps::{DEFAULT_FLOW_TABLE_SIZE, ENDPOINT_COUNTERS, FLOWS, PIN_DIR, STATS};
+use verdict_common::maps::{
+    DEFAULT_FLOW_TABLE_SIZE, ENDPOINT_COUNTERS, FLOW_CONFIG, FLOW_TABLE, PIN_DIR, STATS, WORLD_PORTS,
+};
 
 use crate::{
     bpf::{
@@ -39,7 +41,7 @@ use crate::{
         ReadinessEngine, ReadinessInput, ReadinessReport,
         alarms::{AlarmLimits, AlarmManager, AlarmSink, AlarmTarget, KubeEventSink, MemorySink},
     },
-    state::{AgentView, SharedView},
+    state::{AgentView, SharedView, WorldPortSettings},
 };
 
 #[derive(clap::Args, Debug, Clone)]
@@ -75,7 +77,9 @@ pub struct RunArgs {
     /// bpffs directory where the agent pins its counters (kept across restarts).
     #[arg(long, default_value = PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// Flows kept in the kernel flow table (LRU). Memory: entries x (16 + 32 x CPUs) bytes.
+    /// Flow slots per CPU in the kernel flow table (rounded up to a power-of-two number of
+    /// 8-slot buckets). Memory: 56 bytes per slot per possible CPU. A full bucket never drops
+    /// unread counts: its verdicts are counted as overflow (lost evidence) instead.
     #[arg(long, default_value_t = DEFAULT_FLOW_TABLE_SIZE)]
     pub flow_table_size: u32,
     /// How often the BPF maps are read. Shorter loses less of evicted flows' last counts.
@@ -137,11 +141,17 @@ pub fn start_pipeline(args: &RunArgs, cadence: ReadCadence) -> anyhow::Result<(S
     let pipeline = Pipeline::load(&loader).context("starting the in-kernel pipeline")?;
     info!(tap = pipeline.tap().as_str(), "tap in place");
     let follower = EventsMapFollower::new(args.cilium_events_map.clone());
+    let (slots, shards) = pipeline.tables().geometry();
     let view: SharedView =
-        Arc::new(RwLock::new(AgentView::new(pipeline.tap(), follower.state().clone(), args.flow_table_size)));
+        Arc::new(RwLock::new(AgentView::new(pipeline.tap(), follower.state().clone(), slots.saturating_mul(shards))));
     let stop = Arc::new(AtomicBool::new(false));
-    // Room for every live flow, every remembered dead one, and aggregates.
-    let ledger_capacity = args.flow_table_size.saturating_add(args.max_retained_flows as u32).saturating_add(4096);
+    // Room for every live flow, every remembered dead one, every world port,
+    // and aggregates.
+    let ledger_capacity = slots
+        .saturating_mul(shards)
+        .saturating_add(args.max_retained_flows as u32)
+        .saturating_add(verdict_common::flow_table::WORLD_PORT_ENTRIES)
+        .saturating_add(4096);
     let store = LedgerStore::open(&loader.pin_path(), ledger_capacity).context("opening the pinned flow ledger")?;
     let ledger = FlowLedger::restore(args.max_retained_flows, store.load());
     view.write().unwrap_or_else(|e| e.into_inner()).readiness_totals = ledger.readiness_totals().clone();
@@ -155,6 +165,7 @@ pub fn start_pipeline(args: &RunArgs, cadence: ReadCadence) -> anyhow::Result<(S
         view: view.clone(),
         interval: args.poll_interval,
         cadence,
+        world_ports: WorldPortSettings::default(),
     };
     let thread_stop = stop.clone();
     let join = thread::Builder::new()
@@ -189,6 +200,8 @@ struct MapReader {
     interval: Duration,
     /// Shorter reads while an enforcement trial runs.
     cadence: ReadCadence,
+    /// What the kernel's flow config holds now.
+    world_ports: WorldPortSettings,
 }
 
 /// Notices the pin directory vanishing under the running agent (removed
@@ -212,7 +225,10 @@ impl PinWatch {
         if self.lost {
             return false;
         }
-        if let Some(missing) = [ENDPOINT_COUNTERS, FLOWS, STATS].iter().map(|m| self.path.join(m)).find(|p| !p.exists())
+        if let Some(missing) = [ENDPOINT_COUNTERS, FLOW_TABLE, FLOW_CONFIG, WORLD_PORTS, STATS]
+            .iter()
+            .map(|m| self.path.join(m))
+            .find(|p| !p.exists())
         {
             error!(
                 pins = %self.path.display(),
@@ -239,6 +255,8 @@ impl MapReader {
             let now = Instant::now();
             if now >= next_follow {
                 self.pins.check();
+                self.pipeline.tables().tick();
+                self.apply_world_port_settings();
                 self.follow();
                 next_follow = now + follow_every;
             }
@@ -249,6 +267,22 @@ impl MapReader {
             thread::sleep(Duration::from_millis(if self.cadence.is_fast() { 10 } else { 50 }));
         }
         info!("map reader stopped; detaching the tap, pinned maps stay");
+    }
+
+    /// Hands the readiness loop's host endpoint and critical ports to the kernel.
+    fn apply_world_port_settings(&mut self) {
+        let wanted = self.view.read().unwrap_or_else(|e| e.into_inner()).world_ports.clone();
+        if wanted == self.world_ports {
+            return;
+        }
+        let tables = self.pipeline.tables();
+        if wanted.critical_ports != self.world_ports.critical_ports {
+            tables.set_critical_ports(wanted.critical_ports.iter().copied());
+        }
+        tables.set_host_endpoint(wanted.host_endpoint);
+        info!(host_endpoint = ?wanted.host_endpoint, critical_ports = wanted.critical_ports.len(),
+            "world probes of the host on non-critical ports now go to the world-port table");
+        self.world_ports = wanted;
     }
 
     fn follow(&mut self) {
@@ -262,21 +296,25 @@ impl MapReader {
 
     fn read(&mut self) {
         let ebpf = self.pipeline.ebpf();
-        let maps = match (ebpf.map(ENDPOINT_COUNTERS), ebpf.map(FLOWS), ebpf.map(STATS)) {
-            (Some(endpoints), Some(flows), Some(stats)) => CountingMaps { endpoints, flows, stats },
+        let tables = self.pipeline.tables();
+        let maps = match (ebpf.map(ENDPOINT_COUNTERS), ebpf.map(STATS)) {
+            (Some(endpoints), Some(stats)) => CountingMaps { endpoints, tables, stats },
             _ => {
                 error!("the tap object lost a counting map; rebuild the binary");
                 return;
             }
         };
         match MapSnapshot::read(maps) {
-            Ok(mut snapshot) => {
+            Ok((mut snapshot, acks)) => {
                 let readiness_totals = self.view.read().unwrap_or_else(|e| e.into_inner()).readiness_totals.clone();
                 self.ledger.set_readiness_totals(&readiness_totals);
                 self.ledger.update(&snapshot);
                 snapshot.flows = Vec::new();
+                snapshot.world_ports = Vec::new();
                 let (changed, removed) = self.ledger.take_changes();
                 self.store.write(&changed, &removed);
+                // Only now may the kernel reuse the slots this read emptied.
+                tables.acknowledge(acks);
                 let aggregates = self.ledger.aggregates();
                 let flows = self.ledger.records();
                 let lost_evidence = self.ledger.lost_evidence();
@@ -308,7 +346,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (view, reader) = start_pipeline(&args, cadence.clone())?;
     // The maps were created when counting began: that is how long this
     // node has been observed, across agent restarts.
-    let observed_since = std::fs::metadata(args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(FLOWS))
+    let observed_since = std::fs::metadata(args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(FLOW_TABLE))
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| std::time::SystemTime::now());
 
@@ -527,12 +565,39 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         input.node = l.node.clone();
         input.lost_evidence = &lost_evidence;
         let report = l.engine.evaluate(&input);
-        l.view.write().unwrap_or_else(|e| e.into_inner()).readiness_totals = l.engine.totals();
+        let world_ports = WorldPortSettings {
+            host_endpoint: report.host.endpoint_id,
+            critical_ports: critical_ports(&l.engine.config().catalogue),
+        };
+        {
+            let mut view = l.view.write().unwrap_or_else(|e| e.into_inner());
+            view.readiness_totals = l.engine.totals();
+            view.world_ports = world_ports;
+        }
         l.alarms.process(&report, now).await;
         silence_log.update(&report);
         *l.report.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
         return_freed_memory();
     }
+}
+
+/// TCP and UDP ports of the catalogue's entries, for the kernel: world
+/// verdicts to them keep flows of their own (a lockout is judged per flow).
+fn critical_ports(catalogue: &CriticalCatalogue) -> Vec<(u8, u16)> {
+    let mut out = Vec::new();
+    for flow in &catalogue.flows {
+        let proto = match flow.protocol {
+            crate::readiness::catalogue::CatalogueProtocol::Tcp => 6,
+            crate::readiness::catalogue::CatalogueProtocol::Udp => 17,
+            _ => continue,
+        };
+        if let Some(r) = flow.ports {
+            out.extend((r.first..=r.last).map(|p| (proto, p)));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The latest report, narrowed to `selector`; None before the first evaluation.

@@ -38,6 +38,18 @@ pub struct AgentView {
     pub map_reads: u64,
     pub last_read: Option<Instant>,
     pub map_read_errors: u64,
+    /// What the readiness loop tells the kernel through the flow config:
+    /// the host endpoint (world probes of it on non-critical ports go to the
+    /// world-port table) and the critical ports (protocol, port) that keep
+    /// flows of their own.
+    pub world_ports: WorldPortSettings,
+}
+
+/// See [`AgentView::world_ports`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorldPortSettings {
+    pub host_endpoint: Option<u16>,
+    pub critical_ports: Vec<(u8, u16)>,
 }
 
 pub type SharedView = Arc<RwLock<AgentView>>;
@@ -57,6 +69,7 @@ impl AgentView {
             map_reads: 0,
             last_read: None,
             map_read_errors: 0,
+            world_ports: WorldPortSettings::default(),
         }
     }
 }

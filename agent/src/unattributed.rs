@@ -144,7 +144,7 @@ mod tests {
     use super::*;
 
     fn ep(id: u16, audited_ingress: u64) -> EndpointTotals {
-        let mut t = EndpointTotals { id, last_seen_ns: 1, ..Default::default() };
+        let mut t = EndpointTotals { id, notifications: 1, ..Default::default() };
         t.verdicts[0][VerdictClass::Audited as usize] = audited_ingress;
         t
     }

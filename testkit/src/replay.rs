@@ -16,7 +16,10 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use thiserror::Error;
-use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, LAYOUT_VERSION, STATS, TAP_CONFIG, TapConfig};
+use verdict_agent::bpf::flow_table::{FlowTables, table_entries};
+use verdict_common::maps::{
+    ENDPOINT_COUNTERS, FLOW_CONFIG, FLOW_TABLE, LAYOUT_VERSION, STATS, TAP_CONFIG, TapConfig, WORLD_PORTS,
+};
 
 use crate::objects::REPLAY_OBJECT;
 
@@ -32,6 +35,11 @@ pub const BENCH_NOTIFY: &str = "bench_notify";
 
 #[derive(Debug, Error)]
 pub enum ReplayError {
+    #[error("cannot map the flow tables of the replay object (rebuild verdict-testkit)")]
+    Tables {
+        #[source]
+        source: Box<verdict_agent::bpf::shared_array::SharedArrayError>,
+    },
     #[error("cannot create the pin directory {path}; run as root with bpffs mounted at /sys/fs/bpf")]
     PinDir {
         path: String,
@@ -60,13 +68,17 @@ pub enum ReplayError {
 /// The replay object, loaded on pinned counting maps.
 pub struct Replayer {
     ebpf: Ebpf,
+    tables: FlowTables,
     pins: PathBuf,
 }
 
 impl Replayer {
     /// Loads the replay object on the counting maps pinned under
-    /// `pin_dir/<layout version>`; `flow_table_size` sizes the flow table
-    /// only if no agent pinned one yet (a pinned one is reused as it is).
+    /// `pin_dir/<layout version>`; `flow_table_size` (slots per CPU) sizes
+    /// the flow table only if no agent pinned one yet (a pinned one is
+    /// reused as it is). Writes the table geometry and the epoch into the
+    /// flow config, as the agent does; the host endpoint and critical ports
+    /// are the agent's (or the test's: [`Replayer::tables`]).
     pub fn load(pin_dir: &Path, flow_table_size: u32) -> Result<Replayer, ReplayError> {
         Replayer::load_with(pin_dir, flow_table_size, &[])
     }
@@ -76,12 +88,19 @@ impl Replayer {
         let pins = pin_dir.join(LAYOUT_VERSION);
         std::fs::create_dir_all(&pins)
             .map_err(|source| ReplayError::PinDir { path: pins.display().to_string(), source })?;
-        let pinned_size = MapData::from_pin(pins.join(FLOWS)).and_then(|m| m.info()).map(|i| i.max_entries()).ok();
+        let pinned_size = MapData::from_pin(pins.join(FLOW_TABLE)).and_then(|m| m.info()).map(|i| i.max_entries()).ok();
+        let entries = match pinned_size {
+            Some(n) => n,
+            None => table_entries(flow_table_size)
+                .map_err(|source| ReplayError::PinDir { path: "/sys/devices/system/cpu/possible".into(), source })?,
+        };
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(ENDPOINT_COUNTERS, pins.join(ENDPOINT_COUNTERS))
-            .map_pin_path(FLOWS, pins.join(FLOWS))
+            .map_pin_path(FLOW_TABLE, pins.join(FLOW_TABLE))
+            .map_pin_path(FLOW_CONFIG, pins.join(FLOW_CONFIG))
+            .map_pin_path(WORLD_PORTS, pins.join(WORLD_PORTS))
             .map_pin_path(STATS, pins.join(STATS))
-            .map_max_entries(FLOWS, pinned_size.unwrap_or(flow_table_size))
+            .map_max_entries(FLOW_TABLE, entries)
             .load(REPLAY_OBJECT)
             .map_err(|source| ReplayError::Load { path: pins.display().to_string(), source: Box::new(source) })?;
         for program in std::iter::once(&REPLAY).chain(extra) {
@@ -89,7 +108,8 @@ impl Replayer {
                 .load()
                 .map_err(|source| ReplayError::Program { program: program.to_string(), source: Box::new(source) })?;
         }
-        Ok(Replayer { ebpf, pins })
+        let tables = FlowTables::open(&ebpf).map_err(|source| ReplayError::Tables { source: Box::new(source) })?;
+        Ok(Replayer { ebpf, tables, pins })
     }
 
     /// Accounts `notification` once, exactly as the tap would.
@@ -118,6 +138,11 @@ impl Replayer {
 
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
+    }
+
+    /// The flow and world-port tables of the pinned maps, mapped.
+    pub fn tables(&self) -> &FlowTables {
+        &self.tables
     }
 
     /// For the benchmark, which takes `BENCH_EVENTS` out to read it.

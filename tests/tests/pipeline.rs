@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use verdict_agent::bpf::snapshot::{CountingMaps, MapSnapshot};
 use verdict_agent_tests::{agent_process::AgentProcess, pin_dir::PinDir, scrape::Scrape};
-use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, FlowKey, STATS, Stat};
+use verdict_common::maps::{ENDPOINT_COUNTERS, FlowKey, STATS, Stat};
 use verdict_testkit::{
     replay::{Replayer, replay_with},
     scenario::{Layout, PolicyDrop, PolicyVerdict},
@@ -21,14 +21,16 @@ fn load(pins: &Path, flow_table_size: u32) -> Replayer {
     Replayer::load(pins, flow_table_size).expect("loading the replay object (root and bpffs needed)")
 }
 
+/// A read that acknowledges nothing: each slot's counts since the start.
 fn snapshot(p: &Replayer) -> MapSnapshot {
     let e = p.ebpf();
     MapSnapshot::read(CountingMaps {
         endpoints: e.map(ENDPOINT_COUNTERS).unwrap(),
-        flows: e.map(FLOWS).unwrap(),
+        tables: p.tables(),
         stats: e.map(STATS).unwrap(),
     })
     .unwrap()
+    .0
 }
 
 fn verdict(layout: Layout, endpoint: u16, port: u16, verdict: i32, audited: bool) -> PolicyVerdict {
@@ -133,7 +135,10 @@ fn every_layout_is_counted_exactly() {
     assert_eq!(ep(21).policy_drops, [0, 6], "D2: dst_id 0 = egress");
     assert_eq!(ep(22).policy_drops, [8, 0]);
     assert_eq!(ep(23).policy_drops, [0, 9]);
-    let flow = |ep: u16| s.flows.iter().find(|(k, _)| k.endpoint_id == ep).map(|(k, t)| (*k, t.notifications)).unwrap();
+    let flow = |ep: u16| {
+        let slots: Vec<_> = s.flows.iter().filter(|f| f.key.endpoint_id == ep).collect();
+        (slots[0].key, slots.iter().map(|f| f.notifications).sum::<u64>())
+    };
     let (k, n) = flow(12);
     assert_eq!((k.dst_port, k.proto, k.class, k.reason, k.match_type, k.remote_identity, n), (22, 6, 1, 181, 3, 2, 7));
     let (k, n) = flow(21);
@@ -205,7 +210,7 @@ fn assert_monotonic(old: &Scrape, new: &Scrape) {
 }
 
 #[test]
-fn lru_eviction_never_makes_an_exported_counter_go_down() {
+fn slot_reuse_and_overflow_never_make_an_exported_counter_go_down_or_lose_a_count() {
     let pins = pins("evict");
     let log = std::env::temp_dir().join("verdict-test-evict.log");
     let agent = AgentProcess::start(
@@ -245,9 +250,12 @@ fn lru_eviction_never_makes_an_exported_counter_go_down() {
         sent as f64,
         "endpoint totals are exact"
     );
-    assert!(s.sum("verdict_agent_flow_table_evictions_total", &[]) > 0.0, "the 16-entry table must have evicted");
+    assert!(s.sum("verdict_agent_flow_table_evictions_total", &[]) > 0.0, "the 16-slot table must have reused slots");
     let by_flow = s.sum("verdict_agent_policy_verdicts_total", &["endpoint=\"40\""]);
-    assert!(by_flow <= sent as f64 && by_flow > 0.0, "flow-derived total {by_flow} vs {sent} sent");
+    let overflow = s.sum("verdict_agent_flow_table_overflow_verdicts_total", &["endpoint=\"40\""]);
+    assert_eq!(by_flow + overflow, sent as f64, "every verdict is in a flow or counted as overflow");
+    let lost = s.sum("verdict_agent_unattributed_verdicts_total", &["endpoint=\"40\""]);
+    assert_eq!(lost, overflow, "what no flow carries is exactly the overflow");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! testkit's replay entry, reads back from the agent's counting maps.
 
 use verdict_agent::bpf::snapshot::{CountingMaps, MapSnapshot};
-use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, STATS, Stat};
+use verdict_common::maps::{ENDPOINT_COUNTERS, STATS, Stat};
 use verdict_testkit::replay::Replayer;
 
 #[test]
@@ -22,9 +22,9 @@ fn smoke() {
         p.replay(&n).unwrap();
     }
     let e = p.ebpf();
-    let s = MapSnapshot::read(CountingMaps {
+    let (s, _) = MapSnapshot::read(CountingMaps {
         endpoints: e.map(ENDPOINT_COUNTERS).unwrap(),
-        flows: e.map(FLOWS).unwrap(),
+        tables: p.tables(),
         stats: e.map(STATS).unwrap(),
     })
     .unwrap();
@@ -32,6 +32,7 @@ fn smoke() {
     println!("{:?}", s.flows);
     println!("{:?}", s.stats);
     assert_eq!(s.stat(Stat::Counted), 3);
+    assert_eq!(s.flows.iter().map(|f| f.notifications).sum::<u64>(), 3, "the flow slot holds all three");
     drop(p);
     std::fs::remove_dir_all(&dir).ok();
 }

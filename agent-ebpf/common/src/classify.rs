@@ -25,6 +25,9 @@ pub type Notification = [u8; MAX_NOTIFICATION_SIZE];
 
 /// Reserved identity `host` (`pkg/identity/numericidentity.go`).
 pub const HOST_IDENTITY: u32 = 1;
+/// `reserved:world`: the identity the world-port table's records carry (they
+/// stand for every world identity, see `flow_table::is_world_identity`).
+pub const WORLD_IDENTITY: u32 = 2;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 

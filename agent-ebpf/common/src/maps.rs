@@ -9,13 +9,15 @@
 /// bpffs directory for the agent's pinned maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/verdict-agent";
 /// Layout generation of the pinned maps; part of the pin path.
-pub const LAYOUT_VERSION: &str = "v1";
+pub const LAYOUT_VERSION: &str = "v2";
 
 /// Cilium allocates endpoint IDs from 1 to 4095
 /// (`pkg/endpointmanager/idallocator`), so an array this long never evicts.
 pub const MAX_ENDPOINTS: u32 = 4096;
-/// Default capacity of the flow table (configurable at load).
-pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 16384;
+/// Default flow slots per CPU shard of the flow table (configurable at
+/// load, rounded up to whole buckets of a power-of-two count): 4,096 slots
+/// of 56 bytes, 224 KiB per possible CPU.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 4096;
 /// Largest notification the tap copies out of the datapath's stack.
 pub const MAX_NOTIFICATION_SIZE: usize = 64;
 
@@ -28,8 +30,15 @@ pub const BENCH_FAKE_MAP_ID: u32 = 0x7ffe_0001;
 pub const TAP_CONFIG: &str = "TAP_CONFIG";
 /// `PerCpuArray<EndpointCounters>`, indexed by endpoint ID. Pinned.
 pub const ENDPOINT_COUNTERS: &str = "ENDPOINT_COUNTERS";
-/// `LruPerCpuHashMap<FlowKey, FlowCounters>`. Pinned.
-pub const FLOWS: &str = "FLOWS";
+/// `Array<FlowBucket>` (`BPF_F_MMAPABLE`), one shard per possible CPU: the
+/// flow table (`crate::flow_table`). Pinned.
+pub const FLOW_TABLE: &str = "FLOW_TABLE";
+/// `Array<FlowConfig>` (`BPF_F_MMAPABLE`) with one entry, written by the
+/// agent: epoch, host endpoint, shard geometry, critical ports. Pinned, so
+/// the testkit's replay object sees what the agent wrote.
+pub const FLOW_CONFIG: &str = "FLOW_CONFIG";
+/// `Array<WorldPortCounters>` (`BPF_F_MMAPABLE`), 2 x 65,536 entries. Pinned.
+pub const WORLD_PORTS: &str = "WORLD_PORTS";
 /// `PerCpuArray<u64>`, indexed by [`Stat`]. Pinned.
 pub const STATS: &str = "STATS";
 
@@ -117,22 +126,13 @@ pub struct FlowKey {
 }
 
 pub const FLOW_FLAG_IPV6: u8 = 0x01;
+/// Userspace only: the key stands for one port of the world-port table
+/// (every world identity, both IP families), not for one flow.
+pub const FLOW_FLAG_WORLD_PORT: u8 = 0x02;
 
-/// Per-CPU counters of one flow. Userspace sums counts and takes the
-/// earliest `first_seen_ns` and latest `last_seen_ns` over CPUs.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowCounters {
-    /// Notifications: one per new connection for allowed, audited and
-    /// redirected; one per packet for denied.
-    pub notifications: u64,
-    /// Sum of `len_orig` of the notified packets.
-    pub bytes: u64,
-    /// `bpf_ktime_get_ns()` of the first notification on this CPU (0 = none).
-    pub first_seen_ns: u64,
-    /// `bpf_ktime_get_ns()` of the latest notification on this CPU.
-    pub last_seen_ns: u64,
-}
+/// Overflow slot in [`EndpointCounters::overflow`] of policy drops (the
+/// verdict classes take 0..4).
+pub const OVERFLOW_POLICY_DROP: usize = VerdictClass::COUNT;
 
 /// Per-CPU totals of one endpoint. This array never evicts, so it is the
 /// source of truth for every per-endpoint total.
@@ -143,10 +143,18 @@ pub struct EndpointCounters {
     pub verdicts: [[u64; VerdictClass::COUNT]; DIRECTIONS],
     /// Drop notifications with a policy reason, by direction slot.
     pub policy_drops: [u64; DIRECTIONS],
-    /// Earliest notification on this CPU (0 = none).
-    pub first_seen_ns: u64,
-    /// Latest notification on this CPU.
-    pub last_seen_ns: u64,
+    /// Of the above, those no flow slot could take (the bucket was full of
+    /// counts userspace had not read yet), by [direction slot][class, or
+    /// [`OVERFLOW_POLICY_DROP`]]: in the totals, in no flow.
+    pub overflow: [[u64; VerdictClass::COUNT + 1]; DIRECTIONS],
+    /// Epoch (Unix seconds, `FlowConfig::epoch`) of the earliest notification
+    /// on this CPU (0 = none, or before the agent wrote an epoch).
+    pub first_seen_s: u64,
+    /// Epoch of the latest notification on this CPU.
+    pub last_seen_s: u64,
+    /// Notifications on this CPU; nonzero once the endpoint was seen (the
+    /// epochs can be 0 when no agent wrote one).
+    pub notifications: u64,
 }
 
 /// Index into [`STATS`]. Every call of the hooked function ends in exactly
@@ -169,16 +177,26 @@ pub enum Stat {
     MalformedField = 5,
     /// `bpf_probe_read_kernel` of the notification or the map failed.
     ReadFailed = 6,
-    /// New entries created in [`FLOWS`]; minus live entries = evictions.
+    /// A flow slot taken by a key (empty, or every count of its previous
+    /// key read by userspace).
     FlowsCreated = 7,
-    /// Flow entry could not be created (counted in the endpoint totals only).
-    FlowUpdateFailed = 8,
+    /// No slot in the flow's bucket was free of unread counts: counted in
+    /// the endpoint totals and as overflow only.
+    FlowTableFull = 8,
     /// Endpoint ID >= [`MAX_ENDPOINTS`]: flow counted, no endpoint total.
     EndpointOutOfRange = 9,
+    /// Of `FlowsCreated`, slots that held another key before.
+    FlowSlotsReused = 10,
+    /// World verdicts to the host on a non-critical port, counted in the
+    /// world-port table instead of a flow.
+    WorldPort = 11,
+    /// `FLOW_CONFIG` not written yet or a CPU beyond the table's shards:
+    /// counted in the endpoint totals and as overflow only.
+    FlowTableUnavailable = 12,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
 }
 
 #[cfg(feature = "user")]
@@ -187,13 +205,11 @@ mod pod {
     // pattern is valid.
     unsafe impl aya::Pod for super::TapConfig {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowCounters {}
     unsafe impl aya::Pod for super::EndpointCounters {}
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowCounters>() == 32);
-const _: () = assert!(core::mem::size_of::<EndpointCounters>() == 8 * 12);
+const _: () = assert!(core::mem::size_of::<EndpointCounters>() == 8 * (8 + 2 + 10 + 3));
 
 /// `HashMap<FlowKey, LedgerRecord>`, created and written by userspace only:
 /// the flow ledger's state, pinned so a restarted agent continues every
@@ -218,21 +234,21 @@ pub const LEDGER_READINESS_MARK: u8 = 0xfd;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LedgerRecord {
-    /// Counts of earlier incarnations of the flow (evicted entries).
+    /// Every notification of the flow the agent has accounted.
     pub base_notifications: u64,
     pub base_bytes: u64,
-    /// The kernel entry's counts at the latest read.
-    pub observed_notifications: u64,
-    pub observed_bytes: u64,
-    /// First-seen of the kernel entry at the latest read: tells a
-    /// re-created entry from the same one.
-    pub incarnation_first_seen_ns: u64,
+    /// [`LEDGER_FLAG_SERVICE_LIKE`], ...
+    pub flags: u64,
+    pub _reserved: [u64; 2],
     /// Wall-clock first and last notification, Unix nanoseconds.
     pub first_seen_unix_ns: u64,
     pub last_seen_unix_ns: u64,
-    /// 1 if the kernel entry existed at the latest read.
+    /// 1 if the kernel table held the flow at the latest read.
     pub live: u64,
 }
+
+/// A world port that grew outside a scan burst at least once: real use.
+pub const LEDGER_FLAG_SERVICE_LIKE: u64 = 1;
 
 #[cfg(feature = "user")]
 // SAFETY: plain #[repr(C)] u64s, no padding.

@@ -23,12 +23,21 @@ use aya::{
 };
 use thiserror::Error;
 use tracing::{info, warn};
-use verdict_common::maps::{
-    ENDPOINT_COUNTERS, EndpointCounters, FLOWS, FlowCounters, FlowKey, LAYOUT_VERSION, MAX_ENDPOINTS, STATS, Stat,
-    TAP_CONFIG, TapConfig,
+use verdict_common::{
+    flow_table::{FlowBucket, FlowConfig, WORLD_PORT_ENTRIES, WorldPortCounters},
+    maps::{
+        ENDPOINT_COUNTERS, EndpointCounters, FLOW_CONFIG, FLOW_TABLE, LAYOUT_VERSION, MAX_ENDPOINTS, STATS, Stat,
+        TAP_CONFIG, TapConfig, WORLD_PORTS,
+    },
 };
 
-use super::{btf::KernelBtf, objects::TAP_OBJECT, privileges};
+use super::{
+    btf::KernelBtf,
+    flow_table::{FlowTables, table_entries},
+    objects::TAP_OBJECT,
+    privileges,
+    shared_array::SharedArrayError,
+};
 
 /// The kernel function behind `bpf_perf_event_output` in tc programs.
 pub const HOOKED_FUNCTION: &str = "bpf_skb_event_output";
@@ -106,6 +115,8 @@ pub enum LoadError {
          run one agent per node, or give this one its own --pin-dir"
     )]
     PinDirLocked { path: String, holder: String },
+    #[error("cannot map the flow tables of the loaded object")]
+    Tables(#[source] SharedArrayError),
     #[error("cannot lock the pin directory {path}")]
     PinLock {
         path: String,
@@ -119,7 +130,8 @@ pub enum LoadError {
 pub struct LoaderConfig {
     /// bpffs directory for pins (default `/sys/fs/bpf/verdict-agent`).
     pub pin_dir: PathBuf,
-    /// Capacity of the flow table.
+    /// Flow slots per CPU shard of the flow table (rounded up to whole
+    /// buckets of a power-of-two count).
     pub flow_table_size: u32,
     pub tap: TapChoice,
     /// Kernel BTF, for the `struct bpf_map` layout and the fentry target.
@@ -139,6 +151,7 @@ pub struct Pipeline {
     ebpf: Ebpf,
     tap: TapKind,
     map_id_offset: u32,
+    tables: FlowTables,
     /// Held while the pipeline lives: one agent per pin directory.
     _lock: PinLock,
 }
@@ -151,7 +164,9 @@ impl Pipeline {
         std::fs::create_dir_all(&pins)
             .map_err(|source| LoadError::PinDir { path: pins.display().to_string(), source })?;
         let lock = PinLock::acquire(&config.pin_dir)?;
-        check_pins(&pins, config.flow_table_size)?;
+        let entries = table_entries(config.flow_table_size)
+            .map_err(|source| LoadError::PinDir { path: super::flow_table::POSSIBLE_CPUS.into(), source })?;
+        check_pins(&pins, entries)?;
         let memlock = privileges::raise_memlock();
         if let Some(m) = memlock {
             info!(
@@ -162,9 +177,11 @@ impl Pipeline {
 
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(ENDPOINT_COUNTERS, pins.join(ENDPOINT_COUNTERS))
-            .map_pin_path(FLOWS, pins.join(FLOWS))
+            .map_pin_path(FLOW_TABLE, pins.join(FLOW_TABLE))
+            .map_pin_path(FLOW_CONFIG, pins.join(FLOW_CONFIG))
+            .map_pin_path(WORLD_PORTS, pins.join(WORLD_PORTS))
             .map_pin_path(STATS, pins.join(STATS))
-            .map_max_entries(FLOWS, config.flow_table_size)
+            .map_max_entries(FLOW_TABLE, entries)
             .load(TAP_OBJECT)
             .map_err(|source| LoadError::Load {
                 hint: privileges::diagnose(
@@ -191,7 +208,8 @@ impl Pipeline {
                 (attach(&mut ebpf, choice, &config.btf_path)?, offset)
             }
         };
-        let mut pipeline = Pipeline { ebpf, tap, map_id_offset, _lock: lock };
+        let tables = FlowTables::open(&ebpf).map_err(LoadError::Tables)?;
+        let mut pipeline = Pipeline { ebpf, tap, map_id_offset, tables, _lock: lock };
         pipeline.set_events_map_id(0)?;
         info!(tap = tap.as_str(), pins = %pins.display(), flow_table_size = config.flow_table_size, "in-kernel pipeline ready");
         Ok(pipeline)
@@ -213,6 +231,11 @@ impl Pipeline {
 
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
+    }
+
+    /// The flow and world-port tables, mapped.
+    pub fn tables(&self) -> &FlowTables {
+        &self.tables
     }
 }
 
@@ -307,10 +330,12 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoadError> {
 }
 
 /// Expected shape of each pinned map: (name, key size, value size, entries).
-fn expected_shapes(flow_table_size: u32) -> [(&'static str, u32, u32, u32); 3] {
+fn expected_shapes(table_entries: u32) -> [(&'static str, u32, u32, u32); 5] {
     [
         (ENDPOINT_COUNTERS, 4, size_of::<EndpointCounters>() as u32, MAX_ENDPOINTS),
-        (FLOWS, size_of::<FlowKey>() as u32, size_of::<FlowCounters>() as u32, flow_table_size),
+        (FLOW_TABLE, 4, size_of::<FlowBucket>() as u32, table_entries),
+        (FLOW_CONFIG, 4, size_of::<FlowConfig>() as u32, 1),
+        (WORLD_PORTS, 4, size_of::<WorldPortCounters>() as u32, WORLD_PORT_ENTRIES),
         (STATS, 4, 8, Stat::COUNT),
     ]
 }
@@ -318,8 +343,8 @@ fn expected_shapes(flow_table_size: u32) -> [(&'static str, u32, u32, u32); 3] {
 /// Replaces pinned maps whose shape does not match this binary's, so they
 /// are recreated instead of misread, saying what is lost. A pin that cannot
 /// be opened is an error: its counts may be intact.
-fn check_pins(pins: &Path, flow_table_size: u32) -> Result<(), LoadError> {
-    for (name, key, value, entries) in expected_shapes(flow_table_size) {
+fn check_pins(pins: &Path, table_entries: u32) -> Result<(), LoadError> {
+    for (name, key, value, entries) in expected_shapes(table_entries) {
         let path = pins.join(name);
         if !path.exists() {
             continue;

@@ -1,11 +1,13 @@
 //! The userspace side of the in-kernel pipeline: loading and attaching
 //! ([`loader`]), following Cilium's map ([`events_map`]), and reading the
-//! counters back ([`snapshot`], in batches where the kernel can: [`batch`]).
-pub mod batch;
+//! counters back ([`snapshot`]; the flow and world-port tables through a
+//! shared mapping: [`flow_table`], [`shared_array`]).
 pub mod btf;
 pub mod events_map;
+pub mod flow_table;
 pub mod ledger_store;
 pub mod loader;
 pub mod objects;
 pub mod privileges;
+pub mod shared_array;
 pub mod snapshot;

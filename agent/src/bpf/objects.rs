@@ -8,7 +8,7 @@ pub static TAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 #[cfg(test)]
 mod tests {
     use aya_obj::{Object, ProgramSection};
-    use verdict_common::maps::{ENDPOINT_COUNTERS, FLOWS, STATS, TAP_CONFIG};
+    use verdict_common::maps::{ENDPOINT_COUNTERS, FLOW_CONFIG, FLOW_TABLE, STATS, TAP_CONFIG, WORLD_PORTS};
 
     use super::TAP_OBJECT;
 
@@ -30,6 +30,10 @@ mod tests {
         }
         let mut maps: Vec<&str> = object.maps.keys().map(String::as_str).filter(|m| !m.starts_with('.')).collect();
         maps.sort_unstable();
-        assert_eq!(maps, [ENDPOINT_COUNTERS, FLOWS, STATS, TAP_CONFIG], "maps of the shipped object");
+        assert_eq!(
+            maps,
+            [ENDPOINT_COUNTERS, FLOW_CONFIG, FLOW_TABLE, STATS, TAP_CONFIG, WORLD_PORTS],
+            "maps of the shipped object"
+        );
     }
 }

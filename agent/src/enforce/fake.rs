@@ -248,6 +248,7 @@ impl Datapath {
                     first_seen: first.max(self.started),
                     last_seen: last,
                     remote_addrs: Default::default(),
+                    port_aggregate: None,
                 }
             })
             .collect()

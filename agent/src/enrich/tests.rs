@@ -729,7 +729,7 @@ async fn series_of_deleted_endpoints_leave_the_scrape() {
     use std::sync::{Arc, RwLock};
 
     use crate::{
-        bpf::snapshot::{EndpointTotals, KernelClock, MapSnapshot},
+        bpf::snapshot::{EndpointTotals, MapSnapshot},
         state::AgentView,
     };
 
@@ -749,17 +749,16 @@ async fn series_of_deleted_endpoints_leave_the_scrape() {
     let owner = e.endpoint_owner(412).unwrap();
     assert_eq!((owner.generation, owner.pod.as_deref()), (1, Some("api-5c8b6-xyz12")));
 
-    let totals = |id: u16, n: u64| EndpointTotals { id, verdicts: [[n, 0, 0, 0], [0; 4]], ..Default::default() };
+    let totals = |id: u16, n: u64| EndpointTotals {
+        id,
+        verdicts: [[n, 0, 0, 0], [0; 4]],
+        notifications: n,
+        ..Default::default()
+    };
     let view = Arc::new(RwLock::new(AgentView::new(crate::bpf::loader::TapKind::Fentry, Default::default(), 1024)));
     let set = |a: u64, b: u64| {
-        view.write().unwrap().snapshot = Some(MapSnapshot {
-            clock: KernelClock::now(),
-            endpoints: vec![totals(311, a), totals(412, b)],
-            flows: Vec::new(),
-            live_flows: 0,
-            stats: Default::default(),
-            read_duration: Duration::ZERO,
-        });
+        view.write().unwrap().snapshot =
+            Some(MapSnapshot { endpoints: vec![totals(311, a), totals(412, b)], ..MapSnapshot::empty() });
     };
     set(5, 7);
     let collector = crate::metrics::VerdictCollector::new(view.clone(), Arc::new(e.clone()), None)

@@ -4,7 +4,10 @@
 //! handful of notifications; real outside users hit few ports, often. The
 //! classifier therefore looks at the *rate* of each world flow (per window)
 //! and at how many distinct ports such low-rate flows cover on one
-//! endpoint. Noise is summarised, never suggested, and never a lockout,
+//! endpoint. Ports of the kernel's world-port table carry a judgement of
+//! their own, made when each count grew (`crate::scan_behaviour`): a port
+//! only scan bursts touched is noise however often the scanner returns, and
+//! one real use made it a service. Noise is summarised, never suggested, and never a lockout,
 //! unless it hits a port of the critical-flow catalogue from a side that
 //! matters there (world to 22/tcp is still a lockout risk: the agent cannot
 //! tell the operator's SSH from the scanner's).
@@ -68,11 +71,20 @@ pub(super) fn classify(ctx: &Ctx<'_>, horizon_start: SystemTime, use_window_coun
             continue;
         }
         let count = if use_window_counts { ctx.window_counts[idx].unwrap_or(f.notifications) } else { f.notifications };
-        let start = f.first_seen.max(horizon_start);
-        let span = ctx.input.now.duration_since(start).unwrap_or_default();
-        let windows = span.as_secs().div_ceil(window.as_secs()).max(1);
-        if count > cfg.max_notifications_per_port.saturating_mul(windows) {
-            continue;
+        match f.port_aggregate {
+            // The kernel's world-port table, judged by behaviour when each
+            // count grew (`crate::scan_behaviour`): only scan bursts ever
+            // touched it, or real use did at least once.
+            Some(aggregate) if !aggregate.scan_only => continue,
+            Some(_) => {}
+            None => {
+                let start = f.first_seen.max(horizon_start);
+                let span = ctx.input.now.duration_since(start).unwrap_or_default();
+                let windows = span.as_secs().div_ceil(window.as_secs()).max(1);
+                if count > cfg.max_notifications_per_port.saturating_mul(windows) {
+                    continue;
+                }
+            }
         }
         let critical = (Some(f.endpoint_id) == ctx.host)
             .then(|| ctx.critical_service(f))

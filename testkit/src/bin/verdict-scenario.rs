@@ -90,7 +90,7 @@ fn play(args: Args) -> anyhow::Result<()> {
         Via::Replay => {
             // Only join a running agent's maps; never create counters of our own.
             let pinned_flows =
-                args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(verdict_common::maps::FLOWS);
+                args.pin_dir.join(verdict_common::maps::LAYOUT_VERSION).join(verdict_common::maps::FLOW_TABLE);
             anyhow::ensure!(
                 pinned_flows.exists(),
                 "no agent maps pinned at {}: start `verdict-agent run --tap none --pin-dir {}` first",

@@ -139,6 +139,7 @@ pub fn flow(
         first_seen: first,
         last_seen: last,
         remote_addrs: BTreeSet::new(),
+        port_aggregate: None,
     }
 }
 
