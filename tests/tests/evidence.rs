@@ -1,10 +1,16 @@
-//! Lost evidence end to end, on the host kernel through the real verifier
-//! and BPF_PROG_TEST_RUN (the replay entry feeds the same accounting core as
-//! the tap): a port scan from world between two reads evicts an audited
-//! host flow before any read took its count; the agent must export the
-//! loss exactly, call the host's readiness `no_evidence` (`evidence_lost`)
-//! and its lockout state anything but `clear`. Needs root and bpffs; `cargo
-//! xtask test` provides both.
+//! Evidence under floods, end to end, on the host kernel through the real
+//! verifier and BPF_PROG_TEST_RUN (the replay entry feeds the same
+//! accounting core as the tap):
+//!
+//! * a full TCP and UDP port scan from world between two reads goes to the
+//!   world-port table: every other flow and the lockout alarm stay, nothing
+//!   overflows, and the scan is noise;
+//! * a flood of cluster flows larger than the table between two reads
+//!   overflows: the kernel counts the overflow exactly, the agent exports it
+//!   as unattributed, calls the host `no_evidence` (`evidence_lost`) and its
+//!   lockout state `unknown`, never `clear`, also after a restart.
+//!
+//! Needs root and bpffs; `cargo xtask test` provides both.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -28,6 +34,10 @@ fn load(pins: &Path, flow_table_size: u32) -> Replayer {
 }
 
 fn audited(endpoint: u16, remote_identity: u32, port: u16) -> Vec<u8> {
+    audited_proto(endpoint, remote_identity, port, 6)
+}
+
+fn allowed(endpoint: u16, remote_identity: u32, port: u16) -> Vec<u8> {
     PolicyVerdict {
         layout: Layout::V1_19,
         endpoint,
@@ -35,6 +45,23 @@ fn audited(endpoint: u16, remote_identity: u32, port: u16) -> Vec<u8> {
         verdict: 0,
         dst_port: port,
         proto: 6,
+        dir: 1,
+        ipv6: false,
+        match_type: 2,
+        audited: false,
+        packet_len: 60,
+    }
+    .encode()
+}
+
+fn audited_proto(endpoint: u16, remote_identity: u32, port: u16, proto: u8) -> Vec<u8> {
+    PolicyVerdict {
+        layout: Layout::V1_19,
+        endpoint,
+        remote_identity,
+        verdict: 0,
+        dst_port: port,
+        proto,
         dir: 1,
         ipv6: false,
         match_type: 0,
@@ -63,50 +90,153 @@ fn assert_books_balance(s: &Scrape, verdict: &str) {
     );
 }
 
-#[test]
-fn a_scan_between_two_reads_never_leaves_the_host_reported_clear() {
-    let pins = pins("evidence");
-    let log = std::env::temp_dir().join("verdict-test-evidence.log");
-    let host = HOST.to_string();
-    let table = TABLE.to_string();
-    let addr: SocketAddr = "127.0.0.1:19501".parse().unwrap();
-    let args = [
+fn agent_args<'a>(pins: &'a PinDir, table: &'a str, host: &'a str) -> Vec<&'a str> {
+    vec![
         "--tap",
         "none",
         "--pin-dir",
         pins.0.to_str().unwrap(),
         "--flow-table-size",
-        &table,
+        table,
         "--poll-interval",
         "2s",
         "--host-endpoint",
-        &host,
-    ];
+        host,
+    ]
+}
+
+/// Flows of the agent's `/api/v1/flows` as (remote identity, proto, port).
+fn flows(addr: SocketAddr) -> Vec<(u64, u64, u64)> {
+    let (status, body) = http_get(addr, "/api/v1/flows").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (f["remote_identity"].as_u64().unwrap(), f["proto"].as_u64().unwrap(), f["dst_port"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_port_scan_between_two_reads_displaces_no_flow_and_no_alarm() {
+    let pins = pins("scan");
+    let log = std::env::temp_dir().join("verdict-test-scan.log");
+    let (host, table) = (HOST.to_string(), TABLE.to_string());
+    let addr: SocketAddr = "127.0.0.1:19502".parse().unwrap();
+    let agent = AgentProcess::start(addr, &agent_args(&pins, &table, &host), &log).unwrap();
+    let p = load(&pins.0, TABLE);
+    // The agent tells the kernel the host endpoint and the critical ports
+    // after its first evaluation; a world probe counted per port shows it has.
+    let world_ports = |s: &Scrape| s.sum("verdict_agent_world_port_verdicts_total", &[]);
+    let probes = std::cell::Cell::new(0.0);
+    agent
+        .scrape_until(Duration::from_secs(20), |s| {
+            replay_with(p.ebpf(), &audited(HOST, 2, 1), 1).unwrap();
+            probes.set(probes.get() + 1.0);
+            world_ports(s) > 0.0
+        })
+        .expect("the agent never configured the world-port table");
+    let probes = probes.get();
+    std::thread::sleep(Duration::from_secs(3)); // one read past the probes
+
+    // Between two reads: the flows that matter, then a full scan of every
+    // TCP and UDP port from world, at full speed.
+    let critical = [(7u32, 6u8, 6443u16), (6, 6, 10250), (2, 6, 22)];
+    let ordinary = [(70_001u32, 6u8, 8080u16), (70_002, 17, 5353), (70_003, 6, 9100)];
+    // Five connections each: `/api/v1/flows` lists the busiest first.
+    for &(remote, proto, port) in critical.iter().chain(&ordinary) {
+        replay_with(p.ebpf(), &audited_proto(HOST, remote, port, proto), 5).unwrap();
+    }
+    for proto in [6u8, 17] {
+        for port in 1..=u16::MAX {
+            replay_with(p.ebpf(), &audited_proto(HOST, 2, port, proto), 1).unwrap();
+        }
+    }
+    let sent = probes + 30.0 + 2.0 * f64::from(u16::MAX);
+    let s = agent.scrape_until(Duration::from_secs(20), |s| s.counted() == sent).unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // the read after, and an evaluation
+    let s2 = agent.scrape().unwrap();
+    for s in [&s, &s2] {
+        assert_eq!(s.sum("verdict_agent_flow_table_overflow_verdicts_total", &[]), 0.0, "nothing overflowed");
+        assert_eq!(s.sum("verdict_agent_unattributed_verdicts_total", &[]), 0.0, "no evidence lost");
+        assert_books_balance(s, "audited");
+    }
+    let seen = flows(addr);
+    for &(remote, proto, port) in critical.iter().chain(&ordinary) {
+        assert!(
+            seen.contains(&(u64::from(remote), u64::from(proto), u64::from(port))),
+            "flow {remote} -> {port}/{proto} gone after the scan"
+        );
+    }
+    let report = agent_readiness(addr);
+    let lockout = &report["lockout"];
+    let at_risk: Vec<u64> =
+        lockout["risk"].as_array().into_iter().flatten().filter_map(|e| e["port"].as_u64()).collect();
+    for port in [6443, 10250, 22] {
+        assert!(at_risk.contains(&port), "lockout risk lost {port} in the scan: {lockout}");
+    }
+    // The scan is noise: counted as such and never a would-break flow of
+    // the host beyond the real ones.
+    let noise = s2.sum("verdict_agent_scan_noise_notifications_total", &[&format!("endpoint=\"{HOST}\"")]);
+    assert!(noise >= 2.0 * f64::from(u16::MAX) - 10.0, "the scan is noise: {noise}");
+    let endpoint = report["endpoints"]
+        .as_array()
+        .and_then(|eps| eps.iter().find(|e| e["endpoint_id"] == u64::from(HOST)))
+        .unwrap_or_else(|| panic!("host endpoint in {report}"));
+    // What may still be would-break: the real flows, world to a port of the
+    // critical-flow catalogue (the agent cannot tell the operator's SSH from
+    // the scanner's), and the probe port hit by every read above.
+    let real: Vec<u64> = critical.iter().chain(&ordinary).map(|f| u64::from(f.2)).collect();
+    for f in endpoint["would_deny"].as_array().into_iter().flatten() {
+        let port = f["port"].as_u64().unwrap_or(0);
+        assert!(
+            real.contains(&port) || f.get("service").is_some_and(|s| s.is_string()) || port == 1,
+            "a port only the scan touched became a would-break flow: {f}"
+        );
+    }
+    assert!(agent.stop().unwrap());
+}
+
+#[test]
+fn a_flood_beyond_the_table_is_lost_evidence_never_clear() {
+    let pins = pins("evidence");
+    let log = std::env::temp_dir().join("verdict-test-evidence.log");
+    let (host, table) = (HOST.to_string(), TABLE.to_string());
+    let addr: SocketAddr = "127.0.0.1:19501".parse().unwrap();
+    let args = agent_args(&pins, &table, &host);
     let agent = AgentProcess::start(addr, &args, &log).unwrap();
     let p = load(&pins.0, TABLE);
     // Let the agent's first read pass, so everything below falls between
     // two reads.
     let _ = agent.scrape_until(Duration::from_secs(10), |s| s.has("verdict_agent_flow_table_entries", &[])).unwrap();
 
-    // One audited kube-apiserver -> host:6443, then a scan from world of
-    // eight times the table, replayed at full speed.
-    replay_with(p.ebpf(), &audited(HOST, 7, 6443), 1).unwrap();
-    let scanned = 8 * TABLE as u16;
-    for port in 0..scanned {
-        replay_with(p.ebpf(), &audited(HOST, 2, 20_000 + port), 1).unwrap();
+    // Allowed flows from as many cluster identities as eight tables hold,
+    // replayed at full speed, fill every bucket with unread counts; then
+    // audited ones that find no slot.
+    let flooded = 8 * TABLE;
+    for i in 0..flooded {
+        replay_with(p.ebpf(), &allowed(HOST, 70_000 + i, 30_000), 1).unwrap();
     }
-    let sent = 1.0 + f64::from(scanned);
+    for i in 0..16 {
+        replay_with(p.ebpf(), &audited(HOST, 90_000 + i, 30_000), 1).unwrap();
+    }
+    let sent = f64::from(flooded + 16);
 
     // The loss shows one read after the totals that contain it.
     let lost = |s: &Scrape| s.sum("verdict_agent_unattributed_verdicts_total", &[&format!("endpoint=\"{HOST}\"")]);
+    let overflow =
+        |s: &Scrape| s.sum("verdict_agent_flow_table_overflow_verdicts_total", &[&format!("endpoint=\"{HOST}\"")]);
     let s = agent
         .scrape_until(Duration::from_secs(20), |s| s.counted() == sent && lost(s) > 0.0)
-        .unwrap_or_else(|e| panic!("no unattributed verdicts after a scan of {scanned} ports into {TABLE} slots: {e}"));
+        .unwrap_or_else(|e| panic!("no unattributed verdicts after {flooded} flows into {TABLE} slots: {e}"));
     assert_books_balance(&s, "audited");
-    assert!(
-        s.sum("verdict_agent_policy_verdicts_total", &[&format!("endpoint=\"{HOST}\"")]) <= TABLE as f64 * 2.0,
-        "only the flows the table held at the read are attributed"
-    );
+    assert_books_balance(&s, "allowed");
+    assert_eq!(lost(&s), overflow(&s), "what no flow carries is exactly what the kernel counted as overflow");
+    let attributed = s.sum("verdict_agent_policy_verdicts_total", &[&format!("endpoint=\"{HOST}\"")]);
+    assert_eq!(attributed + overflow(&s), sent, "kernel totals = flows read + overflow");
 
     // Readiness of the host: evidence lost, lockout never clear.
     let report = agent_readiness(addr);
@@ -117,17 +247,9 @@ fn a_scan_between_two_reads_never_leaves_the_host_reported_clear() {
     assert_eq!(endpoint["state"], "no_evidence", "{endpoint}");
     assert_eq!(endpoint["reason"], "evidence_lost", "{endpoint}");
     let lockout = &report["lockout"];
-    assert_ne!(lockout["state"], "clear", "{lockout}");
-    let risk_6443 = lockout["risk"].as_array().is_some_and(|r| r.iter().any(|e| e["port"] == 6443));
-    if !risk_6443 {
-        assert_eq!(lockout["state"], "unknown", "the 6443 flow is gone, so the state must say unknown: {lockout}");
-        assert!(!lockout["evidence_lost"].as_array().is_none_or(|v| v.is_empty()), "{lockout}");
-    }
+    assert_eq!(lockout["state"], "unknown", "{lockout}");
+    assert!(!lockout["evidence_lost"].as_array().is_none_or(|v| v.is_empty()), "{lockout}");
     drop(p);
-    // The scan is noise, and the engine's counters have counted it.
-    let noise = |s: &Scrape| s.sum("verdict_agent_scan_noise_notifications_total", &[&format!("endpoint=\"{HOST}\"")]);
-    let before = agent.scrape_until(Duration::from_secs(20), |s| noise(s) > 0.0).unwrap();
-    assert!(noise(&before) > 0.0, "the scan is counted as noise");
     // Let the map reader persist what the engine published.
     std::thread::sleep(Duration::from_secs(5));
     let before = agent.scrape().unwrap();
@@ -136,7 +258,7 @@ fn a_scan_between_two_reads_never_leaves_the_host_reported_clear() {
     // A restarted agent neither forgets the loss nor dates it anew, and no
     // counter goes down.
     let agent = AgentProcess::start(addr, &args, &log).unwrap();
-    let again = agent.scrape_until(Duration::from_secs(20), |s| lost(s) > 0.0 && noise(s) >= noise(&before)).unwrap();
+    let again = agent.scrape_until(Duration::from_secs(20), |s| lost(s) > 0.0).unwrap();
     assert_eq!(lost(&again), lost(&s), "the unattributed total survives the restart unchanged");
     assert_books_balance(&again, "audited");
     // Two more evaluations: the first after a restore is a baseline.
@@ -145,7 +267,6 @@ fn a_scan_between_two_reads_never_leaves_the_host_reported_clear() {
     for next in [&again, &later] {
         assert_monotonic(&before, next);
     }
-    assert_eq!(noise(&later), noise(&before), "no new noise, and the old is not counted twice");
     assert!(agent.stop().unwrap());
 }
 
