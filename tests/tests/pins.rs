@@ -151,8 +151,13 @@ fn a_reshaped_pin_is_replaced_and_the_log_says_what_was_lost() {
         AgentProcess::start(addr(19106), &args(&pins, &["--flow-table-size", "256"]), &log("reshape-2")).unwrap();
     let text = plain(&agent.log_text());
     assert!(text.contains("pinned map has another shape"), "{text}");
-    assert!(text.contains("map=\"FLOWS\""), "names the map: {text}");
-    assert!(text.contains("pinned_entries=128") && text.contains("wanted_entries=256"), "says how: {text}");
+    assert!(text.contains("map=\"FLOW_TABLE\""), "names the map: {text}");
+    let entries = |slots| verdict_agent::bpf::flow_table::table_entries(slots).unwrap();
+    assert!(
+        text.contains(&format!("pinned_entries={}", entries(128)))
+            && text.contains(&format!("wanted_entries={}", entries(256))),
+        "says how: {text}"
+    );
     assert!(agent.stop().unwrap());
 }
 

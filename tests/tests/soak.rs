@@ -1,6 +1,6 @@
 //! Soak, short form: the benchmark's soak (`verdict_agent_tests::bench::soak`)
 //! for 20 seconds. Steady emission into a flow table a quarter the size of
-//! the flow set (so the LRU evicts all along), a scrape every second, the
+//! the flow set (so slots are reused all along), a scrape every second, the
 //! agent killed with SIGKILL and restarted half-way: at the end every
 //! emitted verdict is counted, and no exported counter went down between
 //! any two scrapes. `cargo xtask bench` runs the 5-minute form. Needs root

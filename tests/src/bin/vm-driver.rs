@@ -144,7 +144,10 @@ fn check_tap(tap: &str, port: u16, privileges: &PodPrivileges) -> anyhow::Result
     println!("VMTEST {tap} recreate map_id {first_id}->{second_id} counted={}/{}", N + K, N + K);
 
     ensure!(agent.stop()?, "{tap}: agent did not exit cleanly on SIGTERM");
-    ensure!(Path::new(&pins).join("v1/FLOWS").exists(), "{tap}: pins removed on shutdown");
+    ensure!(
+        Path::new(&pins).join(verdict_common::maps::LAYOUT_VERSION).join(verdict_common::maps::FLOW_TABLE).exists(),
+        "{tap}: pins removed on shutdown"
+    );
     let _ = std::fs::remove_dir_all(&pins);
     Ok(())
 }
