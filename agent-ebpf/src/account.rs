@@ -20,8 +20,8 @@ use verdict_common::{
     cilium::{direction, notify_type},
     classify::{Accounted, classify},
     flow_table::{
-        BUCKET_WAYS, FlowConfig, bucket_of, is_critical_port, is_world_identity, key_tag, key_words, reused_word,
-        world_port_kind, world_port_proto_index,
+        FlowConfig, Stored, bucket_of, is_critical_port, is_world_identity, key_words, store, world_port_kind,
+        world_port_proto_index,
     },
     maps::{EndpointCounters, MAX_ENDPOINTS, OVERFLOW_POLICY_DROP, Stat},
 };
@@ -162,48 +162,15 @@ fn store_flow(config: &FlowConfig, decision: &Accounted, epoch: u64) -> Result<(
         return Err(Stat::FlowTableUnavailable);
     };
     // SAFETY: a bucket of this CPU's shard: only this CPU's programs write
-    // it (userspace writes only `acks`, which this code only reads).
-    let bucket = unsafe { &mut *bucket };
-
-    let mut free = BUCKET_WAYS;
-    let mut free_epoch = u32::MAX;
-    for i in 0..BUCKET_WAYS {
-        if bucket.keys[i] == words {
-            let c = &mut bucket.counts[i];
-            c.tagged_notifications += 1;
-            c.bytes += decision.bytes;
-            c.last_epoch = epoch as u32;
-            return Ok(());
+    // its keys and counts (userspace writes only the acknowledgements).
+    match unsafe { store(bucket, words, decision.bytes, epoch as u32) } {
+        Stored::Existing => {}
+        Stored::New => count(Stat::FlowsCreated),
+        Stored::Reused => {
+            count(Stat::FlowsCreated);
+            count(Stat::FlowSlotsReused);
         }
-        // Reusable: every count of the slot has been read. The oldest wins.
-        if bucket.counts[i].tagged_notifications == bucket.acks[i].tagged_notifications
-            && bucket.counts[i].last_epoch < free_epoch
-        {
-            free = i;
-            free_epoch = bucket.counts[i].last_epoch;
-        }
-    }
-    if free >= BUCKET_WAYS {
-        return Err(Stat::FlowTableFull);
-    }
-    let acked = bucket.acks[free].tagged_notifications;
-    let reused = bucket.keys[free] != [0, 0];
-    // The key before the counter word: a reader that sees the new count
-    // (it reads the word first) finds the key it belongs to, or a key whose
-    // tag does not match, which it skips.
-    // SAFETY: in-bounds places of this CPU's bucket.
-    unsafe {
-        core::ptr::write_volatile(&raw mut bucket.keys[free], words);
-        let c = &mut bucket.counts[free];
-        core::ptr::write_volatile(&raw mut c.tagged_notifications, reused_word(key_tag(words), acked));
-    }
-    let c = &mut bucket.counts[free];
-    c.bytes += decision.bytes;
-    c.first_epoch = epoch as u32;
-    c.last_epoch = epoch as u32;
-    count(Stat::FlowsCreated);
-    if reused {
-        count(Stat::FlowSlotsReused);
+        Stored::Full => return Err(Stat::FlowTableFull),
     }
     Ok(())
 }

@@ -285,11 +285,17 @@ impl MapReader {
         self.world_ports = wanted;
     }
 
+    /// Follows Cilium's map, and rewrites the tap's config every time: that
+    /// also forgets the map address the tap remembered (`TapConfig`).
     fn follow(&mut self) {
-        if let Some(id) = self.follower.refresh() {
-            if let Err(e) = self.pipeline.set_events_map_id(id.unwrap_or(0)) {
-                error!(error = %e, "could not hand the cilium_events map ID to the tap");
-            }
+        let changed = self.follower.refresh().is_some();
+        let id = self.follower.state().map_id.unwrap_or(0);
+        if let Err(e) = self.pipeline.set_events_map_id(id)
+            && changed
+        {
+            error!(error = %e, "could not hand the cilium_events map ID to the tap");
+        }
+        if changed {
             self.view.write().unwrap_or_else(|e| e.into_inner()).events_map = self.follower.state().clone();
         }
     }

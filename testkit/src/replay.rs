@@ -32,6 +32,8 @@ pub const BENCH_REPLAY_AND_EMIT: &str = "bench_replay_and_emit";
 pub const BENCH_TAP: &str = "bench_tap";
 /// Cilium's own notify: a perf output into a ring nobody reads.
 pub const BENCH_NOTIFY: &str = "bench_notify";
+/// The previous design's flow table (an LRU per-CPU hash), for the ratio.
+pub const BENCH_LRU_FLOW: &str = "bench_lru_flow";
 
 #[derive(Debug, Error)]
 pub enum ReplayError {
@@ -127,7 +129,7 @@ impl Replayer {
         let mut config: aya::maps::Array<_, TapConfig> =
             aya::maps::Array::try_from(map).map_err(|source| ReplayError::TapConfig { source: Box::new(source) })?;
         config
-            .set(0, TapConfig { events_map_id, map_id_offset }, 0)
+            .set(0, TapConfig { events_map_id, map_id_offset, events_map_ptr: 0 }, 0)
             .map_err(|source| ReplayError::TapConfig { source: Box::new(source) })
     }
 

@@ -214,7 +214,11 @@ pub fn key_from_words(words: [u64; 2]) -> FlowKey {
 
 #[inline(always)]
 fn mix(words: [u64; 2]) -> u64 {
-    (words[0] ^ words[1].rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    // A multiply carries only upwards: fold the high half down and multiply
+    // again, so the tag (bits 16..32) depends on every key bit, as does the
+    // bucket (bits 32..).
+    let h = (words[0] ^ words[1].rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h ^ (h >> 32)).wrapping_mul(0xbf58_476d_1ce4_e5b9)
 }
 
 /// Bucket of `words` within a shard of `buckets_per_cpu` (a power of two).
@@ -235,6 +239,71 @@ pub fn key_tag(words: [u64; 2]) -> u64 {
 #[inline(always)]
 pub fn reused_word(tag: u64, acked: u64) -> u64 {
     (tag << COUNT_BITS) | ((acked & COUNT_MASK) + 1)
+}
+
+/// Where [`store`] put a notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// Added to the slot already holding the key.
+    Existing,
+    /// Took an empty slot.
+    New,
+    /// Took a slot whose previous key had every count acknowledged.
+    Reused,
+    /// Every slot holds unread counts: nothing stored (overflow).
+    Full,
+}
+
+/// Counts one notification of the key `words` (`bytes` long, at `epoch`)
+/// in `bucket`: the kernel's whole flow-table write, here so the host's
+/// tests run the very code the tap runs.
+///
+/// # Safety
+/// `bucket` is a bucket of the calling CPU's shard (no other writer of its
+/// keys and counts); userspace may concurrently write its `acks` and read
+/// everything.
+#[inline(always)]
+pub unsafe fn store(bucket: *mut FlowBucket, words: [u64; 2], bytes: u64, epoch: u32) -> Stored {
+    // SAFETY (all below): in-bounds places of a live bucket, see above;
+    // the acks are read with volatile loads since userspace writes them.
+    unsafe {
+        let mut free = BUCKET_WAYS;
+        let mut free_epoch = u32::MAX;
+        for i in 0..BUCKET_WAYS {
+            if (*bucket).keys[i] == words {
+                let c = &raw mut (*bucket).counts[i];
+                (*c).tagged_notifications += 1;
+                (*c).bytes += bytes;
+                (*c).last_epoch = epoch;
+                return Stored::Existing;
+            }
+            // Reusable: every count of the slot has been read. The oldest wins.
+            let word = (*bucket).counts[i].tagged_notifications;
+            let acked = core::ptr::read_volatile(&raw const (*bucket).acks[i].tagged_notifications);
+            if word == acked && (*bucket).counts[i].last_epoch < free_epoch {
+                free = i;
+                free_epoch = (*bucket).counts[i].last_epoch;
+            }
+        }
+        if free >= BUCKET_WAYS {
+            return Stored::Full;
+        }
+        let acked = core::ptr::read_volatile(&raw const (*bucket).acks[free].tagged_notifications);
+        let reused = (*bucket).keys[free] != [0, 0];
+        // The key before the counter word: a reader that sees the new count
+        // (it reads the word first) finds the key it belongs to, or a key
+        // whose tag does not match, which it skips.
+        core::ptr::write_volatile(&raw mut (*bucket).keys[free], words);
+        core::ptr::write_volatile(
+            &raw mut (*bucket).counts[free].tagged_notifications,
+            reused_word(key_tag(words), acked),
+        );
+        let c = &raw mut (*bucket).counts[free];
+        (*c).bytes += bytes;
+        (*c).first_epoch = epoch;
+        (*c).last_epoch = epoch;
+        if reused { Stored::Reused } else { Stored::New }
+    }
 }
 
 /// What userspace reads from one slot.
@@ -289,4 +358,146 @@ mod pod {
     unsafe impl aya::Pod for super::FlowBucket {}
     unsafe impl aya::Pod for super::FlowConfig {}
     unsafe impl aya::Pod for super::WorldPortCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{
+        boxed::Box,
+        collections::HashMap,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+    };
+
+    use super::*;
+
+    fn key(i: u32) -> [u64; 2] {
+        key_words(&FlowKey { endpoint_id: 1, remote_identity: i, direction: 1, dst_port: 80, ..Default::default() })
+    }
+
+    struct Shared(*mut FlowBucket);
+    unsafe impl Send for Shared {}
+    unsafe impl Sync for Shared {}
+
+    /// Reads every slot like the agent, acknowledging what it took.
+    fn read_and_ack(bucket: *mut FlowBucket, into: &mut HashMap<[u64; 2], u64>) -> usize {
+        let mut torn = 0;
+        for way in 0..BUCKET_WAYS {
+            // SAFETY: a live bucket; the reader's side of the protocol.
+            unsafe {
+                let word = core::ptr::read_volatile(&raw const (*bucket).counts[way].tagged_notifications);
+                core::sync::atomic::fence(Ordering::Acquire);
+                let k = core::ptr::read_volatile(&raw const (*bucket).keys[way]);
+                let bytes = core::ptr::read_volatile(&raw const (*bucket).counts[way].bytes);
+                let ack = core::ptr::read_volatile(&raw const (*bucket).acks[way]);
+                match read_slot(word, k, bytes, &ack) {
+                    SlotRead::Empty => {}
+                    SlotRead::Torn => torn += 1,
+                    SlotRead::Key { notifications, .. } => {
+                        *into.entry(k).or_default() += notifications;
+                        core::ptr::write_volatile(&raw mut (*bucket).acks[way].bytes, bytes);
+                        core::sync::atomic::fence(Ordering::Release);
+                        core::ptr::write_volatile(&raw mut (*bucket).acks[way].tagged_notifications, word);
+                    }
+                }
+            }
+        }
+        torn
+    }
+
+    #[test]
+    fn a_slot_reads_empty_torn_or_its_delta() {
+        let ack = SlotAck::default();
+        assert_eq!(read_slot(0, [0, 0], 0, &ack), SlotRead::Empty);
+        let k = key(7);
+        let word = reused_word(key_tag(k), 0);
+        assert_eq!(read_slot(word, k, 60, &ack), SlotRead::Key { key: key_from_words(k), notifications: 1, bytes: 60 });
+        // The counter word of a new key with the old key still read: skipped.
+        assert_eq!(read_slot(word, key(8), 60, &ack), SlotRead::Torn);
+        // After a reuse the count continues from the ack.
+        let acked = SlotAck { tagged_notifications: word + 4, bytes: 300 };
+        let reused = reused_word(key_tag(key(9)), acked.tagged_notifications);
+        assert_eq!(
+            read_slot(reused, key(9), 360, &acked),
+            SlotRead::Key { key: key_from_words(key(9)), notifications: 1, bytes: 60 }
+        );
+    }
+
+    #[test]
+    fn tags_and_buckets_depend_on_every_field() {
+        let base =
+            FlowKey { endpoint_id: 1, remote_identity: 7, direction: 1, dst_port: 80, proto: 6, ..Default::default() };
+        let variants = [
+            FlowKey { endpoint_id: 2, ..base },
+            FlowKey { remote_identity: 8, ..base },
+            FlowKey { dst_port: 81, ..base },
+            FlowKey { proto: 17, ..base },
+            FlowKey { class: 2, ..base },
+        ];
+        for v in variants {
+            assert_ne!(key_tag(key_words(&v)), key_tag(key_words(&base)), "{v:?}");
+        }
+        let buckets: std::collections::HashSet<u32> = (0..4096).map(|i| bucket_of(key(i), 512)).collect();
+        assert!(buckets.len() > 480, "remote identities spread over {} of 512 buckets", buckets.len());
+    }
+
+    #[test]
+    fn a_full_bucket_keeps_every_unread_count() {
+        let mut b = FlowBucket::default();
+        for i in 0..BUCKET_WAYS as u32 {
+            assert_eq!(unsafe { store(&mut b, key(i), 60, 1) }, Stored::New);
+        }
+        assert_eq!(unsafe { store(&mut b, key(100), 60, 1) }, Stored::Full, "no unread slot is taken");
+        let mut seen = HashMap::new();
+        read_and_ack(&mut b, &mut seen);
+        assert_eq!(unsafe { store(&mut b, key(100), 60, 2) }, Stored::Reused, "an acknowledged slot is");
+        assert_eq!(seen.values().sum::<u64>(), BUCKET_WAYS as u64);
+    }
+
+    /// The protocol under a concurrent reader: one writer (the kernel's CPU)
+    /// storing many keys into one bucket, one reader acknowledging; every
+    /// stored notification is read exactly once, per key.
+    #[test]
+    fn no_count_is_lost_or_misattributed_with_a_concurrent_reader() {
+        let bucket = Box::into_raw(Box::<FlowBucket>::default());
+        let shared = Arc::new(Shared(bucket));
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (shared, done) = (shared.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut seen = HashMap::new();
+                let mut torn = 0;
+                loop {
+                    let finished = done.load(Ordering::Acquire);
+                    torn += read_and_ack(shared.0, &mut seen);
+                    if finished {
+                        return (seen, torn);
+                    }
+                }
+            })
+        };
+        let mut stored: HashMap<[u64; 2], u64> = HashMap::new();
+        let (mut full, mut reused) = (0u64, 0u64);
+        for n in 0..2_000_000u32 {
+            let k = key(n % 64);
+            match unsafe { store(shared.0, k, 1, n / 1000) } {
+                Stored::Full => full += 1,
+                s => {
+                    reused += (s == Stored::Reused) as u64;
+                    *stored.entry(k).or_default() += 1;
+                }
+            }
+        }
+        done.store(true, Ordering::Release);
+        let (mut seen, _torn) = reader.join().unwrap();
+        // The final pass after the writer stopped leaves nothing unread.
+        read_and_ack(shared.0, &mut seen);
+        seen.retain(|_, n| *n > 0);
+        assert_eq!(seen, stored, "per-key counts read != stored ({full} overflowed, {reused} slot reuses)");
+        assert!(reused > 0, "the test must exercise slot reuse");
+        drop(unsafe { Box::from_raw(bucket) });
+    }
 }

@@ -51,6 +51,12 @@ pub struct TapConfig {
     pub events_map_id: u32,
     /// Byte offset of `id` in `struct bpf_map`, read from the kernel's BTF.
     pub map_id_offset: u32,
+    /// Written by the tap: the address of the `struct bpf_map` whose ID it
+    /// last found to be `events_map_id`, so later calls compare a pointer
+    /// instead of reading the ID again. Userspace writes 0 with every
+    /// config (at least once a second): a map freed and another allocated
+    /// at its address is never taken for Cilium's for longer than that.
+    pub events_map_ptr: u64,
 }
 
 /// Verdict class, the one word an operator reads: what happened to traffic.

@@ -104,16 +104,6 @@ pub fn table_entries(slots_per_cpu: u32) -> Result<u32, std::io::Error> {
     Ok(geometry(slots_per_cpu, cpu_shards()?).1)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cpu_lists() {
-        assert_eq!(super::parse_highest_cpu("0-3,8-11\n"), Some(11));
-        assert_eq!(super::parse_highest_cpu("0\n"), Some(0));
-        assert_eq!(super::parse_highest_cpu(""), None);
-    }
-}
-
 impl FlowTables {
     /// Maps the three arrays of a loaded object (the tap's, or the
     /// testkit's replay object sharing its pins) and writes the geometry
@@ -278,5 +268,15 @@ impl FlowTables {
                 store(&raw mut (*bucket).acks[way].tagged_notifications, ack.tagged_notifications);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(super::parse_highest_cpu("0-3,8-11\n"), Some(11));
+        assert_eq!(super::parse_highest_cpu("0\n"), Some(0));
+        assert_eq!(super::parse_highest_cpu(""), None);
     }
 }

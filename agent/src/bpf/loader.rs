@@ -225,7 +225,7 @@ impl Pipeline {
         let mut config: Array<_, TapConfig> =
             Array::try_from(map).map_err(|source| LoadError::Map { map: TAP_CONFIG, source })?;
         config
-            .set(0, TapConfig { events_map_id: id, map_id_offset: self.map_id_offset }, 0)
+            .set(0, TapConfig { events_map_id: id, map_id_offset: self.map_id_offset, events_map_ptr: 0 }, 0)
             .map_err(|source| LoadError::Map { map: TAP_CONFIG, source })
     }
 

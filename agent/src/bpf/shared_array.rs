@@ -58,7 +58,7 @@ impl<T> SharedArray<T> {
 
     pub fn from_data(data: &MapData, name: &'static str) -> Result<SharedArray<T>, SharedArrayError> {
         let info = data.info().map_err(|source| SharedArrayError::Info { map: name, source })?;
-        if info.value_size() as usize != size_of::<T>() || size_of::<T>() % 8 != 0 {
+        if info.value_size() as usize != size_of::<T>() || !size_of::<T>().is_multiple_of(8) {
             return Err(SharedArrayError::ValueSize { map: name, found: info.value_size(), expected: size_of::<T>() });
         }
         let entries = info.max_entries();

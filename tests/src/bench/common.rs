@@ -64,8 +64,11 @@ pub struct Bench {
 pub const REPLAY: &str = replay::REPLAY;
 pub const EMPTY: &str = replay::BENCH_EMPTY;
 pub const REPLAY_AND_EMIT: &str = replay::BENCH_REPLAY_AND_EMIT;
-/// The tap's whole path (both `bpf_probe_read_kernel` calls included).
+/// The tap's whole path (every helper call of the shipped `try_tap`).
 pub const TAP: &str = replay::BENCH_TAP;
+/// The previous design's flow table (LRU per-CPU hash insert), the baseline
+/// of the flow table's new-flow cost.
+pub const LRU_FLOW: &str = replay::BENCH_LRU_FLOW;
 /// Cilium's own notify: a perf output into a ring nobody reads.
 pub const NOTIFY: &str = replay::BENCH_NOTIFY;
 

@@ -13,9 +13,10 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_CURRENT_CPU, TC_ACT_OK},
+    helpers::bpf_ktime_get_ns,
     helpers::generated::bpf_perf_event_output,
     macros::{classifier, map},
-    maps::{PerCpuArray, PerfEventArray},
+    maps::{LruPerCpuHashMap, PerCpuArray, PerfEventArray},
     programs::TcContext,
 };
 use verdict_agent_ebpf::{
@@ -24,7 +25,8 @@ use verdict_agent_ebpf::{
 };
 use verdict_common::{
     cilium::capture_hdr::LEN_CAP,
-    maps::{BENCH_FAKE_MAP_ID, MAX_NOTIFICATION_SIZE},
+    classify::classify,
+    maps::{BENCH_FAKE_MAP_ID, FlowKey, MAX_NOTIFICATION_SIZE},
 };
 use verdict_testkit_ebpf::packet::copy_packet;
 
@@ -146,6 +148,38 @@ pub fn bench_replay_and_emit(ctx: TcContext) -> i32 {
         bench_bump(if rc == 0 { 1 } else { 2 });
     } else {
         bench_bump(2);
+    }
+    TC_ACT_OK
+}
+
+/// Benchmark only: the previous design's flow table, an LRU per-CPU hash of
+/// the same keys with 32-byte values (notifications, bytes, first and last
+/// `bpf_ktime_get_ns`), at the default 16,384 entries. Its inserts
+/// zero-fill the value on every possible CPU; measured beside the flow
+/// table in the same run, so the two designs are compared as a ratio.
+#[map(name = "BENCH_LRU_FLOWS")]
+static BENCH_LRU_FLOWS: LruPerCpuHashMap<FlowKey, [u64; 4]> = LruPerCpuHashMap::with_max_entries(16384, 0);
+
+/// Benchmark only: the previous design's accounting of one flow (lookup,
+/// else insert with BPF_NOEXIST), after the same classifier.
+#[classifier]
+pub fn bench_lru_flow(ctx: TcContext) -> i32 {
+    let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
+    copy_packet(&ctx, &mut buf);
+    if let Ok(decision) = classify(&buf, ctx.len() as usize) {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_ns() };
+        match BENCH_LRU_FLOWS.get_ptr_mut(&decision.key) {
+            // SAFETY: this CPU's value of a live entry.
+            Some(v) => unsafe {
+                (*v)[0] += 1;
+                (*v)[1] += decision.bytes;
+                (*v)[3] = now;
+            },
+            None => {
+                let _ = BENCH_LRU_FLOWS.insert(&decision.key, &[1, decision.bytes, now, now], 1);
+            }
+        }
     }
     TC_ACT_OK
 }
