@@ -32,6 +32,8 @@ pub const BENCH_REPLAY_AND_EMIT: &str = "bench_replay_and_emit";
 pub const BENCH_TAP: &str = "bench_tap";
 /// Cilium's own notify: a perf output into a ring nobody reads.
 pub const BENCH_NOTIFY: &str = "bench_notify";
+/// Only the tap's copy of the notification (one `bpf_probe_read_kernel`).
+pub const BENCH_PROBE_READ: &str = "bench_probe_read";
 /// The previous design's flow table (an LRU per-CPU hash), for the ratio.
 pub const BENCH_LRU_FLOW: &str = "bench_lru_flow";
 

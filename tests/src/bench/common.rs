@@ -69,6 +69,8 @@ pub const TAP: &str = replay::BENCH_TAP;
 /// The previous design's flow table (LRU per-CPU hash insert), the baseline
 /// of the flow table's new-flow cost.
 pub const LRU_FLOW: &str = replay::BENCH_LRU_FLOW;
+/// The packet copy and one `bpf_probe_read_kernel` of the notification.
+pub const PROBE_READ: &str = replay::BENCH_PROBE_READ;
 /// Cilium's own notify: a perf output into a ring nobody reads.
 pub const NOTIFY: &str = replay::BENCH_NOTIFY;
 

@@ -32,7 +32,7 @@ use verdict_common::{
 
 use super::{
     Report,
-    common::{Bench, EMPTY, LRU_FLOW, NOTIFY, PinDir, REPLAY, TAP, notification, progress, test_run},
+    common::{Bench, EMPTY, LRU_FLOW, NOTIFY, PROBE_READ, PinDir, REPLAY, TAP, notification, progress, test_run},
 };
 
 /// Targets of the evidence issue (ns above the empty program, this machine).
@@ -42,7 +42,7 @@ const TARGET_SHARE_OF_NOTIFY: f64 = 0.25;
 
 /// Loads the bench programs and points the tap's filter at the stand-in map.
 fn load_bench(pins: &PinDir, flow_table_size: u32) -> Result<Bench> {
-    let mut bench = Bench::load(&pins.0, flow_table_size, &[EMPTY, TAP, NOTIFY, LRU_FLOW])?;
+    let mut bench = Bench::load(&pins.0, flow_table_size, &[EMPTY, TAP, NOTIFY, LRU_FLOW, PROBE_READ])?;
     bench.pipeline.set_tap_config(BENCH_FAKE_MAP_ID, 0).context("writing TAP_CONFIG for bench_tap")?;
     Ok(bench)
 }
@@ -65,14 +65,17 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let replay = bench.prog(REPLAY)?;
     let tap = bench.prog(TAP)?;
     let notify = bench.prog(NOTIFY)?;
+    let probe_read = bench.prog(PROBE_READ)?;
     let hot_input = notification(0);
-    let (mut e, mut h, mut t, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut e, mut h, mut t, mut n, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         e.push(test_run(empty, &hot_input, repeat)?.as_nanos() as f64);
         h.push(test_run(replay, &hot_input, repeat)?.as_nanos() as f64);
         t.push(test_run(tap, &hot_input, repeat)?.as_nanos() as f64);
         n.push(test_run(notify, &hot_input, repeat)?.as_nanos() as f64);
+        r.push(test_run(probe_read, &hot_input, repeat)?.as_nanos() as f64);
     }
+    let probe_read_ns = median(&mut r);
     let empty_ns = median(&mut e);
     let hot_ns = median(&mut h);
     let tap_hot_ns = median(&mut t);
@@ -108,6 +111,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let tap_evict = tap_evict_ns - empty_full_ns;
     let lru_new = lru_new_ns - empty_single_ns;
     let notify = notify_ns - empty_ns;
+    let probe = probe_read_ns - empty_ns;
     let share = tap_hot / notify;
     let possible = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     // A slot is 1/8 of a bucket, on each CPU's shard; the world-port table
@@ -165,6 +169,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     report.table(&row("tap path, new flow", tap_new_ns, tap_new, format!("<= {TARGET_NEW_NS}")));
     report.table(&row("tap path, new flow into a full table", tap_evict_ns, tap_evict, format!("<= {TARGET_NEW_NS}")));
     report.table(&row("Cilium notify (perf output, unread ring)", notify_ns, notify, "-".into()));
+    report.table(&row("of the tap path: packet copy + the probe read", probe_read_ns, probe, "-".into()));
     report.table(&format!(
         "  tap (hot) as a share of Cilium's notify: {:.0} % (target <= {:.0} %); the tap's probe reads add {:.1} ns to replay",
         share * 100.0,
@@ -201,6 +206,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
             "tap_path_new_flow_at_capacity_ns_above_empty": tap_evict,
             "notify_unread_ring_ns_above_empty": notify,
             "tap_share_of_notify": share,
+            "packet_copy_and_probe_read_ns_above_empty": probe,
             "previous_design_new_flow_ns_per_verdict": lru_new,
             "new_flow_ratio_to_previous_design": new / lru_new,
             "targets": {"hot_ns": TARGET_HOT_NS, "new_ns": TARGET_NEW_NS, "share_of_notify": TARGET_SHARE_OF_NOTIFY},

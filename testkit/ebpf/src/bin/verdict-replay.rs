@@ -152,6 +152,25 @@ pub fn bench_replay_and_emit(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// Benchmark only: what `bench_tap` does besides `try_tap`'s accounting,
+/// alone: the packet copy and one `bpf_probe_read_kernel` of the
+/// notification (the copy the tap makes), so the table can say what the
+/// helper costs on this kernel.
+#[classifier]
+pub fn bench_probe_read(ctx: TcContext) -> i32 {
+    let mut meta: Notification = [0; MAX_NOTIFICATION_SIZE];
+    let n = copy_packet(&ctx, &mut meta);
+    let src = core::hint::black_box(meta.as_ptr());
+    let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
+    let len = if n > MAX_NOTIFICATION_SIZE { MAX_NOTIFICATION_SIZE } else { n } as u32;
+    // SAFETY: `len` <= size of both buffers; a fault-tolerant read.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(buf.as_mut_ptr().cast(), len, src.cast());
+    }
+    core::hint::black_box(&buf);
+    TC_ACT_OK
+}
+
 /// Benchmark only: the previous design's flow table, an LRU per-CPU hash of
 /// the same keys with 32-byte values (notifications, bytes, first and last
 /// `bpf_ktime_get_ns`), at the default 16,384 entries. Its inserts
