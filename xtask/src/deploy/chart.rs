@@ -178,11 +178,36 @@ pub(super) fn is_prom_duration(s: &str) -> bool {
 /// The chart's security promises, checked on every rendering.
 pub(super) fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
     let mut problems = Vec::new();
-    let allowed_agent_paths = ["/sys/fs/bpf", "/sys/kernel/btf", "/var/run/cilium"];
     for d in docs {
         let id = d.id();
         if d.kind() == "DaemonSet" || d.kind() == "Job" {
             let pod = &d.value["spec"]["template"]["spec"];
+            // Writing to the Cilium API (enforcement trials) is off unless the
+            // agent gets --enable-enforcement; only then may the Cilium socket
+            // directory be read-write and a state directory come from the host.
+            let enforcing = pod["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .flat_map(|c| c["args"].as_sequence().into_iter().flatten())
+                .any(|a| a.as_str() == Some("--enable-enforcement"));
+            let state_volume = pod["volumes"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"].as_str() == Some("state"))
+                .and_then(|v| v["hostPath"]["path"].as_str());
+            let mut allowed_agent_paths = vec!["/sys/fs/bpf", "/sys/kernel/btf", "/var/run/cilium"];
+            let mut writable_mounts = vec!["/sys/fs/bpf"];
+            if enforcing {
+                allowed_agent_paths.extend(state_volume);
+                writable_mounts.extend(["/var/run/cilium", "/var/lib/verdict-agent"]);
+                if state_volume.is_none() {
+                    problems.push(format!("{id}: --enable-enforcement without a state hostPath volume"));
+                }
+            } else if state_volume.is_some() {
+                problems.push(format!("{id}: a state volume without --enable-enforcement"));
+            }
             for key in ["hostNetwork", "hostPID", "hostIPC"] {
                 if pod[key].as_bool() == Some(true) {
                     problems.push(format!("{id}: {key} is true"));
@@ -255,7 +280,7 @@ pub(super) fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                 }
                 for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
                     let path = m["mountPath"].as_str().unwrap_or("");
-                    if path != "/sys/fs/bpf" && m["readOnly"].as_bool() != Some(true) {
+                    if !writable_mounts.contains(&path) && m["readOnly"].as_bool() != Some(true) {
                         problems.push(format!("{id}/{cname}: mount {path} must be readOnly"));
                     }
                     if m["mountPropagation"].as_str() == Some("Bidirectional") {
@@ -371,4 +396,40 @@ pub fn check_agent_flags(agent: &Path) -> Result<()> {
         .collect();
     ensure!(missing.is_empty(), "`{} run` does not accept {missing:?}, which the DaemonSet passes", agent.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{super::render::split_docs, check_invariants};
+
+    fn daemonset(args: &str, cilium_read_only: bool, state_volume: bool) -> String {
+        let state = if state_volume {
+            "\n        - name: state\n          hostPath: {path: /var/lib/verdict-agent, type: DirectoryOrCreate}"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: verdict-agent}}\nspec:\n  template:\n    spec:\n      \
+             containers:\n        - name: agent\n          args: [{args}]\n          volumeMounts:\n            \
+             - {{name: cilium-run, mountPath: /var/run/cilium, readOnly: {cilium_read_only}}}\n      volumes:\n        \
+             - name: cilium-run\n          hostPath: {{path: /var/run/cilium}}{state}\n"
+        )
+    }
+
+    fn problems(yaml: &str) -> String {
+        let docs = split_docs(yaml).unwrap();
+        check_invariants(&docs, "test").err().map(|e| format!("{e:#}")).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_cilium_socket_is_writable_and_a_state_dir_mounted_only_with_enforcement() {
+        let off = problems(&daemonset("run", false, false));
+        assert!(off.contains("mount /var/run/cilium must be readOnly"), "{off}");
+        let stray = problems(&daemonset("run", true, true));
+        assert!(stray.contains("a state volume without --enable-enforcement"), "{stray}");
+        let on = problems(&daemonset("run, --enable-enforcement", false, true));
+        assert!(!on.contains("/var/run/cilium must be readOnly") && !on.contains("hostPath /var/lib"), "{on}");
+        let no_state = problems(&daemonset("run, --enable-enforcement", false, false));
+        assert!(no_state.contains("without a state hostPath volume"), "{no_state}");
+    }
 }
