@@ -203,12 +203,12 @@ impl FlowLedger {
     /// Takes one read of the counting maps into account.
     pub fn update(&mut self, snapshot: &MapSnapshot) {
         let at = snapshot.taken_at;
+        let window = SeenWindow { taken_at: at };
         let mut seen: HashSet<FlowKey> = HashSet::with_capacity(snapshot.flows.len());
         for slot in &snapshot.flows {
             let key = slot.key;
             seen.insert(key);
-            let first = epoch_time(slot.first_seen_s as u64, at);
-            let last = epoch_time(slot.last_seen_s as u64, at);
+            let (first, last) = window.bounds(slot.first_seen_s, slot.last_seen_s);
             let e = self.entries.entry(key).or_insert_with(|| {
                 self.changed.insert(key);
                 Entry::new(first)
@@ -225,7 +225,7 @@ impl FlowLedger {
                 self.changed.insert(key);
             }
         }
-        self.update_world_ports(snapshot, &mut seen);
+        self.update_world_ports(snapshot, &window, &mut seen);
         for (key, e) in self.entries.iter_mut() {
             if e.live && !seen.contains(key) {
                 e.live = false;
@@ -241,7 +241,7 @@ impl FlowLedger {
 
     /// The world-port table: one record per port and kind, on the host
     /// endpoint it counts for, growing with the kernel's absolute count.
-    fn update_world_ports(&mut self, snapshot: &MapSnapshot, seen: &mut HashSet<FlowKey>) {
+    fn update_world_ports(&mut self, snapshot: &MapSnapshot, window: &SeenWindow, seen: &mut HashSet<FlowKey>) {
         let Some(host) = snapshot.world_ports_endpoint else { return };
         let at = snapshot.taken_at;
         let mut grown: Vec<(u8, u16, u64)> = Vec::new();
@@ -255,9 +255,10 @@ impl FlowLedger {
                 let match_type = if match_none { 0 } else { port.audited_match_type.max(1) };
                 let key = world_port_key(host, port.proto, port.port, class, match_type);
                 seen.insert(key);
+                let (first, last) = window.bounds(port.first_seen_s, port.last_seen_s);
                 let e = self.entries.entry(key).or_insert_with(|| {
                     self.changed.insert(key);
-                    Entry::new(epoch_time(port.first_seen_s as u64, at))
+                    Entry::new(first)
                 });
                 if !e.live {
                     e.live = true;
@@ -267,7 +268,7 @@ impl FlowLedger {
                 let growth = count.saturating_sub(e.totals.notifications);
                 if growth > 0 {
                     e.totals.add(growth, 0);
-                    e.last_seen = e.last_seen.max(epoch_time(port.last_seen_s as u64, at));
+                    e.last_seen = e.last_seen.max(last);
                     self.changed.insert(key);
                     port_growth += growth;
                 }
@@ -382,6 +383,27 @@ impl FlowLedger {
 
 fn unix_ns(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Turns the kernel's epoch seconds into times a reader can compare with
+/// instants: the epoch is whole seconds and written every second, so a
+/// notification stamped `s` happened in [s, s + 2 s), and before this read.
+/// First-seen takes the earliest possible time, last-seen the latest (an
+/// enforcement trial counts what came after its switch: in doubt, after).
+struct SeenWindow {
+    taken_at: SystemTime,
+}
+
+impl SeenWindow {
+    fn bounds(&self, first_s: u32, last_s: u32) -> (SystemTime, SystemTime) {
+        let first = epoch_time(first_s as u64, self.taken_at).min(self.taken_at);
+        let last = if last_s == 0 {
+            self.taken_at
+        } else {
+            (epoch_time(last_s as u64, self.taken_at) + Duration::from_secs(2)).min(self.taken_at)
+        };
+        (first.min(last), last)
+    }
 }
 
 fn record_of(key: &FlowKey, e: &Entry, scan: &ScanBehaviour) -> LedgerRecord {

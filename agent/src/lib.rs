@@ -8,6 +8,7 @@ pub mod cilium;
 pub mod duration;
 pub mod enforce;
 pub mod enrich;
+pub mod errors;
 pub mod http;
 pub mod ledger;
 pub mod metrics;

@@ -79,9 +79,11 @@ fn main() -> ExitCode {
     };
     result.unwrap_or_else(|e| {
         match cli.log_format {
-            LogFormat::Text => eprintln!("verdict-agent: {e:#}"),
+            LogFormat::Text => eprintln!("verdict-agent: {}", verdict_agent::errors::anyhow_chain(&e)),
             // Every stderr line stays one JSON object.
-            LogFormat::Json => tracing::error!(error = format!("{e:#}"), "verdict-agent stopped on an error"),
+            LogFormat::Json => {
+                tracing::error!(error = verdict_agent::errors::anyhow_chain(&e), "verdict-agent stopped on an error")
+            }
         }
         ExitCode::from(2)
     })

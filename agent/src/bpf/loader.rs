@@ -298,15 +298,8 @@ where
     prog.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::errors::chain(e)
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -384,7 +377,7 @@ fn lost_counts(name: &str, path: &Path) -> String {
     "every count in it".to_string()
 }
 
-fn unreadable(path: &Path, e: &dyn std::error::Error) -> LoadError {
+fn unreadable(path: &Path, e: &(dyn std::error::Error + 'static)) -> LoadError {
     LoadError::PinUnreadable { path: path.display().to_string(), cause: error_chain(e) }
 }
 
