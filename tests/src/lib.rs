@@ -4,6 +4,7 @@
 
 pub mod agent_process;
 pub mod bench;
+pub mod fake_cilium;
 pub mod pin_dir;
 pub mod privileges;
 pub mod scrape;

@@ -6,7 +6,8 @@
 //!
 //! Parts (see tests/src/bench/): in-kernel cost per verdict, the loss race
 //! against a perf-ring reader, agent CPU against the event rate, scrapes
-//! and RSS at 100 k flows, and a 5-minute soak with a SIGKILL restart.
+//! and RSS at 100 k flows, the time an enforcement trial takes to revert,
+//! and a 5-minute soak with a SIGKILL restart.
 
 use std::process::Command;
 
@@ -16,8 +17,8 @@ use crate::tools::{self, target_dir};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Parts to run (default all): kernel, loss-race, cpu, scale, soak.
-    #[arg(value_parser = ["all", "kernel", "loss-race", "cpu", "scale", "soak"])]
+    /// Parts to run (default all): kernel, loss-race, cpu, scale, revert, soak.
+    #[arg(value_parser = ["all", "kernel", "loss-race", "cpu", "scale", "revert", "soak"])]
     pub parts: Vec<String>,
     /// A few seconds per part (a smoke test; its figures are not to be quoted).
     #[arg(long)]

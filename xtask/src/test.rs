@@ -160,7 +160,7 @@ fn bench_smoke() -> Result<()> {
     let summary = target_dir().join("bench").join("smoke.json");
     let _ = std::fs::remove_file(&summary);
     let out = Command::new(debug.join("verdict-bench"))
-        .args(["--quick", "kernel", "loss-race", "cpu", "scale", "--json"])
+        .args(["--quick", "kernel", "loss-race", "cpu", "scale", "revert", "--json"])
         .arg(&summary)
         .env("VERDICT_AGENT_BIN", debug.join("verdict-agent"))
         .output()
@@ -189,11 +189,17 @@ fn bench_smoke() -> Result<()> {
         "scrape_100k_flows.flows_api_p99_ms",
         "scrape_100k_flows.metrics_body_bytes",
         "rss_mib",
+        "kernel.new_flow_ratio_to_previous_design",
+        "kernel.packet_copy_and_probe_read_ns_above_empty",
+        "revert.time_to_revert_ms_p50",
+        "revert.time_to_revert_ms_p99",
+        "revert.cilium_api_patch_ms_p99",
     ] {
         number(key)?;
     }
     let steps = json["loss_race"].as_array().context("summary lacks loss_race[]")?;
     ensure!(!steps.is_empty(), "loss_race[] is empty");
+    ensure!(json["revert"]["trials"].as_u64() >= Some(20), "the revert part ran fewer than 20 trials");
     for s in steps {
         ensure!(s["baseline_lost"].is_number(), "loss_race[] row lacks baseline_lost: {s}");
         ensure!(s["agent_lost"].as_i64() == Some(0), "the agent lost verdicts in the loss race: {s}");

@@ -6,12 +6,14 @@
 //! * [`race`]: the loss race against a perf-ring reader;
 //! * [`cpu`]: agent CPU against the event rate;
 //! * [`scale`]: scrape latency, body size and RSS at 100 k flows;
-//! * [`soak`]: long emission with a SIGKILL restart, counts exact, counters monotonic.
+//! * [`soak`]: long emission with a SIGKILL restart, counts exact, counters monotonic;
+//! * [`revert`]: time from the first denied critical verdict to the revert of an enforcement trial.
 
 pub mod common;
 pub mod cpu;
 pub mod kernel;
 pub mod race;
+pub mod revert;
 pub mod scale;
 pub mod soak;
 

@@ -1,4 +1,4 @@
-//! `verdict-bench [all|kernel|loss-race|cpu|scale|soak] [--quick] [--seconds N] [--json PATH]`
+//! `verdict-bench [all|kernel|loss-race|cpu|scale|revert|soak] [--quick] [--seconds N] [--json PATH]`
 //!
 //! The benchmark `cargo xtask bench` runs (as root: it loads BPF programs
 //! and runs them with BPF_PROG_TEST_RUN, and starts `verdict-agent` from
@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 
 use verdict_agent_tests::bench::{self, Report, common::Machine};
 
-const PARTS: &[&str] = &["kernel", "loss-race", "cpu", "scale", "soak"];
+const PARTS: &[&str] = &["kernel", "loss-race", "cpu", "scale", "revert", "soak"];
 
 struct Args {
     parts: Vec<String>,
@@ -38,7 +38,7 @@ fn parse() -> Result<Args> {
             "--json" => a.json = Some(it.next().context("--json needs a path")?.into()),
             "-h" | "--help" => {
                 println!(
-                    "usage: verdict-bench [all|kernel|loss-race|cpu|scale|soak]... [--quick] [--seconds N] [--json PATH]\n\
+                    "usage: verdict-bench [all|kernel|loss-race|cpu|scale|revert|soak]... [--quick] [--seconds N] [--json PATH]\n\
                      Runs as root. --quick: a few seconds per part (smoke test). --seconds: soak length (default 300).\n\
                      soak exits 1 unless every check passed."
                 );
@@ -91,6 +91,7 @@ fn run() -> Result<bool> {
             "loss-race" => bench::race::run(&mut report, args.quick),
             "cpu" => bench::cpu::run(&mut report, args.quick),
             "scale" => bench::scale::run(&mut report, args.quick),
+            "revert" => bench::revert::run(&mut report, args.quick),
             "soak" => {
                 let seconds = args.soak_seconds.unwrap_or(if args.quick { 20 } else { 300 });
                 bench::soak::run(&mut report, seconds).map(|o| ok &= o.failed == 0)
