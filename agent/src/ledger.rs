@@ -203,29 +203,13 @@ impl FlowLedger {
     /// Takes one read of the counting maps into account.
     pub fn update(&mut self, snapshot: &MapSnapshot) {
         let at = snapshot.taken_at;
-        let window = SeenWindow { taken_at: at };
         let mut seen: HashSet<FlowKey> = HashSet::with_capacity(snapshot.flows.len());
         for slot in &snapshot.flows {
-            let key = slot.key;
-            seen.insert(key);
-            let (first, last) = window.bounds(slot.first_seen_s, slot.last_seen_s);
-            let e = self.entries.entry(key).or_insert_with(|| {
-                self.changed.insert(key);
-                Entry::new(first)
-            });
-            if !e.live {
-                e.live = true;
-                self.dead -= 1;
-                self.changed.insert(key);
-            }
-            if slot.notifications > 0 || slot.bytes > 0 {
-                e.totals.add(slot.notifications, slot.bytes);
-                e.first_seen = e.first_seen.min(first);
-                e.last_seen = e.last_seen.max(last);
-                self.changed.insert(key);
-            }
+            seen.insert(slot.key);
+            let bounds = seen_bounds(slot.first_seen_s, slot.last_seen_s, at);
+            self.note_read(slot.key, bounds, |_| (slot.notifications, slot.bytes));
         }
-        self.update_world_ports(snapshot, &window, &mut seen);
+        self.update_world_ports(snapshot, &mut seen);
         for (key, e) in self.entries.iter_mut() {
             if e.live && !seen.contains(key) {
                 e.live = false;
@@ -241,7 +225,7 @@ impl FlowLedger {
 
     /// The world-port table: one record per port and kind, on the host
     /// endpoint it counts for, growing with the kernel's absolute count.
-    fn update_world_ports(&mut self, snapshot: &MapSnapshot, window: &SeenWindow, seen: &mut HashSet<FlowKey>) {
+    fn update_world_ports(&mut self, snapshot: &MapSnapshot, seen: &mut HashSet<FlowKey>) {
         let Some(host) = snapshot.world_ports_endpoint else { return };
         let at = snapshot.taken_at;
         let mut grown: Vec<(u8, u16, u64)> = Vec::new();
@@ -255,23 +239,9 @@ impl FlowLedger {
                 let match_type = if match_none { 0 } else { port.audited_match_type.max(1) };
                 let key = world_port_key(host, port.proto, port.port, class, match_type);
                 seen.insert(key);
-                let (first, last) = window.bounds(port.first_seen_s, port.last_seen_s);
-                let e = self.entries.entry(key).or_insert_with(|| {
-                    self.changed.insert(key);
-                    Entry::new(first)
-                });
-                if !e.live {
-                    e.live = true;
-                    self.dead -= 1;
-                    self.changed.insert(key);
-                }
-                let growth = count.saturating_sub(e.totals.notifications);
-                if growth > 0 {
-                    e.totals.add(growth, 0);
-                    e.last_seen = e.last_seen.max(last);
-                    self.changed.insert(key);
-                    port_growth += growth;
-                }
+                let bounds = seen_bounds(port.first_seen_s, port.last_seen_s, at);
+                // The kernel's count is absolute: the growth is what is new.
+                port_growth += self.note_read(key, bounds, |totals| (count.saturating_sub(totals.notifications), 0));
             }
             if port_growth > 0 {
                 grown.push((port.proto, port.port, port_growth));
@@ -283,6 +253,33 @@ impl FlowLedger {
                 self.changed.insert(*e);
             }
         }
+    }
+
+    /// One flow seen in this read: created or revived, and `new_counts`
+    /// (given the totals so far) added. Returns the notifications added.
+    fn note_read(
+        &mut self,
+        key: FlowKey,
+        (first, last): (SystemTime, SystemTime),
+        new_counts: impl FnOnce(&Totals) -> (u64, u64),
+    ) -> u64 {
+        let e = self.entries.entry(key).or_insert_with(|| {
+            self.changed.insert(key);
+            Entry::new(first)
+        });
+        if !e.live {
+            e.live = true;
+            self.dead -= 1;
+            self.changed.insert(key);
+        }
+        let (notifications, bytes) = new_counts(&e.totals);
+        if notifications > 0 || bytes > 0 {
+            e.totals.add(notifications, bytes);
+            e.first_seen = e.first_seen.min(first);
+            e.last_seen = e.last_seen.max(last);
+            self.changed.insert(key);
+        }
+        notifications
     }
 
     /// Notifications attributed to flows (live, evicted or folded) per
@@ -390,20 +387,14 @@ fn unix_ns(t: SystemTime) -> u64 {
 /// notification stamped `s` happened in [s, s + 2 s), and before this read.
 /// First-seen takes the earliest possible time, last-seen the latest (an
 /// enforcement trial counts what came after its switch: in doubt, after).
-struct SeenWindow {
-    taken_at: SystemTime,
-}
-
-impl SeenWindow {
-    fn bounds(&self, first_s: u32, last_s: u32) -> (SystemTime, SystemTime) {
-        let first = epoch_time(first_s as u64, self.taken_at).min(self.taken_at);
-        let last = if last_s == 0 {
-            self.taken_at
-        } else {
-            (epoch_time(last_s as u64, self.taken_at) + Duration::from_secs(2)).min(self.taken_at)
-        };
-        (first.min(last), last)
-    }
+fn seen_bounds(first_s: u32, last_s: u32, taken_at: SystemTime) -> (SystemTime, SystemTime) {
+    let first = epoch_time(first_s as u64, taken_at).min(taken_at);
+    let last = if last_s == 0 {
+        taken_at
+    } else {
+        (epoch_time(last_s as u64, taken_at) + Duration::from_secs(2)).min(taken_at)
+    };
+    (first.min(last), last)
 }
 
 fn record_of(key: &FlowKey, e: &Entry, scan: &ScanBehaviour) -> LedgerRecord {

@@ -53,10 +53,16 @@ fn gauge(v: i64) -> ConstGauge<i64> {
     ConstGauge::new(v)
 }
 
-/// The per-endpoint label set: endpoint, kind, namespace, pod.
-/// `verdict` label of the overflow counters, by `EndpointCounters::overflow` index.
-const OVERFLOW_KINDS: [&str; 5] = ["allowed", "denied", "audited", "redirected", "policy_drop"];
+/// `verdict` label of the overflow counters, by `EndpointCounters::overflow`
+/// index: the verdict classes, then policy drops.
+fn overflow_kind(index: usize) -> &'static str {
+    match VerdictClass::ALL.get(index) {
+        Some(class) => class.as_str(),
+        None => "policy_drop",
+    }
+}
 
+/// The per-endpoint label set: endpoint, kind, namespace, pod.
 pub fn endpoint_labels(directory: &dyn EndpointDirectory, id: u16) -> Labels {
     crate::enrich::EndpointLabels::new(id, directory.endpoint(id).as_ref()).to_vec()
 }
@@ -262,10 +268,10 @@ impl Collector for VerdictCollector {
             )?;
             let overflow = snap.endpoints.iter().flat_map(|ep| {
                 [(0usize, "ingress"), (1, "egress")].into_iter().flat_map(move |(slot, direction)| {
-                    OVERFLOW_KINDS.iter().enumerate().filter_map(move |(kind, verdict)| {
-                        let n = ep.overflow[slot][kind];
-                        (n > 0).then_some((ep.id, direction, *verdict, n))
-                    })
+                    ep.overflow[slot]
+                        .iter()
+                        .enumerate()
+                        .filter_map(move |(kind, &n)| (n > 0).then_some((ep.id, direction, overflow_kind(kind), n)))
                 })
             });
             let overflow: Vec<_> = overflow

@@ -11,56 +11,17 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use axum::{Json, Router, extract::Path as UrlPath, http::StatusCode, response::IntoResponse, routing::get};
 use serde_json::{Value, json};
 use verdict_testkit::{
+    fake_cilium::FakeCilium,
     replay::{Replayer, replay_with},
-    scenario::{self, DEMO_HOST_ENDPOINT, Layout, PolicyVerdict},
+    scenario::{self, DEMO_HOST_ENDPOINT, Layout, api_server_to_host},
 };
 
 const ADDR: &str = "127.0.0.1:19821";
-const KUBE_APISERVER: u32 = 7;
-
-/// PolicyAuditMode per endpoint and every PATCH: (when, value).
-#[derive(Default)]
-struct FakeCilium {
-    audit: Mutex<String>,
-    patches: Mutex<Vec<(SystemTime, String)>>,
-}
-
-fn serve_fake_cilium(socket: PathBuf, fake: Arc<FakeCilium>) {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let get_fake = fake.clone();
-            let app = Router::new().route(
-                "/v1/endpoint/{id}/config",
-                get(move |UrlPath(id): UrlPath<u16>| async move {
-                    if id != DEMO_HOST_ENDPOINT {
-                        return StatusCode::NOT_FOUND.into_response();
-                    }
-                    let v = get_fake.audit.lock().unwrap().clone();
-                    Json(json!({"realized": {"options": {"PolicyAuditMode": v}}, "immutable": {}})).into_response()
-                })
-                .patch(move |UrlPath(id): UrlPath<u16>, Json(spec): Json<Value>| async move {
-                    if id != DEMO_HOST_ENDPOINT {
-                        return StatusCode::NOT_FOUND;
-                    }
-                    let v = spec["options"]["PolicyAuditMode"].as_str().unwrap_or_default().to_owned();
-                    fake.patches.lock().unwrap().push((SystemTime::now(), v.clone()));
-                    *fake.audit.lock().unwrap() = v;
-                    StatusCode::OK
-                }),
-            );
-            let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-}
 
 /// Removes the pin directory even when an assertion fails.
 struct Pins(PathBuf);
@@ -126,23 +87,6 @@ fn http(method: &str, path: &str, body: Option<&Value>) -> std::io::Result<(u16,
     Ok((status, body))
 }
 
-fn host_verdict(verdict: i32, audited: bool) -> Vec<u8> {
-    PolicyVerdict {
-        layout: Layout::V1_19,
-        endpoint: DEMO_HOST_ENDPOINT,
-        remote_identity: KUBE_APISERVER,
-        verdict,
-        dst_port: 6443,
-        proto: 6,
-        dir: 1,
-        ipv6: false,
-        match_type: 0,
-        audited,
-        packet_len: 60,
-    }
-    .encode()
-}
-
 #[test]
 fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_denial() {
     if unsafe { libc::geteuid() } != 0 {
@@ -152,8 +96,7 @@ fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_de
     let pins_guard = Pins(PathBuf::from(format!("/sys/fs/bpf/verdict-enforce-{}", std::process::id())));
     let pins = pins_guard.0.clone();
     let socket = dir.path().join("cilium.sock");
-    let fake = Arc::new(FakeCilium { audit: Mutex::new("Enabled".into()), ..FakeCilium::default() });
-    serve_fake_cilium(socket.clone(), fake.clone());
+    let fake = FakeCilium::start(&socket, DEMO_HOST_ENDPOINT).unwrap();
     let endpoints = dir.path().join("endpoints.json");
     let sc = scenario::demo(Layout::V1_19);
     std::fs::write(&endpoints, scenario::cilium_endpoint_list(&sc.endpoints).to_string()).unwrap();
@@ -182,7 +125,7 @@ fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_de
     let pipeline = Replayer::load(&pins, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE)
         .expect("joining the agent's pinned maps with the testkit's replay object");
     // In audit mode the API server's connections to the host are audited.
-    replay_with(pipeline.ebpf(), &host_verdict(0, true), 20).unwrap();
+    replay_with(pipeline.ebpf(), &api_server_to_host(0, true), 20).unwrap();
 
     let request = json!({
         "endpoint_id": DEMO_HOST_ENDPOINT, "endpoint_name": "host", "endpoint_kind": "host",
@@ -195,7 +138,7 @@ fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_de
     let trial: Value = serde_json::from_str(&body).unwrap();
     let id = trial["id"].as_str().unwrap().to_owned();
     assert_eq!(trial["phase"], "switched");
-    assert_eq!(*fake.audit.lock().unwrap(), "Disabled");
+    assert_eq!(fake.audit_mode(), "Disabled");
 
     // SIGKILL mid-trial; the restarted agent continues it from the record.
     drop(agent);
@@ -204,16 +147,16 @@ fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_de
     assert_eq!(status, 200, "{body}");
     let resumed: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(resumed["phase"], "switched", "{resumed}");
-    assert_eq!(fake.patches.lock().unwrap().len(), 1, "the restart wrote nothing");
+    assert_eq!(fake.patches().len(), 1, "the restart wrote nothing");
     let (status, body) = http(reqwest_like::POST, "/api/v1/enforcement/trials", Some(&request)).unwrap();
     assert_eq!(status, 409, "a second trial on the host is refused: {body}");
 
     // Enforcement cuts the API server: denied verdicts, once per packet.
     std::thread::sleep(Duration::from_millis(300));
-    let first_denied = SystemTime::now();
-    replay_with(pipeline.ebpf(), &host_verdict(-133, false), 3).unwrap();
+    let first_denied = Instant::now();
+    replay_with(pipeline.ebpf(), &api_server_to_host(-133, false), 3).unwrap();
     let start = Instant::now();
-    while fake.patches.lock().unwrap().len() < 2 {
+    while fake.patches().len() < 2 {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "no revert within 5 s; log:\n{}",
@@ -221,9 +164,9 @@ fn daemon_survives_sigkill_mid_trial_and_reverts_within_a_second_of_the_first_de
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (at, value) = fake.patches.lock().unwrap()[1].clone();
+    let (at, value) = fake.patches()[1].clone();
     assert_eq!(value, "Enabled");
-    let latency = at.duration_since(first_denied).unwrap();
+    let latency = at.saturating_duration_since(first_denied);
     assert!(latency < Duration::from_secs(1), "revert {latency:?} after the first denied critical verdict");
     println!("time from the first denied critical verdict to the revert PATCH: {latency:?}");
 

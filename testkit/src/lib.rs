@@ -13,6 +13,7 @@
 //! The `verdict-scenario` binary plays a scenario through either path.
 
 pub mod emitter;
+pub mod fake_cilium;
 pub mod golden;
 pub mod objects;
 pub mod replay;

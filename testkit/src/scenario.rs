@@ -126,6 +126,27 @@ pub const DEMO_PRIVATE_CIDR_IDENTITY: u32 = 16_777_217;
 pub const DEMO_FRONTEND_IDENTITY: u32 = 48_213;
 pub const DEMO_CHECKOUT_IDENTITY: u32 = 30_117;
 
+/// kube-apiserver (reserved identity 7) -> the demo host endpoint on
+/// 6443/tcp, ingress, match type none, in the v1.19 layout: audited in audit
+/// mode, denied (`verdict` < 0) once enforcement cuts it. The flow an
+/// enforcement trial must notice first.
+pub fn api_server_to_host(verdict: i32, audited: bool) -> Vec<u8> {
+    PolicyVerdict {
+        layout: Layout::V1_19,
+        endpoint: DEMO_HOST_ENDPOINT,
+        remote_identity: 7,
+        verdict,
+        dst_port: 6443,
+        proto: 6,
+        dir: 1,
+        ipv6: false,
+        match_type: 0,
+        audited,
+        packet_len: 60,
+    }
+    .encode()
+}
+
 /// The rollout scenario of `cargo xtask demo`: the host endpoint in audit
 /// mode with a host policy that allows SSH, VXLAN and health checks but
 /// forgot the API server and the kubelet, receiving an internet port scan;

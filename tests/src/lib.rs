@@ -4,7 +4,6 @@
 
 pub mod agent_process;
 pub mod bench;
-pub mod fake_cilium;
 pub mod pin_dir;
 pub mod privileges;
 pub mod scrape;

@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.1 GET over loopback and an OpenMetrics text reader:
+//! A minimal HTTP/1.1 GET (and JSON POST) over loopback and an OpenMetrics text reader:
 //! enough to read a running agent the way Prometheus does, with no HTTP
 //! client dependency (the VM has no DNS, no TLS, nothing to configure).
 
@@ -13,10 +13,26 @@ use anyhow::{Context, bail};
 
 /// GETs `path` and returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    exchange(addr, &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"))
+}
+
+/// POSTs the JSON `body` to `path` and returns (status, body).
+pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    exchange(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn exchange(addr: SocketAddr, request: &str) -> anyhow::Result<(u16, String)> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);

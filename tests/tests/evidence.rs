@@ -33,28 +33,9 @@ fn load(pins: &Path, flow_table_size: u32) -> Replayer {
     Replayer::load(pins, flow_table_size).expect("loading the replay object (root and bpffs needed)")
 }
 
-fn audited(endpoint: u16, remote_identity: u32, port: u16) -> Vec<u8> {
-    audited_proto(endpoint, remote_identity, port, 6)
-}
-
-fn allowed(endpoint: u16, remote_identity: u32, port: u16) -> Vec<u8> {
-    PolicyVerdict {
-        layout: Layout::V1_19,
-        endpoint,
-        remote_identity,
-        verdict: 0,
-        dst_port: port,
-        proto: 6,
-        dir: 1,
-        ipv6: false,
-        match_type: 2,
-        audited: false,
-        packet_len: 60,
-    }
-    .encode()
-}
-
-fn audited_proto(endpoint: u16, remote_identity: u32, port: u16, proto: u8) -> Vec<u8> {
+/// An ingress TCP/UDP verdict on `endpoint` from `remote_identity`: audited
+/// (match type none, what enforcement would drop) or allowed by an L4 rule.
+fn ingress_verdict(endpoint: u16, remote_identity: u32, port: u16, proto: u8, audited: bool) -> Vec<u8> {
     PolicyVerdict {
         layout: Layout::V1_19,
         endpoint,
@@ -64,11 +45,23 @@ fn audited_proto(endpoint: u16, remote_identity: u32, port: u16, proto: u8) -> V
         proto,
         dir: 1,
         ipv6: false,
-        match_type: 0,
-        audited: true,
+        match_type: if audited { 0 } else { 2 },
+        audited,
         packet_len: 60,
     }
     .encode()
+}
+
+fn audited(endpoint: u16, remote_identity: u32, port: u16) -> Vec<u8> {
+    ingress_verdict(endpoint, remote_identity, port, 6, true)
+}
+
+fn audited_proto(endpoint: u16, remote_identity: u32, port: u16, proto: u8) -> Vec<u8> {
+    ingress_verdict(endpoint, remote_identity, port, proto, true)
+}
+
+fn allowed(endpoint: u16, remote_identity: u32, port: u16) -> Vec<u8> {
+    ingress_verdict(endpoint, remote_identity, port, 6, false)
 }
 
 const HOST: u16 = 60;

@@ -270,16 +270,16 @@ fn attach(ebpf: &mut Ebpf, choice: TapChoice, btf_path: &Path) -> Result<TapKind
 fn attach_fentry(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
     let btf = Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|e| format!("BTF: {e}"))?;
     let prog: &mut FEntry = program_mut(ebpf, "tap_fentry")?;
-    prog.load(HOOKED_FUNCTION, &btf).map_err(|e| format!("load: {}", error_chain(&e)))?;
-    prog.attach().map_err(|e| format!("attach: {}", error_chain(&e)))?;
+    prog.load(HOOKED_FUNCTION, &btf).map_err(|e| format!("load: {}", crate::errors::chain(&e)))?;
+    prog.attach().map_err(|e| format!("attach: {}", crate::errors::chain(&e)))?;
     Ok(())
 }
 
 fn attach_kprobe(ebpf: &mut Ebpf) -> Result<(), String> {
     let prog: &mut KProbe = program_mut(ebpf, "tap_kprobe")?;
-    prog.load().map_err(|e| format!("load: {}", error_chain(&e)))?;
+    prog.load().map_err(|e| format!("load: {}", crate::errors::chain(&e)))?;
     prog.attach(HOOKED_FUNCTION, 0).map_err(|e| {
-        let mut text = format!("attach: {}", error_chain(&e));
+        let mut text = format!("attach: {}", crate::errors::chain(&e));
         if let Some(hint) = privileges::perf_event_hint(&e) {
             text.push_str(" (");
             text.push_str(&hint);
@@ -296,10 +296,6 @@ where
 {
     let prog = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing from the object"))?;
     prog.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    crate::errors::chain(e)
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -378,7 +374,7 @@ fn lost_counts(name: &str, path: &Path) -> String {
 }
 
 fn unreadable(path: &Path, e: &(dyn std::error::Error + 'static)) -> LoadError {
-    LoadError::PinUnreadable { path: path.display().to_string(), cause: error_chain(e) }
+    LoadError::PinUnreadable { path: path.display().to_string(), cause: crate::errors::chain(e) }
 }
 
 /// An exclusive `flock` on the pin directory, held for the agent's life:

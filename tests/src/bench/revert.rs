@@ -4,64 +4,29 @@
 //!
 //! One shipped agent (`--tap none`, `--enable-enforcement`) on pinned maps
 //! the testkit's replay object feeds, a fake Cilium API on a unix socket
-//! (`crate::fake_cilium`). Each trial: `POST /api/v1/enforcement/trials`
+//! (`verdict_testkit::fake_cilium`). Each trial: `POST /api/v1/enforcement/trials`
 //! for the host endpoint (forced: the point is a wrong answer), then one
 //! denied kube-apiserver -> host:6443 verdict replayed through the real
 //! accounting core; the figure is from the replay to the fake API receiving
 //! the `PolicyAuditMode=Enabled` PATCH. The baseline is a PATCH round trip
 //! from this process to the same fake API.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use verdict_testkit::scenario::{self, DEMO_HOST_ENDPOINT, Layout, PolicyVerdict};
+use verdict_testkit::{
+    fake_cilium::FakeCilium,
+    scenario::{self, DEMO_HOST_ENDPOINT, Layout, api_server_to_host},
+};
 
 use super::{
     Report,
     common::{PinDir, free_addr, percentile, progress},
 };
-use crate::{agent_process::AgentProcess, fake_cilium::FakeCilium};
+use crate::{agent_process::AgentProcess, scrape::http_post};
 
-const KUBE_APISERVER: u32 = 7;
 /// The goal of the guarded-switch issue: p99 under a second plus the API's answer time.
 const GOAL: Duration = Duration::from_secs(1);
-
-fn host_verdict(verdict: i32, audited: bool) -> Vec<u8> {
-    PolicyVerdict {
-        layout: Layout::V1_19,
-        endpoint: DEMO_HOST_ENDPOINT,
-        remote_identity: KUBE_APISERVER,
-        verdict,
-        dst_port: 6443,
-        proto: 6,
-        dir: 1,
-        ipv6: false,
-        match_type: 0,
-        audited,
-        packet_len: 60,
-    }
-    .encode()
-}
-
-fn post(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = body.to_string();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
-}
 
 pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let trials = if quick { 20 } else { 40 };
@@ -96,7 +61,7 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let replayer = verdict_testkit::replay::Replayer::load(&pins.0, verdict_common::maps::DEFAULT_FLOW_TABLE_SIZE)
         .context("joining the agent's maps with the replay object")?;
     // In audit mode the API server's connections to the host are audited.
-    verdict_testkit::replay::replay_with(replayer.ebpf(), &host_verdict(0, true), 20)?;
+    verdict_testkit::replay::replay_with(replayer.ebpf(), &api_server_to_host(0, true), 20)?;
 
     let request = serde_json::json!({
         "endpoint_id": DEMO_HOST_ENDPOINT, "endpoint_name": "host", "endpoint_kind": "host",
@@ -107,13 +72,13 @@ pub fn run(report: &mut Report, quick: bool) -> Result<()> {
     let mut latencies = Vec::new();
     for trial in 0..trials {
         let before = fake.patches().len();
-        let (status, body) = post(addr, "/api/v1/enforcement/trials", &request)?;
+        let (status, body) = http_post(addr, "/api/v1/enforcement/trials", &request.to_string())?;
         ensure!(status == 201, "trial {trial}: the agent answered {status}: {body}");
         ensure!(fake.patches().len() == before + 1, "trial {trial}: no switch PATCH");
         // Let the switch's own read pass, as an operator's traffic would.
         std::thread::sleep(Duration::from_millis(300));
         let denied_at = Instant::now();
-        verdict_testkit::replay::replay_with(replayer.ebpf(), &host_verdict(-133, false), 1)?;
+        verdict_testkit::replay::replay_with(replayer.ebpf(), &api_server_to_host(-133, false), 1)?;
         let deadline = denied_at + Duration::from_secs(10);
         let reverted_at = loop {
             if let Some((at, mode)) = fake.patches().get(before + 1).cloned() {

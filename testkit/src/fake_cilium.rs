@@ -45,6 +45,11 @@ impl FakeCilium {
         Ok(FakeCilium { socket: socket.to_path_buf(), endpoint, state })
     }
 
+    /// The endpoint's `PolicyAuditMode` as the fake holds it now.
+    pub fn audit_mode(&self) -> String {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).audit_mode.clone()
+    }
+
     pub fn patches(&self) -> Vec<(Instant, String)> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).patches.clone()
     }
