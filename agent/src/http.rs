@@ -263,7 +263,12 @@ mod tests {
     use crate::{bpf::loader::TapKind, model::NoDirectory, state::AgentView};
 
     fn app(api_access: ApiAccess) -> Router {
-        let view = Arc::new(RwLock::new(AgentView::new(TapKind::Fentry, Default::default(), 16)));
+        let view = Arc::new(RwLock::new(AgentView::new(
+            TapKind::Fentry,
+            crate::bpf::loader::NotificationRead::ProbeRead,
+            Default::default(),
+            16,
+        )));
         router(HttpState {
             view,
             registry: Arc::new(Registry::default()),

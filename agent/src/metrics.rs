@@ -352,6 +352,7 @@ impl Collector for VerdictCollector {
                 vec![
                     ("tap", view.tap.as_str().to_string()),
                     ("function", crate::bpf::loader::HOOKED_FUNCTION.to_string()),
+                    ("read", view.notification_read.as_str().to_string()),
                 ],
                 gauge(1),
             )],

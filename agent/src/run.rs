@@ -139,11 +139,15 @@ pub fn start_pipeline(args: &RunArgs, cadence: ReadCadence) -> anyhow::Result<(S
         btf_path: args.btf.clone(),
     };
     let pipeline = Pipeline::load(&loader).context("starting the in-kernel pipeline")?;
-    info!(tap = pipeline.tap().as_str(), "tap in place");
+    info!(tap = pipeline.tap().as_str(), read = pipeline.notification_read().as_str(), "tap in place");
     let follower = EventsMapFollower::new(args.cilium_events_map.clone());
     let (slots, shards) = pipeline.tables().geometry();
-    let view: SharedView =
-        Arc::new(RwLock::new(AgentView::new(pipeline.tap(), follower.state().clone(), slots.saturating_mul(shards))));
+    let view: SharedView = Arc::new(RwLock::new(AgentView::new(
+        pipeline.tap(),
+        pipeline.notification_read(),
+        follower.state().clone(),
+        slots.saturating_mul(shards),
+    )));
     let stop = Arc::new(AtomicBool::new(false));
     // Room for every live flow, every remembered dead one, every world port,
     // and aggregates.

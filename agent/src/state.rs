@@ -9,7 +9,11 @@ use std::{
 };
 
 use crate::{
-    bpf::{events_map::EventsMapState, loader::TapKind, snapshot::MapSnapshot},
+    bpf::{
+        events_map::EventsMapState,
+        loader::{NotificationRead, TapKind},
+        snapshot::MapSnapshot,
+    },
     ledger::{AggregateKey, Totals},
     model::FlowRecord,
     readiness_totals::ReadinessTotals,
@@ -20,6 +24,8 @@ use crate::{
 pub struct AgentView {
     pub started: SystemTime,
     pub tap: TapKind,
+    /// How the tap copies each notification (direct loads or a probe read).
+    pub notification_read: NotificationRead,
     pub events_map: EventsMapState,
     pub flow_table_capacity: u32,
     /// Latest read of the maps (None before the first).
@@ -55,10 +61,16 @@ pub struct WorldPortSettings {
 pub type SharedView = Arc<RwLock<AgentView>>;
 
 impl AgentView {
-    pub fn new(tap: TapKind, events_map: EventsMapState, flow_table_capacity: u32) -> AgentView {
+    pub fn new(
+        tap: TapKind,
+        notification_read: NotificationRead,
+        events_map: EventsMapState,
+        flow_table_capacity: u32,
+    ) -> AgentView {
         AgentView {
             started: SystemTime::now(),
             tap,
+            notification_read,
             events_map,
             flow_table_capacity,
             snapshot: None,

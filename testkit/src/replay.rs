@@ -18,7 +18,8 @@ use aya::{
 use thiserror::Error;
 use verdict_agent::bpf::flow_table::{FlowTables, table_entries};
 use verdict_common::maps::{
-    ENDPOINT_COUNTERS, FLOW_CONFIG, FLOW_TABLE, LAYOUT_VERSION, STATS, TAP_CONFIG, TapConfig, WORLD_PORTS,
+    BENCH_FAKE_MAP_ID, BENCH_TRACE_PAYLOAD_LEN, BenchInput, ENDPOINT_COUNTERS, FLOW_CONFIG, FLOW_TABLE, LAYOUT_VERSION,
+    MAX_NOTIFICATION_SIZE, STATS, TAP_CONFIG, TapConfig, WORLD_PORTS,
 };
 
 use crate::objects::REPLAY_OBJECT;
@@ -32,8 +33,20 @@ pub const BENCH_REPLAY_AND_EMIT: &str = "bench_replay_and_emit";
 pub const BENCH_TAP: &str = "bench_tap";
 /// Cilium's own notify: a perf output into a ring nobody reads.
 pub const BENCH_NOTIFY: &str = "bench_notify";
+/// `bench_tap` with direct loads (`DirectRead`): kernels with
+/// `BPF_FEAT_RDONLY_CAST_TO_VOID` only ([`direct_read_kfunc`]).
+pub const BENCH_TAP_DIRECT: &str = "bench_tap_direct";
 /// Only the tap's copy of the notification (one `bpf_probe_read_kernel`).
 pub const BENCH_PROBE_READ: &str = "bench_probe_read";
+/// The accounting core alone on the notification in `BENCH_INPUT`.
+pub const BENCH_ACCOUNT: &str = "bench_account";
+
+/// The running kernel's BTF ID of `bpf_rdonly_cast` when it accepts the
+/// cast to `void` (the direct-read tap), else None.
+pub fn direct_read_kfunc() -> Option<u32> {
+    let btf = verdict_agent::bpf::btf::KernelBtf::load(Path::new("/sys/kernel/btf/vmlinux")).ok()?;
+    verdict_agent::bpf::direct_read::rdonly_cast_to_void(&btf).ok().flatten()
+}
 /// The previous design's flow table (an LRU per-CPU hash), for the ratio.
 pub const BENCH_LRU_FLOW: &str = "bench_lru_flow";
 
@@ -58,6 +71,11 @@ pub enum ReplayError {
     },
     #[error("the replay object's {TAP_CONFIG} map (rebuild verdict-testkit)")]
     TapConfig {
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("the replay object's BENCH_INPUT map (rebuild verdict-testkit)")]
+    BenchInput {
         #[source]
         source: Box<aya::maps::MapError>,
     },
@@ -98,6 +116,9 @@ impl Replayer {
             None => table_entries(flow_table_size)
                 .map_err(|source| ReplayError::PinDir { path: "/sys/devices/system/cpu/possible".into(), source })?,
         };
+        // Patched as the agent patches the tap, for `bench_tap_direct`.
+        let object =
+            direct_read_kfunc().map(|id| verdict_agent::bpf::direct_read::patch_rdonly_cast(REPLAY_OBJECT, id));
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(ENDPOINT_COUNTERS, pins.join(ENDPOINT_COUNTERS))
             .map_pin_path(FLOW_TABLE, pins.join(FLOW_TABLE))
@@ -105,7 +126,7 @@ impl Replayer {
             .map_pin_path(WORLD_PORTS, pins.join(WORLD_PORTS))
             .map_pin_path(STATS, pins.join(STATS))
             .map_max_entries(FLOW_TABLE, entries)
-            .load(REPLAY_OBJECT)
+            .load(object.as_ref().map_or(REPLAY_OBJECT, |(image, _)| image.bytes()))
             .map_err(|source| ReplayError::Load { path: pins.display().to_string(), source: Box::new(source) })?;
         for program in std::iter::once(&REPLAY).chain(extra) {
             program_mut(&mut ebpf, program)?
@@ -133,6 +154,27 @@ impl Replayer {
         config
             .set(0, TapConfig { events_map_id, map_id_offset, events_map_ptr: 0 }, 0)
             .map_err(|source| ReplayError::TapConfig { source: Box::new(source) })
+    }
+
+    /// Writes the input of the `BENCH_INPUT` programs (`bench_account`,
+    /// `bench_tap*`, `bench_notify`, `bench_probe_read`): `notification`,
+    /// its length, and the stand-in map carrying [`BENCH_FAKE_MAP_ID`].
+    pub fn set_bench_input(&mut self, notification: &[u8]) -> Result<(), ReplayError> {
+        let error = |source| ReplayError::BenchInput { source: Box::new(source) };
+        let map = self
+            .ebpf
+            .map_mut("BENCH_INPUT")
+            .ok_or_else(|| error(aya::maps::MapError::InvalidName { name: "BENCH_INPUT".into() }))?;
+        let mut input: aya::maps::Array<_, BenchInput> = aya::maps::Array::try_from(map).map_err(error)?;
+        let mut value = BenchInput {
+            notification: [0; MAX_NOTIFICATION_SIZE],
+            packet: [0; BENCH_TRACE_PAYLOAD_LEN],
+            len: notification.len() as u32,
+            fake_map: [BENCH_FAKE_MAP_ID, 0],
+        };
+        let n = notification.len().min(MAX_NOTIFICATION_SIZE);
+        value.notification[..n].copy_from_slice(&notification[..n]);
+        input.set(0, value, 0).map_err(error)
     }
 
     /// Where the counting maps are pinned (`<pin dir>/<layout version>`).

@@ -1,17 +1,45 @@
-//! The in-kernel classifier (through the replay entry, the real verifier
-//! and BPF_PROG_TEST_RUN) and the userspace decoder must agree on every
-//! input: golden vectors laid out from Cilium's C structs, and a seeded
-//! corpus of random and mutated notifications. Needs root and bpffs.
+//! The in-kernel classifier (through the real verifier and
+//! BPF_PROG_TEST_RUN) and the userspace decoder must agree on every input:
+//! golden vectors laid out from Cilium's C structs, and a seeded corpus of
+//! random and mutated notifications. Each input goes through the replay
+//! entry (a copy out of the test packet), and through the shipped
+//! `try_tap` with each of its readers: the probe read, and the direct
+//! loads of `tap_fentry_direct` where the kernel has them (else that case
+//! says why it is skipped). Needs root and bpffs.
 
 use std::path::PathBuf;
 
 use aya::maps::PerCpuArray;
 use verdict_agent::cilium::monitor::{DecodeErrorKind, expected_flow_key};
+use verdict_common::maps::BENCH_FAKE_MAP_ID;
 use verdict_common::maps::{FlowKey, STATS, Stat};
 use verdict_testkit::{
     golden::golden_notifications,
-    replay::{Replayer, replay_with},
+    replay::{BENCH_TAP, BENCH_TAP_DIRECT, Replayer, direct_read_kfunc, replay_with},
 };
+
+/// How an input reaches the accounting core.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    /// The replay entry: copied out of the test packet.
+    Replay,
+    /// The shipped `try_tap` with `tap_fentry`'s probe read.
+    TapProbeRead,
+    /// The shipped `try_tap` with `tap_fentry_direct`'s direct loads.
+    TapDirect,
+}
+
+impl Entry {
+    /// The kernel can run this entry; else why not.
+    fn available(self) -> Result<(), &'static str> {
+        match self {
+            Entry::TapDirect if direct_read_kfunc().is_none() => {
+                Err("this kernel's BTF has no BPF_FEAT_RDONLY_CAST_TO_VOID (Linux < 6.17)")
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 /// What the kernel did with one input.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,14 +53,37 @@ enum KernelOutcome {
 struct Kernel {
     pipeline: Replayer,
     pins: PathBuf,
+    entry: Entry,
 }
 
 impl Kernel {
-    fn load(name: &str) -> Kernel {
-        let pins = PathBuf::from(format!("/sys/fs/bpf/verdict-test-{name}-{}", std::process::id()));
+    fn load(name: &str, entry: Entry) -> Kernel {
+        let pins = PathBuf::from(format!("/sys/fs/bpf/verdict-test-{name}-{entry:?}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&pins);
-        let pipeline = Replayer::load(&pins, 65536).expect("loading the replay object (root and bpffs needed)");
-        Kernel { pipeline, pins }
+        let extra: &[&str] = match entry {
+            Entry::Replay => &[],
+            Entry::TapProbeRead => &[BENCH_TAP],
+            Entry::TapDirect => &[BENCH_TAP_DIRECT],
+        };
+        let mut pipeline =
+            Replayer::load_with(&pins, 65536, extra).expect("loading the replay object (root and bpffs needed)");
+        pipeline.set_tap_config(BENCH_FAKE_MAP_ID, 0).unwrap();
+        Kernel { pipeline, pins, entry }
+    }
+
+    fn run(&mut self, bytes: &[u8]) {
+        let program = match self.entry {
+            Entry::Replay => return replay_with(self.pipeline.ebpf(), bytes, 1).unwrap(),
+            Entry::TapProbeRead => BENCH_TAP,
+            Entry::TapDirect => BENCH_TAP_DIRECT,
+        };
+        self.pipeline.set_bench_input(bytes).unwrap();
+        let prog = self.pipeline.program(program).unwrap();
+        aya::programs::TestRun::test_run(
+            prog,
+            aya::programs::TestRunOptions { data_in: Some(&[0u8; 14]), repeat: 1, ..Default::default() },
+        )
+        .unwrap();
     }
 
     fn stats(&self) -> Vec<u64> {
@@ -47,10 +98,10 @@ impl Kernel {
     }
 
     /// Replays one input and tells what it changed.
-    fn outcome(&self, bytes: &[u8], expected_key: Option<&FlowKey>) -> KernelOutcome {
+    fn outcome(&mut self, bytes: &[u8], expected_key: Option<&FlowKey>) -> KernelOutcome {
         let before = self.stats();
         let flow_before = expected_key.map(|k| self.flow_count(k));
-        replay_with(self.pipeline.ebpf(), bytes, 1).unwrap();
+        self.run(bytes);
         let after = self.stats();
         let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         // Side counters that may move with an outcome: a new flow entry, and
@@ -100,7 +151,40 @@ fn expected_outcome(u: &Result<Option<FlowKey>, DecodeErrorKind>) -> KernelOutco
 
 #[test]
 fn golden_vectors_kernel_and_userspace_agree() {
-    let kernel = Kernel::load("golden");
+    golden_vectors_agree(Entry::Replay);
+}
+
+#[test]
+fn golden_vectors_the_probe_read_tap_and_userspace_agree() {
+    golden_vectors_agree(Entry::TapProbeRead);
+}
+
+#[test]
+fn golden_vectors_the_direct_read_tap_and_userspace_agree() {
+    golden_vectors_agree(Entry::TapDirect);
+}
+
+#[test]
+fn random_and_mutated_notifications_kernel_and_userspace_agree() {
+    random_and_mutated_agree(Entry::Replay);
+}
+
+#[test]
+fn random_and_mutated_notifications_the_probe_read_tap_and_userspace_agree() {
+    random_and_mutated_agree(Entry::TapProbeRead);
+}
+
+#[test]
+fn random_and_mutated_notifications_the_direct_read_tap_and_userspace_agree() {
+    random_and_mutated_agree(Entry::TapDirect);
+}
+
+fn golden_vectors_agree(entry: Entry) {
+    if let Err(why) = entry.available() {
+        eprintln!("skipped ({entry:?}): {why}");
+        return;
+    }
+    let mut kernel = Kernel::load("golden", entry);
     let vectors = golden_notifications();
     assert!(vectors.len() >= 8, "golden table too small");
     for v in &vectors {
@@ -110,7 +194,7 @@ fn golden_vectors_kernel_and_userspace_agree() {
         assert_eq!(
             k,
             expected_outcome(&v.expected),
-            "in-kernel core on golden vector {:?} ({})",
+            "in-kernel core ({entry:?}) on golden vector {:?} ({})",
             v.name,
             v.cilium_versions
         );
@@ -132,9 +216,12 @@ impl Rng {
     }
 }
 
-#[test]
-fn random_and_mutated_notifications_kernel_and_userspace_agree() {
-    let kernel = Kernel::load("fuzz");
+fn random_and_mutated_agree(entry: Entry) {
+    if let Err(why) = entry.available() {
+        eprintln!("skipped ({entry:?}): {why}");
+        return;
+    }
+    let mut kernel = Kernel::load("fuzz", entry);
     let golden: Vec<Vec<u8>> = golden_notifications().into_iter().map(|g| g.bytes).collect();
     let seed = std::env::var("VERDICT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_cafe_u64);
     let mut rng = Rng(seed);
@@ -173,7 +260,12 @@ fn random_and_mutated_notifications_kernel_and_userspace_agree() {
             counted += 1;
         }
         let k = kernel.outcome(&bytes, user.as_ref().ok().and_then(|o| o.as_ref()));
-        assert_eq!(k, expected_outcome(&user), "case {case} (seed {seed:#x}), {} bytes: {bytes:02x?}", bytes.len());
+        assert_eq!(
+            k,
+            expected_outcome(&user),
+            "{entry:?}: case {case} (seed {seed:#x}), {} bytes: {bytes:02x?}",
+            bytes.len()
+        );
     }
     assert!(counted > 50, "corpus should contain valid notifications too, got {counted}");
 }

@@ -26,6 +26,30 @@ pub const MAX_NOTIFICATION_SIZE: usize = 64;
 /// writes it into [`TapConfig::events_map_id`] so the tap's filter passes.
 pub const BENCH_FAKE_MAP_ID: u32 = 0x7ffe_0001;
 
+/// Benchmark only: packet bytes after the notification in a perf record,
+/// Cilium's default `--trace-payloadlen`.
+pub const BENCH_TRACE_PAYLOAD_LEN: usize = 128;
+
+/// Benchmark only: the input the testkit's bench programs read from their
+/// `BENCH_INPUT` map, written by the benchmark before each test run. The
+/// first 64 + 128 bytes are the perf record Cilium would emit (the
+/// notification, then `len_cap` packet bytes); `fake_map` stands in for
+/// `struct bpf_map`, with [`BENCH_FAKE_MAP_ID`] at offset 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BenchInput {
+    pub notification: [u8; MAX_NOTIFICATION_SIZE],
+    pub packet: [u8; BENCH_TRACE_PAYLOAD_LEN],
+    /// The notification's length (`meta_size`).
+    pub len: u32,
+    pub fake_map: [u32; 2],
+}
+
+/// Immediate of the tap's raw kfunc call to `bpf_rdonly_cast` in the
+/// compiled object (`agent-ebpf/src/tap.rs`, `DirectRead`); the loader
+/// replaces it with the function's BTF ID in the running kernel.
+pub const RDONLY_CAST_MARKER: u32 = 0x7ea7_ca57;
+
 /// `Array<TapConfig>` with one entry, written by userspace.
 pub const TAP_CONFIG: &str = "TAP_CONFIG";
 /// `PerCpuArray<EndpointCounters>`, indexed by endpoint ID. Pinned.
@@ -210,11 +234,13 @@ mod pod {
     // SAFETY: plain #[repr(C)] integers and arrays, no padding, any bit
     // pattern is valid.
     unsafe impl aya::Pod for super::TapConfig {}
+    unsafe impl aya::Pod for super::BenchInput {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::EndpointCounters {}
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<BenchInput>() == 204);
 const _: () = assert!(core::mem::size_of::<EndpointCounters>() == 8 * (8 + 2 + 10 + 3));
 
 /// `HashMap<FlowKey, LedgerRecord>`, created and written by userspace only:

@@ -19,20 +19,28 @@ use aya_ebpf::{
 };
 use verdict_agent_ebpf::{
     account::count,
-    tap::{ARG_MAP, ARG_META, ARG_META_SIZE, try_tap},
+    tap::{ARG_MAP, ARG_META, ARG_META_SIZE, DirectRead, ProbeRead, try_tap},
 };
 use verdict_common::maps::Stat;
 
 #[fentry(function = "bpf_skb_event_output")]
 pub fn tap_fentry(ctx: FEntryContext) -> u32 {
-    try_tap(ctx.arg(ARG_MAP), ctx.arg(ARG_META), ctx.arg(ARG_META_SIZE));
+    try_tap::<ProbeRead>(ctx.arg(ARG_MAP), ctx.arg(ARG_META), ctx.arg(ARG_META_SIZE));
+    0
+}
+
+/// The fentry tap on kernels that can cast `meta` for direct loads (Linux
+/// 6.17+): the loader prefers it there and falls back to `tap_fentry`.
+#[fentry(function = "bpf_skb_event_output")]
+pub fn tap_fentry_direct(ctx: FEntryContext) -> u32 {
+    try_tap::<DirectRead>(ctx.arg(ARG_MAP), ctx.arg(ARG_META), ctx.arg(ARG_META_SIZE));
     0
 }
 
 #[kprobe]
 pub fn tap_kprobe(ctx: ProbeContext) -> u32 {
     match (ctx.arg(ARG_MAP), ctx.arg(ARG_META), ctx.arg(ARG_META_SIZE)) {
-        (Some(map), Some(meta), Some(size)) => try_tap(map, meta, size),
+        (Some(map), Some(meta), Some(size)) => try_tap::<ProbeRead>(map, meta, size),
         _ => count(Stat::ReadFailed),
     }
     0

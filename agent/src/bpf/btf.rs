@@ -1,6 +1,7 @@
 //! Just enough of a BTF reader to find what the tap needs in the running
-//! kernel: the byte offset of `id` in `struct bpf_map`, and whether the
-//! hooked function exists. Offsets differ between kernels and configs, so
+//! kernel: the byte offset of `id` in `struct bpf_map`, whether the hooked
+//! function exists, and the BTF ID of the one kfunc the direct-read tap
+//! calls with the feature flag that says the kernel accepts that call. Offsets differ between kernels and configs, so
 //! they are read, never hard-coded.
 
 use std::path::Path;
@@ -10,6 +11,7 @@ use thiserror::Error;
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
 const KIND_FUNC: u32 = 12;
 
 #[derive(Debug, Error)]
@@ -105,6 +107,25 @@ impl KernelBtf {
     /// Whether a global function of this name exists (the tap's hook).
     pub fn has_function(&self, name: &str) -> Result<bool, BtfError> {
         Ok(self.types()?.iter().any(|t| t.kind == KIND_FUNC && self.name(t.name_off) == name.as_bytes()))
+    }
+
+    /// BTF ID of the function `name` (what a kfunc call's immediate holds).
+    pub fn function_id(&self, name: &str) -> Result<Option<u32>, BtfError> {
+        let types = self.types()?;
+        Ok(types
+            .iter()
+            .position(|t| t.kind == KIND_FUNC && self.name(t.name_off) == name.as_bytes())
+            .map(|i| i as u32 + 1))
+    }
+
+    /// Whether `enum name` has the enumerator `value` (the kernel announces
+    /// verifier features that way, for example `enum bpf_features`).
+    pub fn enum_has_value(&self, name: &str, value: &str) -> Result<bool, BtfError> {
+        let types = self.types()?;
+        Ok(types
+            .iter()
+            .filter(|t| t.kind == KIND_ENUM && self.name(t.name_off) == name.as_bytes())
+            .any(|t| (0..t.vlen).any(|i| self.name(self.u32_at(t.members_at + 8 * i)) == value.as_bytes())))
     }
 
     /// Byte offset of `member` in `struct name`, looking through anonymous

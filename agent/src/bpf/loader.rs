@@ -33,6 +33,7 @@ use verdict_common::{
 
 use super::{
     btf::KernelBtf,
+    direct_read::{patch_rdonly_cast, rdonly_cast_to_void},
     flow_table::{FlowTables, table_entries},
     objects::TAP_OBJECT,
     privileges,
@@ -66,6 +67,27 @@ pub enum TapKind {
     Kprobe,
     /// `--tap none`: no hook attached, counters fed externally.
     None,
+}
+
+/// How the tap copies each notification out of the emitter's stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotificationRead {
+    /// Plain loads through `bpf_rdonly_cast` (fentry, Linux 6.17+).
+    Direct,
+    /// One `bpf_probe_read_kernel` per notification.
+    ProbeRead,
+    /// No tap: nothing is read.
+    None,
+}
+
+impl NotificationRead {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationRead::Direct => "direct",
+            NotificationRead::ProbeRead => "probe_read",
+            NotificationRead::None => "none",
+        }
+    }
 }
 
 impl TapKind {
@@ -150,6 +172,7 @@ impl LoaderConfig {
 pub struct Pipeline {
     ebpf: Ebpf,
     tap: TapKind,
+    read: NotificationRead,
     map_id_offset: u32,
     tables: FlowTables,
     /// Held while the pipeline lives: one agent per pin directory.
@@ -175,6 +198,25 @@ impl Pipeline {
             );
         }
 
+        // The kernel's BTF, when a hook is wanted: the hooked function, the
+        // offset of the map ID, and whether the direct-read tap can load.
+        let kernel = match config.tap {
+            TapChoice::None => None,
+            _ => {
+                let kernel_btf = KernelBtf::load(&config.btf_path)?;
+                if !kernel_btf.has_function(HOOKED_FUNCTION)? {
+                    return Err(LoadError::Attach(format!("the kernel's BTF has no function {HOOKED_FUNCTION}")));
+                }
+                let offset = kernel_btf.member_offset("bpf_map", "id")?;
+                Some((offset, rdonly_cast_to_void(&kernel_btf)?))
+            }
+        };
+        let direct = kernel.and_then(|(_, cast)| cast).filter(|_| config.tap != TapChoice::Kprobe);
+        let patched = direct.map(|btf_id| patch_rdonly_cast(TAP_OBJECT, btf_id));
+        let object = match &patched {
+            Some((image, _)) => image.bytes(),
+            None => TAP_OBJECT,
+        };
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(ENDPOINT_COUNTERS, pins.join(ENDPOINT_COUNTERS))
             .map_pin_path(FLOW_TABLE, pins.join(FLOW_TABLE))
@@ -182,7 +224,7 @@ impl Pipeline {
             .map_pin_path(WORLD_PORTS, pins.join(WORLD_PORTS))
             .map_pin_path(STATS, pins.join(STATS))
             .map_max_entries(FLOW_TABLE, entries)
-            .load(TAP_OBJECT)
+            .load(object)
             .map_err(|source| LoadError::Load {
                 hint: privileges::diagnose(
                     privileges::refused_for_permission(&source),
@@ -193,30 +235,32 @@ impl Pipeline {
                 source: Box::new(source),
             })?;
 
-        let (tap, map_id_offset) = match config.tap {
-            TapChoice::None => {
+        let (tap, read, map_id_offset) = match kernel {
+            None => {
                 warn!(pins = %pins.display(),
                     "--tap none: no hook attached; the counters move only if another program feeds the pinned maps (tests and demos)");
-                (TapKind::None, 0)
+                (TapKind::None, NotificationRead::None, 0)
             }
-            choice => {
-                let kernel_btf = KernelBtf::load(&config.btf_path)?;
-                if !kernel_btf.has_function(HOOKED_FUNCTION)? {
-                    return Err(LoadError::Attach(format!("the kernel's BTF has no function {HOOKED_FUNCTION}")));
-                }
-                let offset = kernel_btf.member_offset("bpf_map", "id")?;
-                (attach(&mut ebpf, choice, &config.btf_path)?, offset)
+            Some((offset, _)) => {
+                let direct = patched.as_ref().is_some_and(|(_, n)| *n > 0);
+                let (tap, read) = attach(&mut ebpf, config.tap, &config.btf_path, direct)?;
+                (tap, read, offset)
             }
         };
         let tables = FlowTables::open(&ebpf).map_err(LoadError::Tables)?;
-        let mut pipeline = Pipeline { ebpf, tap, map_id_offset, tables, _lock: lock };
+        let mut pipeline = Pipeline { ebpf, tap, read, map_id_offset, tables, _lock: lock };
         pipeline.set_events_map_id(0)?;
-        info!(tap = tap.as_str(), pins = %pins.display(), flow_table_size = config.flow_table_size, "in-kernel pipeline ready");
+        info!(tap = tap.as_str(), read = read.as_str(), pins = %pins.display(), flow_table_size = config.flow_table_size, "in-kernel pipeline ready");
         Ok(pipeline)
     }
 
     pub fn tap(&self) -> TapKind {
         self.tap
+    }
+
+    /// How the attached tap reads each notification.
+    pub fn notification_read(&self) -> NotificationRead {
+        self.read
     }
 
     /// Tells the tap which map is Cilium's; 0 means none (filter everything).
@@ -239,11 +283,26 @@ impl Pipeline {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, choice: TapChoice, btf_path: &Path) -> Result<TapKind, LoadError> {
+/// Attaches the cheapest tap the kernel takes: fentry with direct reads
+/// (when `direct`: the object was patched for this kernel), fentry with a
+/// probe read, then kprobe.
+fn attach(
+    ebpf: &mut Ebpf,
+    choice: TapChoice,
+    btf_path: &Path,
+    direct: bool,
+) -> Result<(TapKind, NotificationRead), LoadError> {
     let mut failures = Vec::new();
     if matches!(choice, TapChoice::Auto | TapChoice::Fentry) {
-        match attach_fentry(ebpf, btf_path) {
-            Ok(()) => return Ok(TapKind::Fentry),
+        if direct {
+            match attach_fentry(ebpf, btf_path, "tap_fentry_direct") {
+                Ok(()) => return Ok((TapKind::Fentry, NotificationRead::Direct)),
+                // The probe-read program still may attach: say why, go on.
+                Err(e) => warn!(error = %e, "fentry tap with direct reads unavailable; trying the probe-read one"),
+            }
+        }
+        match attach_fentry(ebpf, btf_path, "tap_fentry") {
+            Ok(()) => return Ok((TapKind::Fentry, NotificationRead::ProbeRead)),
             Err(e) => {
                 warn!(error = %e, "fentry tap unavailable");
                 failures.push(format!("fentry: {e}"));
@@ -252,7 +311,7 @@ fn attach(ebpf: &mut Ebpf, choice: TapChoice, btf_path: &Path) -> Result<TapKind
     }
     if matches!(choice, TapChoice::Auto | TapChoice::Kprobe) {
         match attach_kprobe(ebpf) {
-            Ok(()) => return Ok(TapKind::Kprobe),
+            Ok(()) => return Ok((TapKind::Kprobe, NotificationRead::ProbeRead)),
             Err(e) => {
                 warn!(error = %e, "kprobe tap unavailable");
                 failures.push(format!("kprobe: {e}"));
@@ -267,9 +326,9 @@ fn attach(ebpf: &mut Ebpf, choice: TapChoice, btf_path: &Path) -> Result<TapKind
     )))
 }
 
-fn attach_fentry(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
+fn attach_fentry(ebpf: &mut Ebpf, btf_path: &Path, program: &str) -> Result<(), String> {
     let btf = Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|e| format!("BTF: {e}"))?;
-    let prog: &mut FEntry = program_mut(ebpf, "tap_fentry")?;
+    let prog: &mut FEntry = program_mut(ebpf, program)?;
     prog.load(HOOKED_FUNCTION, &btf).map_err(|e| format!("load: {}", crate::errors::chain(&e)))?;
     prog.attach().map_err(|e| format!("attach: {}", crate::errors::chain(&e)))?;
     Ok(())

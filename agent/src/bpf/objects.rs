@@ -21,7 +21,7 @@ mod tests {
             object.programs.iter().map(|(name, p)| (name.as_str(), &p.section)).collect();
         programs.sort_by_key(|(name, _)| *name);
         let names: Vec<&str> = programs.iter().map(|(name, _)| *name).collect();
-        assert_eq!(names, ["tap_fentry", "tap_kprobe"], "programs of the shipped object");
+        assert_eq!(names, ["tap_fentry", "tap_fentry_direct", "tap_kprobe"], "programs of the shipped object");
         for (name, section) in &programs {
             assert!(
                 matches!(section, ProgramSection::FEntry { .. } | ProgramSection::KProbe),

@@ -755,7 +755,12 @@ async fn series_of_deleted_endpoints_leave_the_scrape() {
         notifications: n,
         ..Default::default()
     };
-    let view = Arc::new(RwLock::new(AgentView::new(crate::bpf::loader::TapKind::Fentry, Default::default(), 1024)));
+    let view = Arc::new(RwLock::new(AgentView::new(
+        crate::bpf::loader::TapKind::Fentry,
+        crate::bpf::loader::NotificationRead::ProbeRead,
+        Default::default(),
+        1024,
+    )));
     let set = |a: u64, b: u64| {
         view.write().unwrap().snapshot =
             Some(MapSnapshot { endpoints: vec![totals(311, a), totals(412, b)], ..MapSnapshot::empty() });

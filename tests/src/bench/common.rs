@@ -73,6 +73,10 @@ pub const LRU_FLOW: &str = replay::BENCH_LRU_FLOW;
 pub const PROBE_READ: &str = replay::BENCH_PROBE_READ;
 /// Cilium's own notify: a perf output into a ring nobody reads.
 pub const NOTIFY: &str = replay::BENCH_NOTIFY;
+/// The tap's whole path with direct loads (kernels with the rdonly cast to void).
+pub const TAP_DIRECT: &str = replay::BENCH_TAP_DIRECT;
+/// The accounting core alone, on the notification in place.
+pub const ACCOUNT: &str = replay::BENCH_ACCOUNT;
 
 impl Bench {
     pub fn load(pins: &Path, flow_table_size: u32, extra: &[&str]) -> Result<Bench> {

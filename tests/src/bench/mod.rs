@@ -12,6 +12,7 @@
 pub mod common;
 pub mod cpu;
 pub mod kernel;
+pub mod perf_ring;
 pub mod race;
 pub mod revert;
 pub mod scale;

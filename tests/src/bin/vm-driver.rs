@@ -114,6 +114,19 @@ fn check_tap(tap: &str, port: u16, privileges: &PodPrivileges) -> anyhow::Result
     let s = agent
         .scrape_until(Duration::from_secs(20), |s| s.sum("verdict_agent_cilium_events_map_present", &[]) == 1.0)?;
     ensure!(s.has("verdict_agent_tap_info", &[&format!("tap=\"{tap}\"")]), "tap_info does not say {tap}");
+    // fentry reads notifications in place where the kernel casts to void
+    // (Linux 6.17+), else (and always for kprobe) with a probe read.
+    let direct = verdict_agent::bpf::btf::KernelBtf::load(Path::new("/sys/kernel/btf/vmlinux"))
+        .ok()
+        .and_then(|btf| verdict_agent::bpf::direct_read::rdonly_cast_to_void(&btf).ok().flatten())
+        .is_some();
+    let read = if tap == "fentry" && direct { "direct" } else { "probe_read" };
+    ensure!(
+        s.has("verdict_agent_tap_info", &[&format!("read=\"{read}\"")]),
+        "{tap}: tap_info does not say read=\"{read}\" (the kernel {} the cast to void)",
+        if direct { "announces" } else { "does not announce" }
+    );
+    println!("VMTEST {tap} reads notifications with {read}");
     let first_id = map_id(&s)?;
 
     emit(&emitter, Target::CiliumEvents, N)?;

@@ -16,17 +16,17 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     helpers::generated::bpf_perf_event_output,
     macros::{classifier, map},
-    maps::{LruPerCpuHashMap, PerCpuArray, PerfEventArray},
+    maps::{Array, LruPerCpuHashMap, PerCpuArray, PerfEventArray},
     programs::TcContext,
 };
 use verdict_agent_ebpf::{
     account::{Notification, account},
-    tap::try_tap,
+    tap::{DirectRead, ProbeRead, try_tap},
 };
 use verdict_common::{
     cilium::capture_hdr::LEN_CAP,
     classify::classify,
-    maps::{BENCH_FAKE_MAP_ID, FlowKey, MAX_NOTIFICATION_SIZE},
+    maps::{BENCH_TRACE_PAYLOAD_LEN, BenchInput, FlowKey, MAX_NOTIFICATION_SIZE},
 };
 use verdict_testkit_ebpf::packet::copy_packet;
 
@@ -61,55 +61,9 @@ pub fn bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// Benchmark only: the tap's whole path, every helper call included: the
-/// `TAP_CONFIG` lookup, the `bpf_probe_read_kernel` of the map's ID (here
-/// from a stand-in `struct bpf_map` on this stack, whose ID is at offset 0:
-/// the benchmark sets `map_id_offset` 0 and `events_map_id`
-/// [`BENCH_FAKE_MAP_ID`]) and the `bpf_probe_read_kernel` of the
-/// notification (from a kernel stack buffer holding the packet, as Cilium's
-/// is on its program's stack), then `account`: the shipped `try_tap` itself.
-#[classifier]
-pub fn bench_tap(ctx: TcContext) -> i32 {
-    let fake_map: [u32; 2] = [BENCH_FAKE_MAP_ID, 0];
-    let mut meta: Notification = [0; MAX_NOTIFICATION_SIZE];
-    copy_packet(&ctx, &mut meta);
-    let meta_size = ctx.len() as u64;
-    // Keep the stand-ins in memory: the tap reads them through the helper.
-    let map = core::hint::black_box(fake_map.as_ptr()) as u64;
-    let meta_ptr = core::hint::black_box(meta.as_ptr()) as u64;
-    try_tap(map, meta_ptr, meta_size);
-    TC_ACT_OK
-}
-
-/// Benchmark only: Cilium's own cost of one notification, a
-/// `bpf_perf_event_output` (BPF_F_CURRENT_CPU) of the notification and
-/// `len_cap` packet bytes (at most 128, Cilium's default
-/// `--trace-payloadlen`) into `BENCH_EVENTS`, whose rings the benchmark
-/// opens and never reads.
-#[classifier]
-pub fn bench_notify(ctx: TcContext) -> i32 {
-    let mut record = BenchRecord { notification: [0; MAX_NOTIFICATION_SIZE], packet: [0; TRACE_PAYLOAD_LEN] };
-    let n = copy_packet(&ctx, &mut record.notification);
-    if n > 0 {
-        let cap = u16::from_ne_bytes([record.notification[LEN_CAP], record.notification[LEN_CAP + 1]]) as usize;
-        let size = n + cap.min(TRACE_PAYLOAD_LEN);
-        // SAFETY: `size` <= size of `record`; BENCH_EVENTS is a perf event array of this object.
-        unsafe {
-            bpf_perf_event_output(
-                ctx.as_ptr(),
-                (&BENCH_EVENTS as *const PerfEventArray<u32>).cast_mut().cast(),
-                BPF_F_CURRENT_CPU,
-                (&mut record as *mut BenchRecord).cast(),
-                size as u64,
-            )
-        };
-    }
-    TC_ACT_OK
-}
-
 /// Cilium's default `--trace-payloadlen`: at most this many packet bytes
 /// follow a notification in its perf record (`len_cap`).
-const TRACE_PAYLOAD_LEN: usize = 128;
+const TRACE_PAYLOAD_LEN: usize = BENCH_TRACE_PAYLOAD_LEN;
 
 /// A perf record the size Cilium's would be: the notification, then
 /// `len_cap` bytes of (here zeroed) packet.
@@ -152,22 +106,97 @@ pub fn bench_replay_and_emit(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// Benchmark only: what `bench_tap` does besides `try_tap`'s accounting,
-/// alone: the packet copy and one `bpf_probe_read_kernel` of the
-/// notification (the copy the tap makes), so the table can say what the
-/// helper costs on this kernel.
+/// Benchmark only: the input of the programs below
+/// ([`verdict_common::maps::BenchInput`]), written by userspace before each
+/// test run, so that none of them spends anything building it (Cilium
+/// builds its notification on its own stack before the notify; that is
+/// neither the notify's cost nor the tap's). Its `fake_map` keeps one
+/// address across runs, as Cilium's map does.
+#[map(name = "BENCH_INPUT")]
+static BENCH_INPUT: Array<BenchInput> = Array::with_max_entries(1, 0);
+
+/// Benchmark only: the accounting core alone, on the notification in place.
 #[classifier]
-pub fn bench_probe_read(ctx: TcContext) -> i32 {
-    let mut meta: Notification = [0; MAX_NOTIFICATION_SIZE];
-    let n = copy_packet(&ctx, &mut meta);
-    let src = core::hint::black_box(meta.as_ptr());
-    let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
-    let len = if n > MAX_NOTIFICATION_SIZE { MAX_NOTIFICATION_SIZE } else { n } as u32;
-    // SAFETY: `len` <= size of both buffers; a fault-tolerant read.
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_kernel(buf.as_mut_ptr().cast(), len, src.cast());
+pub fn bench_account(_ctx: TcContext) -> i32 {
+    if let Some(input) = BENCH_INPUT.get(0) {
+        account(&input.notification, input.len as usize);
     }
-    core::hint::black_box(&buf);
+    TC_ACT_OK
+}
+
+/// Benchmark only: the tap's whole path, every helper call included: the
+/// `TAP_CONFIG` lookup, the map filter (a `bpf_probe_read_kernel` of the
+/// map's ID the first time it sees the address), the
+/// `bpf_probe_read_kernel` of the notification, then `account`: the
+/// shipped `try_tap` itself, with the shipped `tap_fentry`'s reader.
+#[classifier]
+pub fn bench_tap(_ctx: TcContext) -> i32 {
+    if let Some(input) = BENCH_INPUT.get(0) {
+        let meta = input.notification.as_ptr() as u64;
+        try_tap::<ProbeRead>(input.fake_map.as_ptr() as u64, meta, input.len as u64);
+    }
+    TC_ACT_OK
+}
+
+/// Benchmark only: `bench_tap` with `tap_fentry_direct`'s reader (direct
+/// loads through `bpf_rdonly_cast`; kernels with
+/// `BPF_FEAT_RDONLY_CAST_TO_VOID`).
+#[classifier]
+pub fn bench_tap_direct(_ctx: TcContext) -> i32 {
+    if let Some(input) = BENCH_INPUT.get(0) {
+        let meta = input.notification.as_ptr() as u64;
+        try_tap::<DirectRead>(input.fake_map.as_ptr() as u64, meta, input.len as u64);
+    }
+    TC_ACT_OK
+}
+
+/// Benchmark only: Cilium's own cost of one notification, a
+/// `bpf_perf_event_output` (BPF_F_CURRENT_CPU) of the notification and
+/// `len_cap` packet bytes (at most 128, Cilium's default
+/// `--trace-payloadlen`) into `BENCH_EVENTS`, whose rings the benchmark
+/// opens and never reads.
+#[classifier]
+pub fn bench_notify(ctx: TcContext) -> i32 {
+    if let Some(input) = BENCH_INPUT.get(0) {
+        let n = &input.notification;
+        let cap = u16::from_ne_bytes([n[LEN_CAP], n[LEN_CAP + 1]]) as usize;
+        let len = input.len as usize;
+        let size = if len > MAX_NOTIFICATION_SIZE { MAX_NOTIFICATION_SIZE } else { len }
+            + if cap > BENCH_TRACE_PAYLOAD_LEN { BENCH_TRACE_PAYLOAD_LEN } else { cap };
+        // SAFETY: `size` <= size of the record, a map value of this object;
+        // BENCH_EVENTS is a perf event array of this object.
+        unsafe {
+            bpf_perf_event_output(
+                ctx.as_ptr(),
+                (&BENCH_EVENTS as *const PerfEventArray<u32>).cast_mut().cast(),
+                BPF_F_CURRENT_CPU,
+                (input as *const BenchInput).cast_mut().cast(),
+                size as u64,
+            )
+        };
+    }
+    TC_ACT_OK
+}
+
+/// Benchmark only: one `bpf_probe_read_kernel` of the notification into
+/// this stack, as the probe-read tap copies it, so the table can say what
+/// the helper costs on this kernel.
+#[classifier]
+pub fn bench_probe_read(_ctx: TcContext) -> i32 {
+    if let Some(input) = BENCH_INPUT.get(0) {
+        let mut buf: Notification = [0; MAX_NOTIFICATION_SIZE];
+        let len = input.len as usize;
+        let len = if len > MAX_NOTIFICATION_SIZE { MAX_NOTIFICATION_SIZE } else { len } as u32;
+        // SAFETY: `len` <= size of both buffers; a fault-tolerant read.
+        unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                buf.as_mut_ptr().cast(),
+                len,
+                input.notification.as_ptr().cast(),
+            );
+        }
+        core::hint::black_box(&buf);
+    }
     TC_ACT_OK
 }
 
