@@ -24,10 +24,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::tools::{self, output, run};
 
-/// Kernel series under test and the Debian release that ships each, for
-/// both architectures: Debian builds a `cloud-amd64` and a `cloud-arm64`
-/// flavour of each.
-pub const SERIES: &[(&str, &str)] = &[("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie")];
+/// Kernel series under test and the Debian release that ships each: Debian
+/// builds a `cloud-amd64` and a `cloud-arm64` flavour of each. [`LATEST`]
+/// floats: the newest cloud kernel of trixie-backports (7.2 in 2026-12),
+/// the one kernel here whose verifier takes the direct-read tap
+/// (`BPF_FEAT_RDONLY_CAST_TO_VOID`, Linux 6.17+); it is booted on amd64
+/// only (each arm64 boot is minutes of TCG). Backports split the kernel
+/// into `linux-binary-unsigned-*` (the image) and `linux-modules-*`.
+pub const SERIES: &[(&str, &str)] =
+    &[("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie"), (LATEST, "trixie-backports")];
+
+/// The floating series: whatever trixie-backports ships newest.
+pub const LATEST: &str = "latest";
+
+/// The series booted on `arch`.
+pub fn series_for(arch: Arch) -> Vec<&'static str> {
+    SERIES.iter().map(|(s, _)| *s).filter(|s| arch == Arch::Amd64 || *s != LATEST).collect()
+}
 
 /// The architecture a kernel (and the payload that runs on it) is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +77,7 @@ const REFRESH_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 #[derive(Clone, Debug)]
 pub struct Kernel {
     pub arch: Arch,
-    /// "5.10", "6.1" or "6.12".
+    /// "5.10", "6.1", "6.12" or [`LATEST`].
     pub series: &'static str,
     /// `uname -r` inside the VM, e.g. "6.1.0-50-cloud-amd64".
     pub version: String,
@@ -219,9 +232,9 @@ pub fn ensure_kernels() -> Result<Vec<Kernel>> {
     ensure_kernels_for(Arch::Amd64)
 }
 
-/// All three kernels of `arch`.
+/// Every kernel series booted on `arch`.
 pub fn ensure_kernels_for(arch: Arch) -> Result<Vec<Kernel>> {
-    ensure_series_for(arch, &SERIES.iter().map(|(s, _)| *s).collect::<Vec<_>>(), false)
+    ensure_series_for(arch, &series_for(arch), false)
 }
 
 /// The kernels of `arch` of the given series ("5.10", "6.1", "6.12").
@@ -281,15 +294,34 @@ struct Package {
 }
 
 impl Package {
-    /// "linux-image-6.1.0-50-cloud-amd64-unsigned" -> "6.1.0-50-cloud-amd64".
+    /// "linux-image-6.1.0-50-cloud-amd64-unsigned" -> "6.1.0-50-cloud-amd64",
+    /// "linux-binary-unsigned-7.2.12+deb13-cloud-amd64" -> "7.2.12+deb13-cloud-amd64".
     fn uname(&self) -> Result<String> {
         self.name
             .strip_prefix("linux-image-")
             .and_then(|n| n.strip_suffix("-unsigned"))
+            .or_else(|| self.name.strip_prefix(BINARY_UNSIGNED))
             .map(str::to_string)
             .with_context(|| format!("unexpected kernel package name {}", self.name))
     }
+
+    /// The modules package of a split kernel (backports), else None: the
+    /// image package holds its modules.
+    fn modules(&self) -> Result<Option<Package>> {
+        if !self.name.starts_with(BINARY_UNSIGNED) {
+            return Ok(None);
+        }
+        Ok(Some(Package { name: format!("linux-modules-{}", self.uname()?), version: self.version.clone() }))
+    }
+
+    /// Every package to unpack for this kernel.
+    fn all(&self) -> Result<Vec<Package>> {
+        Ok(std::iter::once(self.clone()).chain(self.modules()?).collect())
+    }
 }
+
+/// Name prefix of a split kernel's image package.
+const BINARY_UNSIGNED: &str = "linux-binary-unsigned-";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Resolved {
@@ -401,11 +433,12 @@ impl PrivateApt {
     /// backports, which are not the kernel we mean by "6.1").
     fn resolve(&self) -> Result<Resolved> {
         let arch = self.arch.debian();
-        let names = output(self.command("apt-cache").args([
-            "search",
-            "--names-only",
-            &format!("^linux-image-.*-cloud-{arch}-unsigned$"),
-        ]))?;
+        let mut names = String::new();
+        for pattern in
+            [format!("^linux-image-.*-cloud-{arch}-unsigned$"), format!("^{BINARY_UNSIGNED}.*-cloud-{arch}$")]
+        {
+            names.push_str(&output(self.command("apt-cache").args(["search", "--names-only", &pattern]))?);
+        }
         let names: Vec<&str> = names.lines().filter_map(|l| l.split_whitespace().next()).collect();
         if names.is_empty() {
             bail!("apt-cache found no linux-image-*-cloud-{arch}-unsigned packages in the private lists");
@@ -418,7 +451,9 @@ impl PrivateApt {
             let [name, version, source] = fields[..] else { continue };
             let Some(suite) = source.split_whitespace().nth(1).and_then(|s| s.split('/').next()) else { continue };
             let Some((series, _)) = SERIES.iter().find(|(series, s)| {
-                *s == suite && name.strip_prefix("linux-image-").is_some_and(|v| v.starts_with(&format!("{series}.")))
+                *s == suite
+                    && (*series == LATEST
+                        || name.strip_prefix("linux-image-").is_some_and(|v| v.starts_with(&format!("{series}."))))
             }) else {
                 continue;
             };
@@ -432,6 +467,9 @@ impl PrivateApt {
             }
         }
         for (series, suite) in SERIES {
+            if *series == LATEST && self.arch != Arch::Amd64 {
+                continue;
+            }
             if !best.contains_key(*series) {
                 bail!("no linux-image-{series}.*-cloud-{arch}-unsigned in Debian {suite} main");
             }
@@ -509,16 +547,18 @@ fn ensure_unpacked(apt: &PrivateApt, dir: &Path, arch: Arch, series: &'static st
     if !complete.exists() {
         let debs = dir.join("debs");
         fs::create_dir_all(&debs).with_context(|| format!("cannot create {}", debs.display()))?;
-        let deb = match deb_for(&debs, pkg) {
-            Some(deb) => deb,
-            None => apt.download(pkg, &debs)?,
-        };
         let tmp = dir.join(format!(".unpack-{uname}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
-        run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))
-            .with_context(|| format!("cannot unpack {}; delete it to download again", deb.display()))?;
-        let modules =
-            find_modules_dir(&tmp, &uname).with_context(|| format!("{} has no lib/modules/{uname}", deb.display()))?;
+        for part in pkg.all()? {
+            let deb = match deb_for(&debs, &part) {
+                Some(deb) => deb,
+                None => apt.download(&part, &debs)?,
+            };
+            run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))
+                .with_context(|| format!("cannot unpack {}; delete it to download again", deb.display()))?;
+        }
+        let deb = pkg.name.clone();
+        let modules = find_modules_dir(&tmp, &uname).with_context(|| format!("{deb} has no lib/modules/{uname}"))?;
         // Debian generates modules.dep in postinst, so the package has none.
         // The host's depmod only looks in <base>/lib/modules.
         if !tmp.join("lib").exists() {
@@ -533,7 +573,14 @@ fn ensure_unpacked(apt: &PrivateApt, dir: &Path, arch: Arch, series: &'static st
         fs::rename(&tmp, &root).with_context(|| format!("cannot move {} to {}", tmp.display(), root.display()))?;
         println!("kernels: {series} unpacked {} into {}", pkg.name, root.display());
     }
-    let vmlinuz = root.join("boot").join(format!("vmlinuz-{uname}"));
+    // A split kernel keeps its image beside its modules.
+    let vmlinuz = [
+        root.join("boot").join(format!("vmlinuz-{uname}")),
+        root.join("usr/lib/modules").join(&uname).join("vmlinuz.unsigned"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .unwrap_or_else(|| root.join("boot").join(format!("vmlinuz-{uname}")));
     let modules_dir = find_modules_dir(&root, &uname)
         .with_context(|| format!("{} has no lib/modules/{uname}; delete it to unpack again", root.display()))?;
     if !vmlinuz.is_file() {
@@ -553,7 +600,12 @@ fn ensure_unpacked(apt: &PrivateApt, dir: &Path, arch: Arch, series: &'static st
 /// Drop debs and unpacked trees of kernels that are no longer the choice
 /// for any series (a point release replaced them).
 fn prune(dir: &Path, resolved: &Resolved) {
-    let keep_debs: Vec<String> = resolved.packages.values().map(|p| format!("{}_{}_", p.name, p.version)).collect();
+    let keep_debs: Vec<String> = resolved
+        .packages
+        .values()
+        .flat_map(|p| p.all().unwrap_or_default())
+        .map(|p| format!("{}_{}_", p.name, p.version))
+        .collect();
     let keep_roots: Vec<String> = resolved.packages.values().filter_map(|p| p.uname().ok()).collect();
     if let Ok(entries) = fs::read_dir(dir.join("debs")) {
         for e in entries.filter_map(|e| e.ok()) {

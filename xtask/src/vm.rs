@@ -57,7 +57,7 @@ pub struct VmOutcome {
 
 #[derive(clap::Args)]
 pub struct VmArgs {
-    /// Kernel series to boot: 5.10, 6.1, 6.12 or all.
+    /// Kernel series to boot: 5.10, 6.1, 6.12, latest (amd64: the newest of trixie-backports) or all.
     #[arg(long, default_value = "all")]
     kernel: String,
     /// Kernel architecture: amd64 (qemu-system-x86_64) or arm64 (qemu-system-aarch64; payload files must be aarch64).
@@ -83,11 +83,12 @@ pub struct VmArgs {
 /// `cargo xtask vm`: prints the console as it comes and exits with the
 /// payload's exit code (the first non-zero one with `--kernel all`).
 pub fn run_cli(args: VmArgs) -> Result<()> {
-    let series: Vec<&str> = if args.kernel == "all" {
-        kernels::SERIES.iter().map(|(s, _)| *s).collect()
-    } else {
-        vec![args.kernel.as_str()]
+    let arch = match args.arch.as_str() {
+        "amd64" => Arch::Amd64,
+        "arm64" => Arch::Arm64,
+        other => bail!("--arch {other}: expected amd64 or arm64"),
     };
+    let series: Vec<&str> = if args.kernel == "all" { kernels::series_for(arch) } else { vec![args.kernel.as_str()] };
     let mut files = Vec::new();
     for spec in &args.files {
         let (host, guest) = spec
@@ -100,11 +101,6 @@ pub fn run_cli(args: VmArgs) -> Result<()> {
         command: args.command.join(" "),
         modules: args.modules.clone(),
         timeout: Duration::from_secs(args.timeout),
-    };
-    let arch = match args.arch.as_str() {
-        "amd64" => Arch::Amd64,
-        "arm64" => Arch::Arm64,
-        other => bail!("--arch {other}: expected amd64 or arm64"),
     };
     let kernels = kernels::ensure_series_for(arch, &series, args.refresh_kernels)?;
 
