@@ -380,6 +380,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 guard.as_ref()?.endpoints.iter().find(|e| e.endpoint_id == id).map(|e| e.state)
             }),
             events: trial_events,
+            api_server: api_server_targets(enrichment.clone()),
         },
         view.clone(),
     )
@@ -589,6 +590,23 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         *l.report.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
         return_freed_memory();
     }
+}
+
+/// The API server's TCP endpoints (every ready address of the `kubernetes`
+/// Service's slices, on each TCP port), for host trials' reach probes;
+/// empty while Kubernetes is not watched or the slices were never listed.
+fn api_server_targets(enrichment: Enrichment) -> crate::enforce::reach::ReachTargets {
+    Arc::new(move || {
+        let (Some(addresses), Some(ports)) = (enrichment.api_server_addresses(), enrichment.api_server_ports()) else {
+            return Vec::new();
+        };
+        let tcp: Vec<u16> = ports.iter().filter(|p| p.protocol.eq_ignore_ascii_case("tcp")).map(|p| p.port).collect();
+        addresses
+            .iter()
+            .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+            .flat_map(|ip| tcp.iter().map(move |&port| std::net::SocketAddr::new(ip, port)))
+            .collect()
+    })
 }
 
 /// TCP and UDP ports of the catalogue's entries, for the kernel: world

@@ -7,6 +7,7 @@
 //! - [`record`] and [`store`]: the trial as the node records it, durably.
 //! - [`trial`]: the state machine.
 //! - [`watch`]: what counts as a critical signal; the fast read cadence.
+//! - [`reach`]: the node's TCP reach to the API server during host trials.
 //! - [`api`]: the daemon's `/api/v1/enforcement/trials` routes.
 //! - [`cli`]: `verdict-agent enforce`.
 //! - [`metrics`]: trial outcomes and time to revert.
@@ -22,6 +23,7 @@ pub mod cilium_config;
 pub mod cli;
 pub mod events;
 pub mod metrics;
+pub mod reach;
 pub mod record;
 pub mod store;
 pub mod trial;
@@ -48,6 +50,7 @@ use crate::{
 };
 use cilium_config::EndpointConfigClient;
 use metrics::EnforcementMetrics;
+use reach::{ReachTargets, ReachWatch};
 use store::{StoreError, TrialStore};
 use trial::{ReadinessLookup, TrialEvents, TrialManager, TrialSettings};
 use watch::{ReadCadence, TrialWatch};
@@ -121,6 +124,9 @@ pub struct DaemonContext {
     pub readiness_lookup: ReadinessLookup,
     /// Kubernetes Events, when the agent has a client.
     pub events: Option<Arc<dyn TrialEvents>>,
+    /// The API server's endpoints, for host trials' reach probes (empty
+    /// while unknown: then only the verdicts are watched).
+    pub api_server: ReachTargets,
 }
 
 impl Enforcement {
@@ -142,6 +148,8 @@ impl Enforcement {
             metrics.clone(),
         )?
         .with_readiness(ctx.readiness_lookup);
+        let reach = ReachWatch::default();
+        manager = manager.with_reach(ctx.api_server.clone(), reach.clone());
         if let Some(events) = ctx.events {
             manager = manager.with_events(events);
         }
@@ -152,6 +160,7 @@ impl Enforcement {
         cadence.set_fast(manager.any_active());
         let trials = Arc::new(Mutex::new(manager));
         let task = tokio::spawn(watch_loop(trials.clone(), flows, ctx.directory, cadence.clone()));
+        tokio::spawn(reach_loop(trials.clone(), ctx.api_server, reach));
         Ok(Enforcement { trials, metrics, cadence, task })
     }
 
@@ -201,5 +210,25 @@ pub async fn watch_loop(
             manager.tick(&flows, &*directory, SystemTime::now()).await;
         }
         cadence.set_fast(manager.any_active());
+    }
+}
+
+/// Probes the API server's endpoints once a second while a host trial with
+/// a reach baseline is active; idle (and forgetting) otherwise.
+pub async fn reach_loop(trials: SharedTrials, targets: ReachTargets, watch: ReachWatch) {
+    let mut probing = false;
+    loop {
+        tokio::time::sleep(reach::PROBE_INTERVAL).await;
+        let wanted = trials.lock().await.wants_reach();
+        if !wanted {
+            if probing {
+                watch.clear();
+                probing = false;
+            }
+            continue;
+        }
+        probing = true;
+        let round = reach::probe(&targets()).await;
+        watch.record(&round, SystemTime::now());
     }
 }

@@ -127,6 +127,11 @@ pub struct TrialRecord {
     /// A revert that failed and is retried every watch round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_revert: Option<PendingRevert>,
+    /// Host trials: the API server endpoints (`address:port`) this node
+    /// reached by TCP just before the switch; losing one after it is a
+    /// critical signal (see `reach`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reach_baseline: Vec<String>,
     pub history: Vec<TrialEvent>,
 }
 

@@ -727,3 +727,52 @@ async fn cli_refuses_unless_preflight_says_safe() {
     drop(m);
     server.abort();
 }
+
+/// A host trial also watches the node's TCP reach to the API server: a
+/// target reached just before the switch that then refuses connects twice
+/// in a row reverts the trial, even with no denied verdict in the counters.
+#[tokio::test]
+async fn a_host_trial_reverts_when_the_node_stops_reaching_the_api_server() {
+    use super::reach::{self, ReachTargets, ReachWatch};
+    let rig = Rig::new();
+    let api_server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = api_server.local_addr().unwrap();
+    let targets: ReachTargets = Arc::new(move || vec![addr]);
+    let watch = ReachWatch::default();
+    let mut m = rig.manager(enabled()).with_reach(targets.clone(), watch.clone());
+    let t = m.start(safe(HOST, 300), SystemTime::now()).await.unwrap();
+    assert_eq!(t.reach_baseline, vec![addr.to_string()], "the baseline is taken before the switch");
+    assert!(m.wants_reach());
+
+    // Reached after the switch: nothing happens.
+    let no_flows: Vec<FlowRecord> = Vec::new();
+    watch.record(&reach::probe(&targets()).await, SystemTime::now());
+    m.tick(&no_flows, &NoDirectory, SystemTime::now()).await;
+    assert_eq!(m.get(&t.id).unwrap().phase, TrialPhase::Switched);
+
+    // The cut: connects fail. One failure is not enough, two are.
+    drop(api_server);
+    watch.record(&reach::probe(&targets()).await, SystemTime::now());
+    m.tick(&no_flows, &NoDirectory, SystemTime::now()).await;
+    assert_eq!(m.get(&t.id).unwrap().phase, TrialPhase::Switched, "one failed connect reverts nothing");
+    watch.record(&reach::probe(&targets()).await, SystemTime::now());
+    m.tick(&no_flows, &NoDirectory, SystemTime::now()).await;
+    let after = m.get(&t.id).unwrap();
+    assert_eq!(after.phase, TrialPhase::Reverted, "{after:?}");
+    let outcome = after.outcome.clone().unwrap_or_default();
+    assert!(outcome.contains("reach_lost") && outcome.contains(&addr.to_string()), "{outcome}");
+    assert_eq!(rig.fake.audit(HOST), Some(OptionValue::Enabled));
+    assert!(!m.wants_reach(), "no host trial left to probe for");
+}
+
+/// A pod trial takes no reach baseline: the node's reach is the host's.
+#[tokio::test]
+async fn a_pod_trial_does_not_probe_the_api_server() {
+    use super::reach::{ReachTargets, ReachWatch};
+    let rig = Rig::new();
+    let targets: ReachTargets = Arc::new(|| vec!["127.0.0.1:9".parse().unwrap()]);
+    let mut m = rig.manager(enabled()).with_reach(targets, ReachWatch::default());
+    let t = m.start(safe(POD, 300), SystemTime::now()).await.unwrap();
+    assert!(t.reach_baseline.is_empty());
+    assert!(!m.wants_reach());
+}

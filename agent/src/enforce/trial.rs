@@ -20,9 +20,10 @@ use tracing::{error, info, warn};
 use super::{
     cilium_config::{EndpointConfigClient, EndpointConfigError, OptionValue},
     metrics::EnforcementMetrics,
+    reach::{self, ReachTargets, ReachWatch},
     record::{PendingRevert, PreflightVerdict, Requester, TrialEvent, TrialPhase, TrialRecord},
     store::{StoreError, TrialStore},
-    watch::{CriticalSignal, TrialWatch, WatchedEndpoint},
+    watch::{CriticalSignal, SignalKind, TrialWatch, WatchedEndpoint},
 };
 use crate::{
     model::{EndpointDirectory, EndpointKind, FlowRecord},
@@ -163,6 +164,8 @@ pub struct TrialManager {
     alarmed: HashSet<(String, String)>,
     readiness: Option<ReadinessLookup>,
     events: Option<Arc<dyn TrialEvents>>,
+    /// Host trials: where the API server is, and what the probes saw.
+    reach: Option<(ReachTargets, ReachWatch)>,
 }
 
 /// Where switches, reverts and refusals are published besides the log and
@@ -205,7 +208,22 @@ impl TrialManager {
             alarmed: HashSet::new(),
             readiness: None,
             events: None,
+            reach: None,
         })
+    }
+
+    /// Host trials also watch the node's TCP reach to `targets` (the API
+    /// server's endpoints), probed by [`super::reach_loop`] into `watch`.
+    pub fn with_reach(mut self, targets: ReachTargets, watch: ReachWatch) -> TrialManager {
+        self.reach = Some((targets, watch));
+        self
+    }
+
+    /// A host trial is switched or confirmed: the reach probes are wanted.
+    pub fn wants_reach(&self) -> bool {
+        self.trials
+            .iter()
+            .any(|t| t.is_active() && t.endpoint_kind == EndpointKind::Host && !t.reach_baseline.is_empty())
     }
 
     /// Publishes every trial step to `events` too.
@@ -312,6 +330,9 @@ impl TrialManager {
         }
 
         let mut record = new_record(req, before, &self.settings, now);
+        if let (EndpointKind::Host, Some((targets, _))) = (record.endpoint_kind, &self.reach) {
+            record.reach_baseline = reach::baseline(targets).await.iter().map(ToString::to_string).collect();
+        }
         record.note(now, TrialPhase::Requested, "trial requested; switching PolicyAuditMode off");
         self.trials.push(record);
         let idx = self.trials.len() - 1;
@@ -572,7 +593,23 @@ impl TrialManager {
             since: t.switched_at?,
             strict: t.strict,
         };
-        self.watch.signals(flows, directory, &[watched], now).into_iter().next()
+        let mut signals = self.watch.signals(flows, directory, &[watched], now);
+        if let (true, Some((_, reach))) = (watched.is_host, &self.reach) {
+            for loss in reach.losses(&reach::parse_targets(&t.reach_baseline), watched.since) {
+                signals.push(CriticalSignal {
+                    endpoint_id: t.endpoint_id,
+                    kind: SignalKind::ReachLost,
+                    description: format!(
+                        "this node no longer reaches the API server at {} ({} connects failed in a row since the \
+                         switch: {})",
+                        loss.target, loss.failures, loss.error
+                    ),
+                    first_seen: loss.since,
+                });
+            }
+            signals.sort_by_key(|s| s.first_seen);
+        }
+        signals.into_iter().next()
     }
 
     /// At start-up: continue or revert what the record says was under way.
@@ -716,6 +753,7 @@ fn new_record(req: TrialRequest, before: OptionValue, settings: &TrialSettings, 
         outcome: None,
         time_to_revert_seconds: None,
         pending_revert: None,
+        reach_baseline: Vec::new(),
         history: Vec::new(),
     }
 }

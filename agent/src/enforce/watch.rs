@@ -56,6 +56,9 @@ pub enum SignalKind {
     AcceptedNowDenied,
     /// Any new denied flow (strict trials only).
     NewDenied,
+    /// The node stopped reaching an API server endpoint it reached just
+    /// before the switch (TCP connects, see `reach`).
+    ReachLost,
 }
 
 impl SignalKind {
@@ -66,6 +69,7 @@ impl SignalKind {
             SignalKind::InfrastructureDrop => "infrastructure_drop",
             SignalKind::AcceptedNowDenied => "accepted_now_denied",
             SignalKind::NewDenied => "new_denied",
+            SignalKind::ReachLost => "reach_lost",
         }
     }
 }
