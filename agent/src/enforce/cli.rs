@@ -27,8 +27,12 @@ use crate::{
                         agent, 3 preflight has not enough evidence. The agent must run with --enable-enforcement.")]
 pub struct EnforceArgs {
     /// The endpoint: `host`, an endpoint ID, or NAMESPACE/POD.
-    #[arg(long, required_unless_present = "status")]
+    #[arg(long, required_unless_present_any = ["status", "namespace"], conflicts_with = "namespace")]
     pub endpoint: Option<String>,
+    /// Every pod endpoint of this namespace on this node, one trial each: started only if preflight says safe for
+    /// all of them (or --force), and all undone if one cannot start. --confirm, --abort and --status act on all.
+    #[arg(long)]
+    pub namespace: Option<String>,
     /// Trial length: audit mode comes back after it unless --confirm came first.
     #[arg(long = "try", default_value = "5m", value_parser = parse_duration_arg)]
     pub try_for: Duration,
@@ -86,6 +90,17 @@ pub enum CliError {
     },
 }
 
+impl EnforceArgs {
+    /// The endpoint selector: `--endpoint`, or `NAMESPACE/*` for `--namespace`.
+    fn selector(&self) -> Option<String> {
+        match (&self.endpoint, &self.namespace) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(ns)) => Some(format!("{ns}/*")),
+            (None, None) => None,
+        }
+    }
+}
+
 /// Runs `enforce`.
 pub async fn run(args: EnforceArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout();
@@ -97,7 +112,7 @@ pub async fn run(args: EnforceArgs) -> anyhow::Result<ExitCode> {
 pub async fn run_with(args: EnforceArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let agent = Agent { url: args.agent.clone(), timeout: Duration::from_secs(args.timeout) };
     let result = if args.status {
-        status(&agent, args.endpoint.as_deref(), out).await
+        status(&agent, args.selector().as_deref(), out).await
     } else if args.confirm || args.abort {
         finish(&agent, &args, out).await
     } else {
@@ -112,16 +127,9 @@ pub async fn run_with(args: EnforceArgs, out: &mut dyn Write, err: &mut dyn Writ
     }
 }
 
-/// The error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
+/// The error and its causes, each once.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::errors::chain(e)
 }
 
 /// `user@host` of whoever runs the CLI (sudo's caller when under sudo).
@@ -133,10 +141,12 @@ fn requester(reason: Option<&str>) -> Requester {
 }
 
 async fn start(agent: &Agent, args: &EnforceArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let Some(selector) = args.endpoint.as_deref() else {
-        let _ = writeln!(err, "enforce: --endpoint is required (host, an endpoint ID, or NAMESPACE/POD)");
+    let Some(selector) = args.selector() else {
+        let _ =
+            writeln!(err, "enforce: --endpoint (host, an endpoint ID, or NAMESPACE/POD) or --namespace is required");
         return EXIT_ERROR;
     };
+    let selector = selector.as_str();
     // The same evaluation and exit codes as `preflight`, printed the same way.
     let pre = PreflightArgs {
         endpoint: Some(selector.to_owned()),
@@ -166,75 +176,127 @@ async fn start(agent: &Agent, args: &EnforceArgs, out: &mut dyn Write, err: &mut
         }
     };
     let selected = report.select(selector);
-    let [endpoint] = selected.as_slice() else {
+    if selected.is_empty() {
+        let _ = writeln!(err, "enforce: {selector:?} names no endpoint in the agent's readiness report");
+        return EXIT_ERROR;
+    }
+    if selected.len() > 1 && args.namespace.is_none() {
         let _ = writeln!(
             err,
             "enforce: {selector:?} names {} endpoints on this node; a trial switches one: name it by ID",
             selected.len()
         );
         return EXIT_ERROR;
-    };
-    let name = match (endpoint.kind, &endpoint.namespace, &endpoint.pod) {
-        (EndpointKind::Host, _, _) => "host".to_owned(),
-        (_, Some(ns), Some(pod)) => format!("{ns}/{pod}"),
-        _ => endpoint.endpoint_id.to_string(),
-    };
-    let req = TrialRequest {
-        endpoint_id: endpoint.endpoint_id,
-        endpoint_name: name,
-        endpoint_kind: endpoint.kind,
-        try_seconds: args.try_for.as_secs().max(1),
-        strict: args.strict,
-        requested_by: requester(args.reason.as_deref()),
-        preflight: PreflightVerdict {
-            state: endpoint.state.as_str().to_owned(),
-            exit_code: code,
-            forced: args.force && code != EXIT_SAFE,
-        },
-    };
-    match agent.call::<TrialRecord>(Method::POST, TRIALS_PATH, Some(&req)).await {
-        Ok(t) => {
-            let _ = writeln!(out);
-            let _ = writeln!(
-                out,
-                "Trial {} started: endpoint {} (ID {}) enforces policy until {} ({}), then goes back to audit mode \
-                 unless confirmed. The agent reverts by itself on the first critical signal.",
-                t.id,
-                t.endpoint_name,
-                t.endpoint_id,
-                t.deadline.map(format_rfc3339).unwrap_or_default(),
-                format_duration(t.try_for()),
-            );
-            let _ = writeln!(out, "  keep it:    verdict-agent enforce --endpoint {} --confirm", t.endpoint_name);
-            let _ = writeln!(out, "  undo it:    verdict-agent enforce --endpoint {} --abort", t.endpoint_name);
-            EXIT_SAFE
+    }
+    let mut started: Vec<TrialRecord> = Vec::new();
+    for endpoint in selected {
+        let name = match (endpoint.kind, &endpoint.namespace, &endpoint.pod) {
+            (EndpointKind::Host, _, _) => "host".to_owned(),
+            (_, Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+            _ => endpoint.endpoint_id.to_string(),
+        };
+        let req = TrialRequest {
+            endpoint_id: endpoint.endpoint_id,
+            endpoint_name: name.clone(),
+            endpoint_kind: endpoint.kind,
+            try_seconds: args.try_for.as_secs().max(1),
+            strict: args.strict,
+            requested_by: requester(args.reason.as_deref()),
+            preflight: PreflightVerdict {
+                state: endpoint.state.as_str().to_owned(),
+                exit_code: code,
+                forced: args.force && code != EXIT_SAFE,
+            },
+        };
+        match agent.call::<TrialRecord>(Method::POST, TRIALS_PATH, Some(&req)).await {
+            Ok(t) => started.push(t),
+            Err(e) => {
+                let _ = writeln!(err, "enforce: {name}: {}", chain(&e));
+                // All or nothing: a namespace is switched whole or not at all.
+                undo(agent, &started, &name, err).await;
+                return EXIT_ERROR;
+            }
         }
-        Err(e) => {
-            let _ = writeln!(err, "enforce: {}", chain(&e));
-            EXIT_ERROR
+    }
+    let _ = writeln!(out);
+    for t in &started {
+        let _ = writeln!(
+            out,
+            "Trial {} started: endpoint {} (ID {}) enforces policy until {} ({}), then goes back to audit mode \
+             unless confirmed. The agent reverts by itself on the first critical signal.",
+            t.id,
+            t.endpoint_name,
+            t.endpoint_id,
+            t.deadline.map(format_rfc3339).unwrap_or_default(),
+            format_duration(t.try_for()),
+        );
+    }
+    let target = match &args.namespace {
+        Some(ns) => format!("--namespace {ns}"),
+        None => format!("--endpoint {}", started[0].endpoint_name),
+    };
+    let _ = writeln!(out, "  keep it:    verdict-agent enforce {target} --confirm");
+    let _ = writeln!(out, "  undo it:    verdict-agent enforce {target} --abort");
+    EXIT_SAFE
+}
+
+/// Aborts trials a namespace request started before one of its trials failed.
+async fn undo(agent: &Agent, started: &[TrialRecord], failed: &str, err: &mut dyn Write) {
+    let by = requester(Some(&format!("undone: the trial of {failed} in the same request could not start")));
+    for t in started {
+        match agent.call::<TrialRecord>(Method::POST, &format!("{TRIALS_PATH}/{}/abort", t.id), Some(&by)).await {
+            Ok(_) => {
+                let _ = writeln!(err, "enforce: {}: trial {} aborted, audit mode back on", t.endpoint_name, t.id);
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    err,
+                    "enforce: {}: could not abort trial {} ({}); the agent reverts it at its deadline: \
+                     verdict-agent enforce --endpoint {} --abort",
+                    t.endpoint_name,
+                    t.id,
+                    chain(&e),
+                    t.endpoint_name
+                );
+            }
         }
     }
 }
 
-/// Whether a trial is the one `selector` names.
+/// Whether a trial is one `selector` names (`NAMESPACE/*`: every pod of it).
 fn names(t: &TrialRecord, selector: &str) -> bool {
-    t.endpoint_name == selector || t.endpoint_id.to_string() == selector
+    match selector.strip_suffix("/*") {
+        Some(ns) => {
+            t.endpoint_kind != EndpointKind::Host && t.endpoint_name.split_once('/').is_some_and(|(n, _)| n == ns)
+        }
+        None => t.endpoint_name == selector || t.endpoint_id.to_string() == selector,
+    }
 }
 
 async fn finish(agent: &Agent, args: &EnforceArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let selector = args.endpoint.as_deref().unwrap_or_default();
+    let selector = args.selector().unwrap_or_default();
     let list: TrialList = agent.call(Method::GET, TRIALS_PATH, None::<&()>).await?;
-    let Some(t) = list.trials.iter().rev().find(|t| names(t, selector) && t.is_active()) else {
+    let running: Vec<&TrialRecord> = match &args.namespace {
+        Some(_) => list.trials.iter().filter(|t| names(t, &selector) && t.is_active()).collect(),
+        None => list.trials.iter().rev().find(|t| names(t, &selector) && t.is_active()).into_iter().collect(),
+    };
+    if running.is_empty() {
+        let what = match &args.namespace {
+            Some(ns) => format!("in namespace {ns:?}"),
+            None => format!("on endpoint {selector:?}"),
+        };
         return Err(CliError::Refused {
             status: 404,
-            error: format!("no running trial on endpoint {selector:?}; see verdict-agent enforce --status"),
+            error: format!("no running trial {what}; see verdict-agent enforce --status"),
         });
-    };
+    }
     let action = if args.confirm { "confirm" } else { "abort" };
     let by = requester(args.reason.as_deref());
-    let t: TrialRecord = agent.call(Method::POST, &format!("{TRIALS_PATH}/{}/{action}", t.id), Some(&by)).await?;
-    writeln!(out, "Trial {} on {}: {}", t.id, t.endpoint_name, t.history.last().map_or("", |h| h.message.as_str()))
-        .ok();
+    for t in running {
+        let t: TrialRecord = agent.call(Method::POST, &format!("{TRIALS_PATH}/{}/{action}", t.id), Some(&by)).await?;
+        writeln!(out, "Trial {} on {}: {}", t.id, t.endpoint_name, t.history.last().map_or("", |h| h.message.as_str()))
+            .ok();
+    }
     Ok(())
 }
 

@@ -776,3 +776,77 @@ async fn a_pod_trial_does_not_probe_the_api_server() {
     assert!(t.reach_baseline.is_empty());
     assert!(!m.wants_reach());
 }
+
+/// `--namespace`: one trial per pod endpoint of the namespace, only when
+/// preflight says safe for all (or forced); all or nothing when one cannot
+/// start; `--abort` ends them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_namespace_trials_are_all_or_nothing() {
+    use crate::readiness::{self, Observation, ReadinessInput, testkit};
+    let sc = testkit::Scenario::lockout();
+    let flows = sc.flows(&sc.policies, false);
+    let obs = Observation::since_start(sc.observed_since);
+    let mut input = ReadinessInput::new(&flows, &sc.directory, &obs, testkit::now());
+    input.node = Some(testkit::NODE.into());
+    let report = serde_json::to_value(readiness::evaluate(&input, &ReadinessConfig::default())).unwrap();
+
+    // Cilium knows web and api only: the quiet pod's switch is refused (404).
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeCiliumConfig::new(&dir.path().join("cilium.sock"), &[testkit::WEB, testkit::API]);
+    fake.start();
+    let manager = TrialManager::open(
+        EndpointConfigClient::new(dir.path().join("cilium.sock"), Duration::from_millis(500)),
+        TrialStore::new(dir.path().join("state")),
+        enabled(),
+        TrialWatch::new(ReadinessConfig::default()),
+        Arc::new(EnforcementMetrics::default()),
+    )
+    .unwrap();
+    let manager = Arc::new(tokio::sync::Mutex::new(manager));
+    let readiness_route = axum::Router::new()
+        .route("/api/v1/readiness", axum::routing::get(move || async move { axum::Json(report.clone()) }));
+    let router =
+        readiness_route.merge(api::router(ApiState { trials: manager.clone(), cadence: ReadCadence::default() }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:19813").await.unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    });
+    let run = |extra: &'static [&'static str]| async move {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            a: EnforceArgs,
+        }
+        let mut argv = vec!["enforce", "--agent", "http://127.0.0.1:19813"];
+        argv.extend_from_slice(extra);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = cli::run_with(Wrap::parse_from(argv).a, &mut out, &mut err).await;
+        (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+    };
+
+    // web would break: preflight's exit 1 for the namespace, nothing sent.
+    let (code, out, err) = run(&["--namespace", "shop"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("refusing to leave audit mode on shop/*"), "{err}");
+    assert!(fake.patches().is_empty());
+
+    // Forced: web and api switch, quiet is refused, so web and api are undone.
+    let (code, out, err) = run(&["--namespace", "shop", "--force", "--reason", "stage shop"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("shop/quiet-0") && err.contains("aborted, audit mode back on"), "{err}");
+    assert_eq!(fake.audit(testkit::WEB), Some(OptionValue::Enabled));
+    assert_eq!(fake.audit(testkit::API), Some(OptionValue::Enabled));
+    let m = manager.lock().await;
+    assert!(!m.any_active(), "every trial of the request ended");
+    // The refused switch left no record (Cilium answered 404 before it);
+    // the two started ones are recorded as aborted.
+    let ended: Vec<(&str, TrialPhase)> = m.trials().iter().map(|t| (t.endpoint_name.as_str(), t.phase)).collect();
+    assert_eq!(ended, [("shop/web-7d9f", TrialPhase::Reverted), ("shop/api-5c4b", TrialPhase::Reverted)]);
+    drop(m);
+
+    let (code, _, err) = run(&["--namespace", "shop", "--abort"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("no running trial in namespace \"shop\""), "{err}");
+    server.abort();
+}

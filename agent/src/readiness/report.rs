@@ -529,6 +529,8 @@ impl ReadinessReport {
     }
 }
 
+/// `host`, an endpoint ID, `NAMESPACE/POD`, or `NAMESPACE/*` (every pod
+/// endpoint of the namespace on this node; `*` is no valid pod name).
 pub fn endpoint_matches(e: &EndpointReadiness, selector: &str) -> bool {
     if selector == "host" {
         return e.kind == EndpointKind::Host;
@@ -537,6 +539,7 @@ pub fn endpoint_matches(e: &EndpointReadiness, selector: &str) -> bool {
         return e.endpoint_id == id;
     }
     match selector.split_once('/') {
+        Some((ns, "*")) => e.namespace.as_deref() == Some(ns) && e.kind != EndpointKind::Host,
         Some((ns, pod)) => e.namespace.as_deref() == Some(ns) && e.pod.as_deref() == Some(pod),
         None => false,
     }
