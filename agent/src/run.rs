@@ -385,6 +385,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         view.clone(),
     )
     .await?;
+    // Cluster-wide trials: this node's part of every AuditModeTrial.
+    let reconciler = match (&enforcement, &kube_client, &args.enrich.node_name) {
+        (Some(e), Some(client), Some(node)) if args.enforcement.enable_enforcement => {
+            let labels = enrichment.clone();
+            let endpoints_report = report.clone();
+            let view = crate::enforce::cluster::NodeView {
+                node: node.clone(),
+                labels: Box::new(move || labels.own_node_labels()),
+                endpoints: Box::new(move || node_endpoints(&endpoints_report)),
+            };
+            let r = crate::enforce::cluster::Reconciler::new(client.clone(), e.trials.clone(), view);
+            Some(tokio::spawn(r.run()))
+        }
+        _ => None,
+    };
     let sink: Arc<dyn AlarmSink> = match kube_client.filter(|_| !args.no_events) {
         Some(client) => {
             let known = enrichment.clone();
@@ -454,6 +469,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     http::server::serve(listener, app, limits, http_stats, shutdown_signal()).await;
     readiness_task.abort();
+    if let Some(r) = reconciler {
+        r.abort();
+    }
     drop(reader);
     info!("stopped");
     Ok(())
@@ -590,6 +608,27 @@ async fn readiness_loop(mut l: ReadinessLoop) {
         *l.report.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
         return_freed_memory();
     }
+}
+
+/// This node's endpoints as the latest readiness report has them, for the
+/// AuditModeTrial reconciler.
+fn node_endpoints(report: &SharedReport) -> Vec<crate::enforce::cluster::NodeEndpoint> {
+    let guard = report.read().unwrap_or_else(|e| e.into_inner());
+    let Some(r) = guard.as_ref() else { return Vec::new() };
+    r.endpoints
+        .iter()
+        .map(|e| crate::enforce::cluster::NodeEndpoint {
+            endpoint_id: e.endpoint_id,
+            name: match (e.kind, &e.namespace, &e.pod) {
+                (crate::model::EndpointKind::Host, _, _) => "host".to_owned(),
+                (_, Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+                _ => e.endpoint_id.to_string(),
+            },
+            kind: e.kind,
+            namespace: e.namespace.clone(),
+            state: e.state,
+        })
+        .collect()
 }
 
 /// The API server's TCP endpoints (every ready address of the `kubernetes`

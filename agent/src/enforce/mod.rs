@@ -10,6 +10,7 @@
 //! - [`reach`]: the node's TCP reach to the API server during host trials.
 //! - [`api`]: the daemon's `/api/v1/enforcement/trials` routes.
 //! - [`cli`]: `verdict-agent enforce`.
+//! - [`cluster`]: the `AuditModeTrial` custom resource, reconciled per node.
 //! - [`metrics`]: trial outcomes and time to revert.
 //!
 //! Wiring in the daemon (`run`): [`EnforcementArgs`] flattened into the run
@@ -21,6 +22,7 @@
 pub mod api;
 pub mod cilium_config;
 pub mod cli;
+pub mod cluster;
 pub mod events;
 pub mod metrics;
 pub mod reach;

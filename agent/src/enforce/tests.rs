@@ -850,3 +850,107 @@ async fn cli_namespace_trials_are_all_or_nothing() {
     assert!(err.contains("no running trial in namespace \"shop\""), "{err}");
     server.abort();
 }
+
+/// The `AuditModeTrial` custom resource reconciled by two agents (two
+/// nodes) against the fake Kubernetes API: one node at a time
+/// (`maxParallel: 1`), each confirmed after `tryDuration`, with a status
+/// entry per node; a claim made on a stale read loses (409) and starts
+/// nothing; a node whose own readiness says no is `Refused`, with why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_mode_trial_is_staged_node_by_node_with_status_per_node() {
+    use super::cluster::{NodeEndpoint, NodeView, PLURAL, Reconciler};
+    use crate::{enrich::fake::FakeKube, readiness::ReadinessState};
+    use kube::api::{Api, DynamicObject, ListParams};
+
+    let kube = FakeKube::start().await;
+    kube.apply(
+        PLURAL,
+        serde_json::json!({
+            "metadata": {"name": "host-firewall", "generation": 1},
+            "spec": {"nodeSelector": {"matchLabels": {"role": "worker"}}, "host": true, "tryDuration": "2s",
+                     "maxParallel": 1, "mode": "Enforce", "reason": "stage the host firewall"},
+        }),
+    );
+    struct Node {
+        rig: Rig,
+        reconciler: Reconciler,
+        trials: super::SharedTrials,
+    }
+    let node = |name: &'static str, labels: &'static [(&'static str, &'static str)], ready: ReadinessState| {
+        let rig = Rig::new();
+        let manager = rig.manager(enabled()).with_readiness(Arc::new(move |_| Some(ready)));
+        let trials = Arc::new(tokio::sync::Mutex::new(manager));
+        let view = NodeView {
+            node: name.into(),
+            labels: Box::new(move || Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())),
+            endpoints: Box::new(move || {
+                vec![NodeEndpoint {
+                    endpoint_id: HOST,
+                    name: "host".into(),
+                    kind: EndpointKind::Host,
+                    namespace: None,
+                    state: ready,
+                }]
+            }),
+        };
+        Node { reconciler: Reconciler::new(kube.client(), trials.clone(), view), rig, trials }
+    };
+    let a = node("node-a", &[("role", "worker")], ReadinessState::Ready);
+    let b = node("node-b", &[("role", "worker")], ReadinessState::Ready);
+    let c = node("node-c", &[("role", "worker")], ReadinessState::NoEvidence);
+    let control_plane = node("node-cp", &[("role", "control-plane")], ReadinessState::Ready);
+    let api: Api<DynamicObject> = Api::all_with(kube.client(), &super::cluster::api_resource());
+    let nodes_status = || {
+        let obj = kube.get(PLURAL, "host-firewall").unwrap();
+        obj["status"]["nodes"].clone()
+    };
+
+    // Both read the same version; A claims the one place, B's claim on the
+    // stale read is refused (409) and B starts nothing.
+    let stale = api.list(&ListParams::default()).await.unwrap().items.remove(0);
+    let t0 = SystemTime::now();
+    a.reconciler.reconcile_one(&stale, t0).await.unwrap();
+    b.reconciler.reconcile_one(&stale, t0).await.unwrap();
+    assert_eq!(nodes_status()["node-a"]["phase"], "Trying", "{}", nodes_status());
+    assert!(nodes_status().get("node-b").is_none(), "B's stale claim wrote nothing: {}", nodes_status());
+    assert_eq!(a.rig.fake.audit(HOST), Some(OptionValue::Disabled));
+    assert_eq!(b.rig.fake.audit(HOST), Some(OptionValue::Enabled), "B switched nothing");
+
+    // B and C look again: one node is in trial, so they wait; the control
+    // plane is not selected and writes nothing.
+    b.reconciler.reconcile_all(t0).await.unwrap();
+    c.reconciler.reconcile_all(t0).await.unwrap();
+    control_plane.reconciler.reconcile_all(t0).await.unwrap();
+    let s = nodes_status();
+    assert_eq!(s["node-b"]["phase"], "Pending", "{s}");
+    assert_eq!(s["node-b"]["message"], "waiting: 1 of 1 nodes in trial");
+    assert!(s.get("node-cp").is_none(), "{s}");
+    assert_eq!(control_plane.rig.fake.audit(HOST), Some(OptionValue::Enabled));
+
+    // tryDuration later, A is confirmed (enforcing); B takes the place.
+    let t1 = t0 + Duration::from_secs(3);
+    a.reconciler.reconcile_all(t1).await.unwrap();
+    assert_eq!(nodes_status()["node-a"]["phase"], "Confirmed", "{}", nodes_status());
+    assert_eq!(a.rig.fake.audit(HOST), Some(OptionValue::Disabled), "A keeps enforcing");
+    let a_trials = a.trials.lock().await.trials().to_vec();
+    assert_eq!(a_trials[0].requested_by.who, "AuditModeTrial/host-firewall");
+    assert_eq!(a_trials[0].requested_by.reason.as_deref(), Some("stage the host firewall"));
+    b.reconciler.reconcile_all(t1).await.unwrap();
+    assert_eq!(nodes_status()["node-b"]["phase"], "Trying", "{}", nodes_status());
+    // C's own readiness says no evidence: refused, and it says why.
+    let t2 = t1 + Duration::from_secs(3);
+    b.reconciler.reconcile_all(t2).await.unwrap();
+    c.reconciler.reconcile_all(t2).await.unwrap();
+    let s = nodes_status();
+    assert_eq!(s["node-b"]["phase"], "Confirmed", "{s}");
+    assert_eq!(s["node-c"]["phase"], "Refused", "{s}");
+    assert!(s["node-c"]["message"].as_str().unwrap().contains("no_evidence"), "{s}");
+    assert_eq!(c.rig.fake.audit(HOST), Some(OptionValue::Enabled), "C was never switched");
+    for (n, entry) in s.as_object().unwrap() {
+        assert!(entry["lastTransitionTime"].as_str().is_some_and(|t| t.ends_with('Z')), "{n}: {entry}");
+    }
+    // Done nodes are left alone.
+    let before = kube.requests(&format!("{PLURAL}/status"));
+    a.reconciler.reconcile_all(t2).await.unwrap();
+    assert_eq!(kube.requests(&format!("{PLURAL}/status")), before);
+}

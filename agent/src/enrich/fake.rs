@@ -227,6 +227,7 @@ pub const KUBE_RESOURCES: &[(&str, &str, &str)] = &[
     ("ciliumidentities", "CiliumIdentity", "cilium.io/v2"),
     ("ciliumclusterwidenetworkpolicies", "CiliumClusterwideNetworkPolicy", "cilium.io/v2"),
     ("endpointslices", "EndpointSlice", "discovery.k8s.io/v1"),
+    ("auditmodetrials", "AuditModeTrial", "verdict-agent.io/v1alpha1"),
 ];
 
 fn object_key(obj: &Value) -> String {
@@ -347,6 +348,11 @@ impl FakeKube {
         let _ = r.tx.send((rv, kind, obj));
     }
 
+    /// The object `key` of `plural` as stored now.
+    pub fn get(&self, plural: &str, key: &str) -> Option<Value> {
+        self.data.lock().unwrap().resources.get(plural)?.objects.get(key).cloned()
+    }
+
     pub fn delete(&self, plural: &str, key: &str) {
         let mut d = self.data.lock().unwrap();
         d.rv += 1;
@@ -428,12 +434,85 @@ struct FakeState {
     stopped: tokio::sync::watch::Receiver<bool>,
 }
 
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// `PATCH .../<plural>/<name>/status` with a JSON merge patch: only
+/// `status` changes; a `metadata.resourceVersion` in the patch is a
+/// precondition (409 Conflict when the object moved on), as the API server
+/// treats it.
+fn patch_status(data: &Mutex<KubeData>, plural: &str, name: &str, content_type: &str, body: &[u8]) -> Response {
+    if !content_type.starts_with("application/merge-patch+json") {
+        return status(415, "UnsupportedMediaType", &format!("the fake takes merge patches, not {content_type}"));
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "the patch is not JSON");
+    };
+    let mut d = data.lock().unwrap();
+    *d.requests.entry(format!("{plural}/status")).or_default() += 1;
+    if d.forbidden.contains(&format!("{plural}/status")) {
+        return status(403, "Forbidden", &format!("{plural}/status is forbidden"));
+    }
+    d.rv += 1;
+    let rv = d.rv;
+    let Some(r) = d.resources.get_mut(plural) else {
+        return status(404, "NotFound", "the server could not find the requested resource");
+    };
+    let Some(obj) = r.objects.get_mut(name) else {
+        return status(404, "NotFound", &format!("{plural} \"{name}\" not found"));
+    };
+    if let Some(want) = patch["metadata"]["resourceVersion"].as_str()
+        && obj["metadata"]["resourceVersion"].as_str() != Some(want)
+    {
+        return status(
+            409,
+            "Conflict",
+            &format!("Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified"),
+        );
+    }
+    if let Some(s) = patch.get("status") {
+        merge_patch(&mut obj["status"], s);
+    }
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let obj = obj.clone();
+    r.log.push((rv, "MODIFIED", obj.clone()));
+    let _ = r.tx.send((rv, "MODIFIED", obj.clone()));
+    Json(obj).into_response()
+}
+
 async fn kube_handler(
     State(state): State<FakeState>,
+    method: axum::http::Method,
     uri: Uri,
     headers: axum::http::HeaderMap,
     Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
 ) -> Response {
+    if method == axum::http::Method::PATCH {
+        let segments: Vec<&str> = uri.path().trim_end_matches('/').split('/').collect();
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        return match segments.as_slice() {
+            [.., plural, name, "status"] => patch_status(&state.data, plural, name, content_type, &body),
+            _ => status(405, "MethodNotAllowed", "the fake patches status subresources only"),
+        };
+    }
     // /api/v1/[namespaces/<ns>/]<plural> or /apis/<group>/<version>/[namespaces/<ns>/]<plural>.
     let path = uri.path().to_owned();
     let plural = path.rsplit('/').next().unwrap_or_default().to_owned();

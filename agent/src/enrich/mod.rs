@@ -27,7 +27,7 @@ mod metrics;
 pub mod retire;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 
@@ -488,6 +488,13 @@ impl Enrichment {
     /// needed). None when the pod is unknown or Kubernetes is off.
     pub fn pod_uid(&self, namespace: &str, name: &str) -> Option<String> {
         self.shared.read_kube().pods.get(&format!("{namespace}/{name}"))?.uid.clone()
+    }
+
+    /// This node's labels, from the node watch; None while unknown (no
+    /// node name, Kubernetes off, or the watch has not listed yet).
+    pub fn own_node_labels(&self) -> Option<BTreeMap<String, String>> {
+        let node = self.shared.node_name.as_deref()?;
+        self.shared.read_kube().nodes.get(node).cloned()
     }
 
     /// The UID of this node's Node object, from the own-node watch.

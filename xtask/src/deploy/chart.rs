@@ -178,6 +178,26 @@ pub(super) fn is_prom_duration(s: &str) -> bool {
 /// The chart's security promises, checked on every rendering.
 pub(super) fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
     let mut problems = Vec::new();
+    // Enforcement brings the AuditModeTrial CRD and its RBAC, and only it.
+    let enforcing_chart = docs.iter().any(|d| {
+        d.kind() == "DaemonSet"
+            && d.value["spec"]["template"]["spec"]["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .flat_map(|c| c["args"].as_sequence().into_iter().flatten())
+                .any(|a| a.as_str() == Some("--enable-enforcement"))
+    });
+    let crds: Vec<String> = docs
+        .iter()
+        .filter(|d| d.kind() == "CustomResourceDefinition")
+        .map(|d| d.value["metadata"]["name"].as_str().unwrap_or("?").to_string())
+        .collect();
+    let expected_crds: Vec<String> =
+        if enforcing_chart { vec!["auditmodetrials.verdict-agent.io".into()] } else { Vec::new() };
+    if crds != expected_crds {
+        problems.push(format!("CRDs rendered {crds:?}, expected {expected_crds:?} (only with enforcement)"));
+    }
     for d in docs {
         let id = d.id();
         if d.kind() == "DaemonSet" || d.kind() == "Job" {
@@ -336,6 +356,12 @@ pub(super) fn check_invariants(docs: &[Doc], label: &str) -> Result<()> {
                     for v in ["create", "patch"] {
                         s.insert((g.into(), "events".into(), v.into()));
                     }
+                }
+                if enforcing_chart {
+                    for v in ["list", "watch"] {
+                        s.insert(("verdict-agent.io".into(), "auditmodetrials".into(), v.into()));
+                    }
+                    s.insert(("verdict-agent.io".into(), "auditmodetrials/status".into(), "patch".into()));
                 }
                 s
             } else if d.value["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-api-server")) {
