@@ -10,6 +10,7 @@ pub mod enforce;
 pub mod enrich;
 pub mod errors;
 pub mod http;
+pub mod kubectl;
 pub mod ledger;
 pub mod metrics;
 pub mod model;

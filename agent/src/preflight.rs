@@ -447,14 +447,7 @@ fn print_outcome(
         }
     }
     writeln!(out)?;
-    let worst = if selected.iter().any(|e| e.state == ReadinessState::WouldBreak) {
-        ReadinessState::WouldBreak
-    } else if selected.iter().any(|e| e.state == ReadinessState::NoEvidence) {
-        ReadinessState::NoEvidence
-    } else {
-        ReadinessState::Ready
-    };
-    match worst {
+    match worst_state(selected) {
         ReadinessState::WouldBreak => {
             let n: usize = selected.iter().filter(|e| e.state == ReadinessState::WouldBreak).count();
             writeln!(
@@ -496,6 +489,27 @@ fn print_outcome(
             print_switch_commands(report, selected, out)?;
             Ok(EXIT_SAFE)
         }
+    }
+}
+
+/// The state that decides the answer for these endpoints: any would-break
+/// wins, then any lack of evidence.
+pub fn worst_state(selected: &[&EndpointReadiness]) -> ReadinessState {
+    if selected.iter().any(|e| e.state == ReadinessState::WouldBreak) {
+        ReadinessState::WouldBreak
+    } else if selected.iter().any(|e| e.state == ReadinessState::NoEvidence) {
+        ReadinessState::NoEvidence
+    } else {
+        ReadinessState::Ready
+    }
+}
+
+/// Preflight's exit code for a state.
+pub fn exit_code(state: ReadinessState) -> u8 {
+    match state {
+        ReadinessState::Ready => EXIT_SAFE,
+        ReadinessState::WouldBreak => EXIT_WOULD_BREAK,
+        ReadinessState::NoEvidence => EXIT_NO_EVIDENCE,
     }
 }
 

@@ -67,6 +67,13 @@ pub fn vm_test(kernel: &Kernel) -> Result<()> {
             && !lines.iter().any(|l| l.contains(&format!("VMTEST {tap} FAIL")))
     };
     ensure!(passed("kprobe"), "kprobe tap failed on arm64 kernel {} (console in {log})", kernel.version);
+    // The trial runs on the first tap that attached, so it runs here either way.
+    ensure!(
+        lines.iter().any(|l| l.contains("VMTEST trial ") && l.contains(" reverted "))
+            && !lines.iter().any(|l| l.contains("VMTEST trial FAIL")),
+        "the enforcement trial on the real tap failed on arm64 kernel {} (console in {log})",
+        kernel.version
+    );
     let fentry_expected = FENTRY_ON_ARM64
         .iter()
         .find(|(s, _)| *s == kernel.series)

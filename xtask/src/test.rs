@@ -190,7 +190,11 @@ fn bench_smoke() -> Result<()> {
         "scrape_100k_flows.metrics_body_bytes",
         "rss_mib",
         "kernel.new_flow_ratio_to_previous_design",
-        "kernel.packet_copy_and_probe_read_ns_above_empty",
+        "kernel.probe_read_ns_above_empty",
+        "kernel.tap_path_hot_ns_above_empty",
+        "kernel.tap_direct_hot_ns_above_empty",
+        "kernel.notify_ring_with_room_ns_above_empty",
+        "kernel.tap_share_of_notify",
         "revert.time_to_revert_ms_p50",
         "revert.time_to_revert_ms_p99",
         "revert.cilium_api_patch_ms_p99",
@@ -279,8 +283,11 @@ fn vm_test(kernel: &kernels::Kernel) -> Result<()> {
         println!("  {line}");
     }
     ensure!(
-        outcome.exit_code == 0 && outcome.console.contains("VMTEST RESULT pass"),
-        "the tap failed on kernel {} (exit {}); console in {}",
+        outcome.exit_code == 0
+            && outcome.console.contains("VMTEST RESULT pass")
+            && outcome.console.contains("VMTEST trial ")
+            && !outcome.console.contains("VMTEST trial FAIL"),
+        "the tap or the enforcement trial failed on kernel {} (exit {}); console in {}",
         kernel.version,
         outcome.exit_code,
         Path::new("target/vm/logs").join(format!("{}.log", kernel.series)).display()

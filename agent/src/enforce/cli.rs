@@ -60,6 +60,10 @@ pub struct EnforceArgs {
     /// Seconds to wait for the agent.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// How the printed follow-up commands start (`kubectl verdict enforce
+    /// --node N` through the plugin); empty: `verdict-agent enforce`.
+    #[arg(skip)]
+    pub command: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,11 @@ pub enum CliError {
 }
 
 impl EnforceArgs {
+    /// The command the printed follow-ups use.
+    fn command(&self) -> &str {
+        if self.command.is_empty() { "verdict-agent enforce" } else { &self.command }
+    }
+
     /// The endpoint selector: `--endpoint`, or `NAMESPACE/*` for `--namespace`.
     fn selector(&self) -> Option<String> {
         match (&self.endpoint, &self.namespace) {
@@ -213,7 +222,7 @@ async fn start(agent: &Agent, args: &EnforceArgs, out: &mut dyn Write, err: &mut
             Err(e) => {
                 let _ = writeln!(err, "enforce: {name}: {}", chain(&e));
                 // All or nothing: a namespace is switched whole or not at all.
-                undo(agent, &started, &name, err).await;
+                undo(agent, &started, &name, args.command(), err).await;
                 return EXIT_ERROR;
             }
         }
@@ -235,13 +244,13 @@ async fn start(agent: &Agent, args: &EnforceArgs, out: &mut dyn Write, err: &mut
         Some(ns) => format!("--namespace {ns}"),
         None => format!("--endpoint {}", started[0].endpoint_name),
     };
-    let _ = writeln!(out, "  keep it:    verdict-agent enforce {target} --confirm");
-    let _ = writeln!(out, "  undo it:    verdict-agent enforce {target} --abort");
+    let _ = writeln!(out, "  keep it:    {} {target} --confirm", args.command());
+    let _ = writeln!(out, "  undo it:    {} {target} --abort", args.command());
     EXIT_SAFE
 }
 
 /// Aborts trials a namespace request started before one of its trials failed.
-async fn undo(agent: &Agent, started: &[TrialRecord], failed: &str, err: &mut dyn Write) {
+async fn undo(agent: &Agent, started: &[TrialRecord], failed: &str, command: &str, err: &mut dyn Write) {
     let by = requester(Some(&format!("undone: the trial of {failed} in the same request could not start")));
     for t in started {
         match agent.call::<TrialRecord>(Method::POST, &format!("{TRIALS_PATH}/{}/abort", t.id), Some(&by)).await {
@@ -252,7 +261,7 @@ async fn undo(agent: &Agent, started: &[TrialRecord], failed: &str, err: &mut dy
                 let _ = writeln!(
                     err,
                     "enforce: {}: could not abort trial {} ({}); the agent reverts it at its deadline: \
-                     verdict-agent enforce --endpoint {} --abort",
+                     {command} --endpoint {} --abort",
                     t.endpoint_name,
                     t.id,
                     chain(&e),
@@ -287,7 +296,7 @@ async fn finish(agent: &Agent, args: &EnforceArgs, out: &mut dyn Write) -> Resul
         };
         return Err(CliError::Refused {
             status: 404,
-            error: format!("no running trial {what}; see verdict-agent enforce --status"),
+            error: format!("no running trial {what}; see {} --status", args.command()),
         });
     }
     let action = if args.confirm { "confirm" } else { "abort" };

@@ -15,6 +15,7 @@
 //!   maxParallel: 1             # nodes in trial at once
 //!   mode: Enforce              # or Try: every node reverts at the end
 //!   stopOnRevert: true         # no new node starts once one reverted
+//!   abort: false               # true: nodes in trial revert now, the rest never start
 //! status:
 //!   nodes:
 //!     node-a: {phase: Confirmed, message: ..., trials: [t...], lastTransitionTime: ...}
@@ -33,9 +34,15 @@
 //! `tryDuration` has passed without a revert; their own deadline is a
 //! minute later, so a reconciler that cannot reach the API server leaves
 //! the node reverting by itself, never enforcing unconfirmed.
+//!
+//! Stopping a rollout: `spec.abort: true` (what `kubectl verdict trials
+//! abort` writes) reverts every node still in trial and starts no other;
+//! deleting the object does the same for the trials it started that are
+//! not confirmed yet. Confirmed nodes keep enforcing either way: deleting a
+//! finished rollout must not undo it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     time::{Duration, SystemTime},
 };
 
@@ -113,6 +120,10 @@ pub struct AuditModeTrialSpec {
     /// Recorded with every trial.
     #[serde(default)]
     pub reason: Option<String>,
+    /// Stop the rollout: nodes in trial revert now, nodes not started never
+    /// start; confirmed nodes keep enforcing.
+    #[serde(default)]
+    pub abort: bool,
 }
 
 fn one() -> u32 {
@@ -232,6 +243,8 @@ impl Reconciler {
     /// One pass over every AuditModeTrial.
     pub async fn reconcile_all(&self, now: SystemTime) -> Result<(), ReconcileError> {
         let list = self.api.list(&ListParams::default()).await.map_err(ReconcileError::List)?;
+        let live: HashSet<String> = list.items.iter().filter_map(|o| o.metadata.name.clone()).collect();
+        self.revert_orphans(&live, now).await;
         for obj in list.items {
             let name = obj.metadata.name.clone().unwrap_or_default();
             match self.reconcile_one(&obj, now).await {
@@ -240,6 +253,34 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+
+    /// Trials that an `AuditModeTrial` no longer listed started, and that
+    /// are not confirmed: deleting the object stops its rollout, so they go
+    /// back to audit mode. Only after a list that succeeded.
+    async fn revert_orphans(&self, live: &HashSet<String>, now: SystemTime) {
+        let prefix = format!("{KIND}/");
+        let mut manager = self.trials.lock().await;
+        let orphans: Vec<(String, String)> = manager
+            .trials()
+            .iter()
+            .filter(|t| matches!(t.phase, TrialPhase::Requested | TrialPhase::Switched))
+            .filter_map(|t| {
+                let name = t.requested_by.who.strip_prefix(&prefix)?;
+                (!live.contains(name)).then(|| (t.id.clone(), name.to_owned()))
+            })
+            .collect();
+        for (id, name) in orphans {
+            let by = Requester { who: format!("{KIND}/{name}"), reason: Some(format!("{KIND} {name} was deleted")) };
+            match manager.abort(&id, by, now).await {
+                Ok(t) => {
+                    info!(trial = %name, id = %id, endpoint = %t.endpoint_name, "AuditModeTrial deleted: trial aborted, audit mode back on")
+                }
+                Err(e) => {
+                    warn!(trial = %name, id = %id, error = %crate::errors::chain(&e), "AuditModeTrial deleted: abort failed; the trial reverts at its deadline")
+                }
+            }
+        }
     }
 
     pub(crate) async fn reconcile_one(&self, obj: &DynamicObject, now: SystemTime) -> Result<(), ReconcileError> {
@@ -263,6 +304,9 @@ impl Reconciler {
         let mine = status.nodes.get(node);
         if mine.is_some_and(|m| m.phase.done()) {
             return Ok(());
+        }
+        if spec.abort {
+            return self.abort(&name, &spec, mine, now).await;
         }
         if let Some(m) = mine.filter(|m| m.phase == NodePhase::Trying && !m.trials.is_empty()) {
             return self.follow(&name, &spec, m, now).await;
@@ -317,11 +361,7 @@ impl Reconciler {
         let mut manager = self.trials.lock().await;
         let mut started: Vec<TrialRecord> = Vec::new();
         for e in &endpoints {
-            let exit_code = match e.state {
-                ReadinessState::Ready => 0,
-                ReadinessState::WouldBreak => 1,
-                ReadinessState::NoEvidence => 3,
-            };
+            let exit_code = crate::preflight::exit_code(e.state);
             let req = TrialRequest {
                 endpoint_id: e.endpoint_id,
                 endpoint_name: e.name.clone(),
@@ -401,6 +441,40 @@ impl Reconciler {
         };
         drop(manager);
         self.write(name, None, phase, message, mine.trials.clone(), now).await
+    }
+
+    /// `spec.abort`: this node's running trials revert; a node that had not
+    /// started never will.
+    async fn abort(
+        &self,
+        name: &str,
+        spec: &AuditModeTrialSpec,
+        mine: Option<&NodeStatus>,
+        now: SystemTime,
+    ) -> Result<(), ReconcileError> {
+        let trials = mine.map(|m| m.trials.clone()).unwrap_or_default();
+        if mine.is_none_or(|m| m.phase != NodePhase::Trying) {
+            let message = "aborted (spec.abort) before this node started".to_string();
+            return self.write(name, None, NodePhase::Refused, message, trials, now).await;
+        }
+        let by = Requester { who: format!("{KIND}/{name}"), reason: spec.reason.clone().or(Some("spec.abort".into())) };
+        let mut manager = self.trials.lock().await;
+        let mut failed = Vec::new();
+        for id in &trials {
+            if manager.get(id).is_some_and(|t| t.is_active())
+                && let Err(e) = manager.abort(id, by.clone(), now).await
+            {
+                failed.push(format!("{id}: {e}"));
+            }
+        }
+        drop(manager);
+        let message = if failed.is_empty() {
+            "aborted (spec.abort): audit mode back on".to_string()
+        } else {
+            format!("aborted (spec.abort); not yet reverted, retried at the trial's deadline: {}", failed.join("; "))
+        };
+        info!(trial = %name, node = %self.view.node, %message, "AuditModeTrial aborted");
+        self.write(name, None, NodePhase::Reverted, message, trials, now).await
     }
 
     async fn write_if_changed(

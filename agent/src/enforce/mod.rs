@@ -32,7 +32,7 @@ pub mod trial;
 pub mod watch;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

@@ -954,3 +954,93 @@ async fn an_audit_mode_trial_is_staged_node_by_node_with_status_per_node() {
     a.reconciler.reconcile_all(t2).await.unwrap();
     assert_eq!(kube.requests(&format!("{PLURAL}/status")), before);
 }
+
+/// Stopping a rollout: `spec.abort` (what `kubectl verdict trials --abort`
+/// writes) reverts the node in trial and keeps the waiting node from ever
+/// starting; deleting an object reverts the unconfirmed trials it started,
+/// and leaves confirmed ones enforcing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_or_deleted_audit_mode_trial_reverts_unconfirmed_trials() {
+    use super::cluster::{NodeEndpoint, NodeView, PLURAL, Reconciler};
+    use crate::{enrich::fake::FakeKube, readiness::ReadinessState};
+
+    let kube = FakeKube::start().await;
+    let trial = |name: &str, try_for: &str| {
+        serde_json::json!({
+            "metadata": {"name": name, "generation": 1},
+            "spec": {"host": true, "tryDuration": try_for, "maxParallel": 1, "mode": "Enforce"},
+        })
+    };
+    kube.apply(PLURAL, trial("rollout", "1h"));
+    let node = |name: &'static str| {
+        let rig = Rig::new();
+        let manager = rig.manager(enabled()).with_readiness(Arc::new(|_| Some(ReadinessState::Ready)));
+        let trials: super::SharedTrials = Arc::new(tokio::sync::Mutex::new(manager));
+        let view = NodeView {
+            node: name.into(),
+            labels: Box::new(|| Some(Default::default())),
+            endpoints: Box::new(|| {
+                vec![NodeEndpoint {
+                    endpoint_id: HOST,
+                    name: "host".into(),
+                    kind: EndpointKind::Host,
+                    namespace: None,
+                    state: ReadinessState::Ready,
+                }]
+            }),
+        };
+        (Reconciler::new(kube.client(), trials.clone(), view), rig, trials)
+    };
+    let (a, a_rig, a_trials) = node("node-a");
+    let (b, b_rig, _) = node("node-b");
+    let t0 = SystemTime::now();
+    a.reconcile_all(t0).await.unwrap();
+    b.reconcile_all(t0).await.unwrap();
+    let status = |name: &str| kube.get(PLURAL, name).unwrap()["status"]["nodes"].clone();
+    assert_eq!(status("rollout")["node-a"]["phase"], "Trying", "{}", status("rollout"));
+    assert_eq!(status("rollout")["node-b"]["phase"], "Pending", "{}", status("rollout"));
+    assert_eq!(a_rig.fake.audit(HOST), Some(OptionValue::Disabled));
+
+    // The plugin's abort: a merge patch of spec.abort.
+    let mut out = Vec::new();
+    let args = crate::kubectl::trials::TrialsArgs {
+        name: Some("rollout".into()),
+        abort: true,
+        reason: Some("rollback".into()),
+    };
+    crate::kubectl::trials::run(&kube.client(), &args, &mut out).await.unwrap();
+    let t1 = t0 + Duration::from_secs(1);
+    a.reconcile_all(t1).await.unwrap();
+    b.reconcile_all(t1).await.unwrap();
+    let s = status("rollout");
+    assert_eq!(s["node-a"]["phase"], "Reverted", "{s}");
+    assert_eq!(s["node-a"]["message"], "aborted (spec.abort): audit mode back on", "{s}");
+    assert_eq!(s["node-b"]["phase"], "Refused", "{s}");
+    assert_eq!(a_rig.fake.audit(HOST), Some(OptionValue::Enabled), "A is back in audit mode");
+    assert_eq!(b_rig.fake.audit(HOST), Some(OptionValue::Enabled), "B never switched");
+    let ended = a_trials.lock().await.trials().last().cloned().unwrap();
+    assert_eq!(ended.phase, TrialPhase::Reverted);
+    assert_eq!(ended.requested_by.who, "AuditModeTrial/rollout");
+
+    // A new rollout starts on A; its object is deleted mid-trial: A reverts.
+    kube.apply(PLURAL, trial("second", "1h"));
+    let t2 = t1 + Duration::from_secs(1);
+    a.reconcile_all(t2).await.unwrap();
+    assert_eq!(status("second")["node-a"]["phase"], "Trying", "{}", status("second"));
+    assert_eq!(a_rig.fake.audit(HOST), Some(OptionValue::Disabled));
+    kube.delete(PLURAL, "second");
+    a.reconcile_all(t2 + Duration::from_secs(1)).await.unwrap();
+    assert_eq!(a_rig.fake.audit(HOST), Some(OptionValue::Enabled), "deleting the object reverted its trial");
+    let last = a_trials.lock().await.trials().last().cloned().unwrap();
+    assert_eq!(last.phase, TrialPhase::Reverted, "{last:?}");
+
+    // A confirmed node keeps enforcing when its finished rollout is deleted.
+    kube.apply(PLURAL, trial("third", "2s"));
+    let t3 = t2 + Duration::from_secs(10);
+    a.reconcile_all(t3).await.unwrap();
+    a.reconcile_all(t3 + Duration::from_secs(3)).await.unwrap();
+    assert_eq!(status("third")["node-a"]["phase"], "Confirmed", "{}", status("third"));
+    kube.delete(PLURAL, "third");
+    a.reconcile_all(t3 + Duration::from_secs(4)).await.unwrap();
+    assert_eq!(a_rig.fake.audit(HOST), Some(OptionValue::Disabled), "a confirmed node is not undone by a delete");
+}

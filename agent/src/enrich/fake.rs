@@ -278,6 +278,7 @@ impl FakeKube {
     fn serve(&self, listener: tokio::net::TcpListener) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let app = Router::new()
+            .route("/api/v1/namespaces/{ns}/pods/{pod}/portforward", get(kube_portforward))
             .fallback(kube_handler)
             .with_state(FakeState { data: Arc::clone(&self.data), stopped: stopped.clone() });
         let mut shutdown = stopped;
@@ -454,21 +455,37 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// `PATCH .../<plural>/<name>/status` with a JSON merge patch: only
-/// `status` changes; a `metadata.resourceVersion` in the patch is a
-/// precondition (409 Conflict when the object moved on), as the API server
-/// treats it.
-fn patch_status(data: &Mutex<KubeData>, plural: &str, name: &str, content_type: &str, body: &[u8]) -> Response {
+/// Which part of an object a PATCH may change, as with a CRD's status
+/// subresource: `.../<name>/status` changes `status` only, `.../<name>`
+/// everything but `status`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Main,
+    Status,
+}
+
+/// `PATCH .../<plural>/<name>[/status]` with a JSON merge patch; a
+/// `metadata.resourceVersion` in the patch is a precondition (409 Conflict
+/// when the object moved on), as the API server treats it.
+fn patch_object(
+    data: &Mutex<KubeData>,
+    plural: &str,
+    name: &str,
+    part: Part,
+    content_type: &str,
+    body: &[u8],
+) -> Response {
     if !content_type.starts_with("application/merge-patch+json") {
         return status(415, "UnsupportedMediaType", &format!("the fake takes merge patches, not {content_type}"));
     }
     let Ok(patch) = serde_json::from_slice::<Value>(body) else {
         return status(400, "BadRequest", "the patch is not JSON");
     };
+    let counted = if part == Part::Status { format!("{plural}/status") } else { format!("{plural}/patch") };
     let mut d = data.lock().unwrap();
-    *d.requests.entry(format!("{plural}/status")).or_default() += 1;
-    if d.forbidden.contains(&format!("{plural}/status")) {
-        return status(403, "Forbidden", &format!("{plural}/status is forbidden"));
+    *d.requests.entry(counted.clone()).or_default() += 1;
+    if d.forbidden.contains(&counted) {
+        return status(403, "Forbidden", &format!("{counted} is forbidden"));
     }
     d.rv += 1;
     let rv = d.rv;
@@ -487,8 +504,22 @@ fn patch_status(data: &Mutex<KubeData>, plural: &str, name: &str, content_type: 
             &format!("Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified"),
         );
     }
-    if let Some(s) = patch.get("status") {
-        merge_patch(&mut obj["status"], s);
+    match part {
+        Part::Status => {
+            if let Some(s) = patch.get("status") {
+                merge_patch(&mut obj["status"], s);
+            }
+        }
+        Part::Main => {
+            let mut patch = patch.clone();
+            if let Some(p) = patch.as_object_mut() {
+                p.remove("status");
+                if let Some(m) = p.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("resourceVersion");
+                }
+            }
+            merge_patch(obj, &patch);
+        }
     }
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     let obj = obj.clone();
@@ -509,8 +540,12 @@ async fn kube_handler(
         let segments: Vec<&str> = uri.path().trim_end_matches('/').split('/').collect();
         let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
         return match segments.as_slice() {
-            [.., plural, name, "status"] => patch_status(&state.data, plural, name, content_type, &body),
-            _ => status(405, "MethodNotAllowed", "the fake patches status subresources only"),
+            [.., plural, name, "status"] => patch_object(&state.data, plural, name, Part::Status, content_type, &body),
+            [.., "namespaces", _, _, _] | [.., "apis", _, _, _, _] | [.., "api", _, _, _] => {
+                let (plural, name) = (segments[segments.len() - 2], segments[segments.len() - 1]);
+                patch_object(&state.data, plural, name, Part::Main, content_type, &body)
+            }
+            _ => status(405, "MethodNotAllowed", "the fake patches named objects only"),
         };
     }
     // /api/v1/[namespaces/<ns>/]<plural> or /apis/<group>/<version>/[namespaces/<ns>/]<plural>.
@@ -581,4 +616,92 @@ async fn kube_handler(
     };
     let body = Body::from_stream(futures::stream::iter(backlog).chain(live).take_until(stop));
     Response::builder().header("content-type", "application/json").body(body).unwrap()
+}
+
+/// `pods/{pod}/portforward?ports=P` over a WebSocket (subprotocol
+/// `v4.channel.k8s.io`, as the API server answers kube's request): channel
+/// 0 carries the port's bytes, channel 1 its errors; each starts with the
+/// port number (u16 little-endian). The fake dials the pod's
+/// `status.podIP`, as the kubelet dials the pod's loopback.
+async fn kube_portforward(
+    State(state): State<FakeState>,
+    UrlPath((ns, pod)): UrlPath<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let Some(port) = q.get("ports").and_then(|p| p.parse::<u16>().ok()) else {
+        return status(400, "BadRequest", "the fake forwards one port: ?ports=P");
+    };
+    let ip = {
+        let mut d = state.data.lock().unwrap();
+        *d.requests.entry("pods/portforward".into()).or_default() += 1;
+        if d.forbidden.contains("pods/portforward") {
+            let msg =
+                format!("pods \"{pod}\" is forbidden: User \"tester\" cannot create resource \"pods/portforward\"");
+            return status(403, "Forbidden", &msg);
+        }
+        d.resources["pods"]
+            .objects
+            .get(&format!("{ns}/{pod}"))
+            .and_then(|o| o["status"]["podIP"].as_str().map(str::to_owned))
+    };
+    let Some(ip) = ip else {
+        return status(404, "NotFound", &format!("pods \"{pod}\" not found"));
+    };
+    ws.protocols(["v4.channel.k8s.io"]).on_upgrade(move |socket| forward_port(socket, ip, port))
+}
+
+async fn forward_port(mut socket: axum::extract::ws::WebSocket, ip: String, port: u16) {
+    use axum::extract::ws::Message;
+    use futures::SinkExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let [lo, hi] = port.to_le_bytes();
+    for channel in [0u8, 1] {
+        if socket.send(Message::Binary(vec![channel, lo, hi].into())).await.is_err() {
+            return;
+        }
+    }
+    let tcp = match tokio::net::TcpStream::connect((ip.as_str(), port)).await {
+        Ok(t) => t,
+        Err(e) => {
+            let mut m = vec![1u8];
+            m.extend(format!("error forwarding port {port} to pod: {e}").bytes());
+            let _ = socket.send(Message::Binary(m.into())).await;
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        }
+    };
+    let (mut rd, mut wr) = tcp.into_split();
+    let (mut sink, mut stream) = socket.split();
+    let up = async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            let data = match msg {
+                // Channel 0 carries the stream's bytes; 1 (errors) and the
+                // port prefix frames carry nothing to forward.
+                Message::Binary(b) if b.len() > 1 && b[0] == 0 => b,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if wr.write_all(&data[1..]).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let mut m = Vec::with_capacity(n + 1);
+            m.push(0u8);
+            m.extend_from_slice(&buf[..n]);
+            if sink.send(Message::Binary(m.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+    };
+    tokio::join!(up, down);
 }

@@ -18,6 +18,14 @@
 //! (`VERDICT_AGENT_CAPS_DEFAULT`, `VERDICT_AGENT_NEEDED_VALUES`) and the
 //! driver checks that the agent started with it fails saying what it lacks.
 //!
+//! Then an enforcement trial on the real tap: the agent (with
+//! `--enable-enforcement`, a fake Cilium API on a unix socket) sees the API
+//! server's audited connections to the host, a trial switches audit mode
+//! off, and the emitter reacts to the PATCH as Cilium's datapath would (the
+//! forgotten flow is denied, per packet): the agent must put audit mode
+//! back by itself. The time is printed, not judged (emulated time; the
+//! bench measures it).
+//!
 //! Prints one `VMTEST ...` line per check and `VMTEST RESULT pass|fail`.
 
 use std::{net::SocketAddr, path::Path, process::ExitCode, time::Duration};
@@ -29,7 +37,8 @@ use verdict_agent_tests::{
 };
 use verdict_testkit::{
     emitter::{Emitter, Target},
-    scenario::{Layout, PolicyVerdict},
+    fake_cilium::FakeCilium,
+    scenario::{self, DEMO_HOST_ENDPOINT, Layout, PolicyVerdict, api_server_to_host},
 };
 
 const EVENTS: &str = "/sys/fs/bpf/tc/globals/cilium_events";
@@ -165,6 +174,79 @@ fn check_tap(tap: &str, port: u16, privileges: &PodPrivileges) -> anyhow::Result
     Ok(())
 }
 
+/// A trial on the real tap: audited API-server traffic to the host, the
+/// switch, denials from the emitter once the fake Cilium saw the PATCH, and
+/// the agent's own revert.
+fn check_trial(tap: &str, port: u16, privileges: &PodPrivileges) -> anyhow::Result<()> {
+    let pins = "/sys/fs/bpf/verdict-vmtest-trial";
+    let _ = std::fs::remove_dir_all(pins);
+    let _ = std::fs::remove_file(EVENTS);
+    let emitter = Emitter::load(Path::new(EVENTS)).context("loading the emitter")?;
+    let dir = Path::new("/tmp/trial");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let socket = dir.join("cilium.sock");
+    let fake = FakeCilium::start(&socket, DEMO_HOST_ENDPOINT)?;
+    let endpoints = dir.join("endpoints.json");
+    std::fs::write(&endpoints, scenario::cilium_endpoint_list(&scenario::demo(Layout::V1_19).endpoints).to_string())?;
+    let state = dir.join("state");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let args = [
+        "--tap",
+        tap,
+        "--pin-dir",
+        pins,
+        "--cilium-events-map",
+        EVENTS,
+        "--poll-interval",
+        "2s",
+        "--endpoints-file",
+        endpoints.to_str().context("path")?,
+        "--cilium-socket",
+        socket.to_str().context("path")?,
+        "--enable-enforcement",
+        "--state-dir",
+        state.to_str().context("path")?,
+    ];
+    let agent = AgentProcess::start_as(&addr.to_string(), addr, &args, &dir.join("agent.log"), Some(privileges))?;
+    // In audit mode the API server's connections to the host are audited.
+    emitter.emit(Target::CiliumEvents, &api_server_to_host(0, true), 20)?;
+    agent.scrape_until(Duration::from_secs(20), |s| s.counted() >= 20.0)?;
+    let request = serde_json::json!({
+        "endpoint_id": DEMO_HOST_ENDPOINT, "endpoint_name": "host", "endpoint_kind": "host",
+        "try_seconds": 120, "strict": false,
+        "requested_by": {"who": "vm-driver", "reason": "trial on the real tap"},
+        "preflight": {"state": "would_break", "exit_code": 1, "forced": true},
+    });
+    let (status, body) =
+        verdict_agent_tests::scrape::http_post(addr, "/api/v1/enforcement/trials", &request.to_string())?;
+    ensure!(status == 201, "the trial was not started (HTTP {status}): {body}");
+    ensure!(fake.audit_mode() == "Disabled", "audit mode reads {} after the switch", fake.audit_mode());
+    // The datapath enforces now: the forgotten flow is denied, per packet.
+    let first_denied = std::time::Instant::now();
+    emitter.emit(Target::CiliumEvents, &api_server_to_host(-133, false), 3)?;
+    while fake.patches().len() < 2 {
+        ensure!(
+            first_denied.elapsed() < Duration::from_secs(30),
+            "no revert within 30 s of the first denied verdict; log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (at, value) = fake.patches()[1].clone();
+    ensure!(value == "Enabled", "the second PATCH wrote {value}, not Enabled");
+    let (status, body) = verdict_agent_tests::scrape::http_get(addr, "/api/v1/enforcement/trials")?;
+    ensure!(status == 200 && body.contains("\"reverted\"") && body.contains("lockout_in_progress"), "{body}");
+    println!(
+        "VMTEST trial {tap} reverted {} ms after the first denied critical verdict (emulated time, not a performance \
+         figure)",
+        at.saturating_duration_since(first_denied).as_millis()
+    );
+    ensure!(agent.stop()?, "trial: agent did not exit cleanly on SIGTERM");
+    let _ = std::fs::remove_dir_all(pins);
+    Ok(())
+}
+
 /// With the chart's default set on a kernel that needs more, the agent
 /// must fail at start and name what it lacks and the chart value that
 /// grants it.
@@ -245,10 +327,26 @@ fn main() -> ExitCode {
         }
     };
     let mut ok = true;
+    let mut working = None;
     for (tap, port) in [("fentry", 19971), ("kprobe", 19972)] {
         let checked = if tap == "kprobe" { prepare_kprobe(&privileges) } else { Ok(()) };
-        if let Err(e) = checked.and_then(|()| check_tap(tap, port, &privileges)) {
-            println!("VMTEST {tap} FAIL: {e:#}");
+        match checked.and_then(|()| check_tap(tap, port, &privileges)) {
+            Ok(()) => working = working.or(Some(tap)),
+            Err(e) => {
+                println!("VMTEST {tap} FAIL: {e:#}");
+                ok = false;
+            }
+        }
+    }
+    // The trial on the first tap this kernel runs.
+    match working.map(|tap| check_trial(tap, 19975, &privileges)) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            println!("VMTEST trial FAIL: {e:#}");
+            ok = false;
+        }
+        None => {
+            println!("VMTEST trial FAIL: no tap attached on this kernel");
             ok = false;
         }
     }
